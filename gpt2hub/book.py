@@ -1,0 +1,80 @@
+"""The notebook API of "Build a Large Language Model (From Scratch)", backed by the gpt2hub cache."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .convert import params_from_tf, state_dict_from_params
+from .errors import ConversionError
+from .hub import download_files
+from .model import GPT_CONFIG_124M
+from .registry import model_configs, resolve
+from .tf_checkpoint import TFCheckpoint
+
+__all__ = ["GPT_CONFIG_124M", "assign", "download_and_load_gpt2", "load_weights_into_gpt", "model_configs",
+           "text_to_token_ids", "token_ids_to_text"]
+
+
+def _place(src: Path, dst: Path) -> None:
+    """Put a cached file at `dst`: a hard link when possible (no copy), else a copy; never a half-written file."""
+    if dst.exists() and dst.stat().st_size == src.stat().st_size:
+        return
+    tmp = dst.with_name(dst.name + ".gpt2hub-tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def download_and_load_gpt2(model_size: str, models_dir: str | os.PathLike) -> tuple[dict, dict]:
+    """(settings, params) as the book returns them, fetched through the cache; `models_dir/model_size` is filled."""
+    spec = resolve(model_size)
+    paths = download_files(spec, source="openai")
+    folder = Path(models_dir) / spec.size
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, path in paths.items():
+        _place(path, folder / name)
+    settings = json.loads((folder / "hparams.json").read_text())
+    with TFCheckpoint(folder) as ckpt:
+        params = params_from_tf(ckpt, settings["n_layer"])
+    return settings, params
+
+
+def assign(left: torch.Tensor, right: Any) -> torch.nn.Parameter:
+    if left.shape != right.shape:
+        raise ValueError(f"Shape mismatch. Left: {left.shape}, Right: {right.shape}")
+    return torch.nn.Parameter(torch.tensor(right) if isinstance(right, np.ndarray) else right.clone().detach())
+
+
+def load_weights_into_gpt(gpt: torch.nn.Module, params: dict) -> None:
+    """Copy the book's `params` into a GPTModel (gpt2hub's or the book's own class)."""
+    cfg = {"vocab_size": params["wte"].shape[0], "context_length": params["wpe"].shape[0],
+           "emb_dim": params["wte"].shape[1], "n_layers": len(params["blocks"])}
+    ref = gpt.tok_emb.weight
+    sd = state_dict_from_params(params, cfg, ref.dtype)
+    sd["out_head.weight"] = sd["tok_emb.weight"]
+    missing, unexpected = gpt.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith(".mask")]
+    if missing or unexpected:
+        raise ConversionError(f"params do not fit this model: missing {missing}, unexpected {unexpected}")
+
+
+def text_to_token_ids(text: str, tokenizer: Any) -> torch.Tensor:
+    return torch.tensor(tokenizer.encode(text, allowed_special={"<|endoftext|>"})).unsqueeze(0)
+
+
+def token_ids_to_text(token_ids: torch.Tensor, tokenizer: Any) -> str:
+    return tokenizer.decode(token_ids.squeeze(0).tolist())
+
+

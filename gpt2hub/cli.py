@@ -1,0 +1,211 @@
+"""The `gpt2hub` command: download, generate, and look after the cache."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import filelock
+
+from . import __version__
+from .cache import ModelCache, cached_models, crc32c_file, default_root, read_json, sha256_file
+from .errors import GPT2HubError
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .hub import download_files
+
+    paths = download_files(args.name, source=args.source, force_download=args.force)
+    for name, path in paths.items():
+        print(f"{name}\t{path}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .generate import stream_text
+    from .hub import from_pretrained, load_tokenizer
+
+    model = from_pretrained(args.model, device=args.device, dtype=args.dtype, source=args.source)
+    tokenizer = load_tokenizer(args.model, source=args.source)
+    generator = None
+    if args.seed is not None:
+        generator = torch.Generator(device=model.tok_emb.weight.device).manual_seed(args.seed)
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    for piece in stream_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, generator=generator):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def cmd_cache_list(args: argparse.Namespace) -> int:
+    root = default_root()
+    models = cached_models(root)
+    if not models:
+        print(f"the cache at {root} is empty")
+        return 0
+    print(f"cache: {root}")
+    print(f"{'source':8} {'model':8} {'files':>5} {'on disk':>10}  converted")
+    for m in models:
+        files = m.files()
+        outside = sum(r["size"] for r in files.values() if "path" in r)  # hf files live in the HF cache
+        dtypes = sorted(p.stem for p in (m.dir / "converted").glob("*.safetensors"))
+        note = f" (+{_human(outside)} in the Hugging Face cache)" if outside else ""
+        print(f"{m.source:8} {m.size:8} {len(files):>5} {_human(_dir_bytes(m.dir)):>10}  {', '.join(dtypes) or '-'}{note}")
+    return 0
+
+
+def _verify(m: ModelCache) -> list[str]:
+    problems = []
+    for name, record in m.files().items():
+        path = Path(record["path"]) if "path" in record else m.raw_path(name)
+        if not path.exists():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != record["size"] or sha256_file(path) != record["sha256"]:
+            problems.append(f"{path}: size or sha256 differ from {m.files_manifest}")
+    for path in sorted((m.dir / "converted").glob("*.safetensors")):
+        manifest = read_json(path.with_suffix(".json"))
+        if not isinstance(manifest, dict):
+            problems.append(f"{path}: no readable manifest")
+        elif path.stat().st_size != manifest.get("bytes") or crc32c_file(path) != manifest.get("crc32c"):
+            problems.append(f"{path}: size or crc32c differ from its manifest")
+    return problems
+
+
+def cmd_cache_verify(args: argparse.Namespace) -> int:
+    models = cached_models(default_root())
+    bad = 0
+    for m in models:
+        problems = _verify(m)
+        bad += len(problems)
+        print(f"{m.source}/{m.size}: {'ok' if not problems else f'{len(problems)} damaged'}")
+        for p in problems:
+            print(f"  {p}")
+    if bad:
+        print(f"{bad} damaged file(s): run `gpt2hub cache rm MODEL` and download again (converted files are "
+              "rebuilt on the next load)", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def cmd_cache_rm(args: argparse.Namespace) -> int:
+    from .registry import resolve
+
+    spec = resolve(args.name)
+    sources = [args.source] if args.source else ["openai", "hf"]
+    removed = 0
+    for source in sources:
+        m = ModelCache(default_root(), source, spec.size)
+        if m.dir.exists():
+            with m.lock(f"removing {spec.name}", timeout=args.timeout):
+                shutil.rmtree(m.dir)
+            print(f"removed {m.dir}")
+            removed += 1
+    if not removed:
+        print(f"{spec.name} is not in the cache at {default_root()}")
+    return 0
+
+
+def cmd_cache_prune(args: argparse.Namespace) -> int:
+    root = default_root()
+    freed = 0
+    for m in cached_models(root):
+        lock = filelock.FileLock(str(m.lock_path))
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            print(f"skipping {m.dir}: another process holds {m.lock_path}")
+            continue
+        try:
+            for leftover in [*m.dir.rglob("*.incomplete"), *m.dir.rglob(".*.tmp")]:
+                freed += leftover.stat().st_size
+                leftover.unlink()
+                print(f"removed {leftover}")
+        finally:
+            lock.release()
+    for lock_path in sorted((root / "locks").glob("*.lock")) if (root / "locks").exists() else []:
+        lock = filelock.FileLock(str(lock_path))
+        with contextlib.suppress(filelock.Timeout):
+            lock.acquire(timeout=0)
+            try:
+                lock_path.with_suffix(".owner").unlink(missing_ok=True)
+                lock_path.unlink(missing_ok=True)
+                print(f"removed stale lock {lock_path}")
+            finally:
+                lock.release()
+    print(f"freed {_human(freed)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gpt2hub", description="OpenAI's GPT-2 weights as PyTorch models, cached.")
+    p.add_argument("--version", action="version", version=f"gpt2hub {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what happens (locks, retries)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("download", help="fetch a model's published files into the cache")
+    d.add_argument("name")
+    d.add_argument("--source", default="openai", choices=["openai", "hf"])
+    d.add_argument("--force", action="store_true", help="download again even if cached")
+    d.set_defaults(func=cmd_download)
+
+    g = sub.add_parser("generate", help="continue a prompt, streaming the text")
+    g.add_argument("prompt")
+    g.add_argument("--model", default="gpt2-small")
+    g.add_argument("--source", default="openai", choices=["openai", "hf"])
+    g.add_argument("--max-new-tokens", type=int, default=50)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("cache", help="inspect and tidy the cache").add_subparsers(dest="cache_command", required=True)
+    c.add_parser("list", help="models, files, bytes on disk, converted dtypes").set_defaults(func=cmd_cache_list)
+    c.add_parser("verify", help="re-hash every file; exit 1 on damage").set_defaults(func=cmd_cache_verify)
+    rm = c.add_parser("rm", help="delete a model from the cache")
+    rm.add_argument("name")
+    rm.add_argument("--source", choices=["openai", "hf"])
+    rm.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a process using it")
+    rm.set_defaults(func=cmd_cache_rm)
+    c.add_parser("prune", help="delete partial downloads, temp files and stale locks").set_defaults(func=cmd_cache_prune)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="gpt2hub: %(message)s")
+    try:
+        return args.func(args)
+    except GPT2HubError as e:
+        print(f"gpt2hub: error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # bad arguments that reached the library (a dtype, a source)
+        print(f"gpt2hub: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gpt2hub: interrupted; partial downloads are kept and resume on the next run", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0

@@ -1,0 +1,122 @@
+"""HTTP downloads into the cache: resume with Range, retries with backoff, size and sha256 checks, progress bars."""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .cache import disk_errors, env_flag, fsync_dir, sha256_file
+from .errors import DownloadError, IntegrityError
+
+log = logging.getLogger("gpt2hub")
+CHUNK = 1 << 20
+USER_AGENT = "gpt2hub (+https://pypi.org/project/gpt2hub)"
+
+
+def progress_disabled() -> bool:
+    return env_flag("GPT2HUB_DISABLE_PROGRESS_BARS")
+
+
+class _Fatal(Exception):
+    """A response that retrying will not fix (404, 403, ...)."""
+
+
+def _attempt(url: str, part: Path, timeout: float, bar: tqdm | None) -> int:
+    """Fetch what `part` still lacks; returns the file's total size as the server states it."""
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": USER_AGENT}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and offset:  # asked past the end: what we hold may be the whole file
+            match = re.search(r"/(\d+)", e.headers.get("Content-Range", ""))
+            if match and int(match.group(1)) == offset:
+                return offset
+            part.unlink()
+            raise ConnectionError(f"range {offset}- not satisfiable; starting over") from None
+        if e.code in (408, 425, 429) or e.code >= 500:
+            raise ConnectionError(f"HTTP {e.code} from {url}") from None
+        raise _Fatal(f"HTTP {e.code} {e.reason} for {url}") from None
+    with resp:
+        if resp.status == 206:
+            match = re.match(r"bytes (\d+)-\d+/(\d+)", resp.headers.get("Content-Range", ""))
+            if not match or int(match.group(1)) != offset:
+                raise _Fatal(f"{url} answered a Range request with Content-Range {resp.headers.get('Content-Range')!r}")
+            total = int(match.group(2))
+        else:  # 200: the server ignored the Range header, so start again from byte 0
+            offset = 0
+            length = resp.headers.get("Content-Length")
+            total = int(length) if length is not None else -1
+        if bar is not None:
+            bar.reset(total=total if total >= 0 else None)
+            bar.update(offset)
+        with disk_errors(part), open(part, "r+b" if offset else "wb") as f:
+            if offset:
+                f.seek(offset)
+                f.truncate()
+            while chunk := resp.read(CHUNK):
+                f.write(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+            f.flush()
+            os.fsync(f.fileno())
+            got = f.tell()
+    if total >= 0 and got != total:
+        raise ConnectionError(f"connection closed at byte {got} of {total}")
+    return got
+
+
+def download(url: str, dest: Path, *, expected_size: int | None = None, expected_sha256: str | None = None,
+             retries: int = 5, timeout: float = 30.0, backoff: float = 0.5, progress: bool = True) -> tuple[int, str]:
+    """Download `url` to `dest` atomically; returns (size, sha256).
+
+    Bytes go to `dest.incomplete` first, which a later attempt or a later call resumes with a Range request.
+    Dropped connections, timeouts and 5xx are retried with exponential backoff; 4xx fail at once.
+    On a size or hash mismatch the file is deleted and IntegrityError names it.
+    """
+    part = dest.with_name(dest.name + ".incomplete")
+    with disk_errors(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    show = progress and not progress_disabled()
+    bar = tqdm(desc=dest.name, unit="B", unit_scale=True, unit_divisor=1024, miniters=1, leave=True) if show else None
+    try:
+        for attempt in range(retries + 1):
+            try:
+                size = _attempt(url, part, timeout, bar)
+                break
+            except _Fatal as e:
+                raise DownloadError(str(e)) from None
+            except (ConnectionError, http.client.HTTPException, TimeoutError, urllib.error.URLError) as e:
+                reason = getattr(e, "reason", e)
+                if attempt == retries:
+                    raise DownloadError(f"could not download {url} after {retries + 1} attempts: {reason}. "
+                                        f"{part.name} keeps the bytes received; run again to resume") from None
+                wait = backoff * 2 ** attempt
+                log.warning("download of %s interrupted (%s); resuming in %.1f s", url, reason, wait)
+                time.sleep(wait)
+    finally:
+        if bar is not None:
+            bar.close()
+    sha256 = sha256_file(part)
+    problem = None
+    if expected_size is not None and size != expected_size:
+        problem = f"is {size} bytes, expected {expected_size}"
+    elif expected_sha256 is not None and sha256 != expected_sha256:
+        problem = f"has sha256 {sha256}, expected {expected_sha256}"
+    if problem:
+        part.unlink()
+        raise IntegrityError(f"{dest.name} downloaded from {url} {problem}; the bad file was deleted, run again "
+                             "to download it afresh (if it happens again, the server or a proxy is altering it)")
+    os.replace(part, dest)
+    fsync_dir(dest.parent)
+    return size, sha256

@@ -1,0 +1,41 @@
+"""Exception classes: each error a user can meet has its own, and its message names the file, URL or setting."""
+
+
+class GPT2HubError(Exception):
+    """Base class of every gpt2hub error."""
+
+
+class UnknownModelError(GPT2HubError, ValueError):
+    """A model name that is not in the registry."""
+
+
+class CheckpointError(GPT2HubError):
+    """A TensorFlow checkpoint that is corrupt, truncated or uses a feature we do not read."""
+
+
+class ConversionError(GPT2HubError):
+    """Weights whose names or shapes do not fit the model."""
+
+
+class CacheError(GPT2HubError):
+    """The cache folder is unusable (unwritable, full, locked too long)."""
+
+
+class LockTimeoutError(CacheError):
+    """Another process held a model's lock for longer than the timeout."""
+
+
+class DownloadError(GPT2HubError):
+    """A file could not be fetched."""
+
+
+class IntegrityError(DownloadError):
+    """A file whose size or hash is not the one expected."""
+
+
+class OfflineError(GPT2HubError):
+    """Network access is needed but disabled, and the cache lacks files."""
+
+
+class DeviceError(GPT2HubError):
+    """A device that this machine or this PyTorch build does not have."""

@@ -1,0 +1,295 @@
+"""from_pretrained and load_tokenizer: name -> spec -> files in the cache -> converted state_dict -> model."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import os
+from pathlib import Path
+
+import safetensors.torch
+import tiktoken
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .cache import (
+    FORMAT_VERSION,
+    SOURCES,
+    ModelCache,
+    atomic_path,
+    crc32c_file,
+    default_root,
+    offline,
+    read_json,
+    sha256_file,
+    write_json,
+)
+from .convert import config_from_hparams, read_hparams, state_dict_from_hf, state_dict_from_tf
+from .download import download, progress_disabled
+from .errors import CheckpointError, DeviceError, DownloadError, IntegrityError, OfflineError
+from .model import GPTModel
+from .registry import HF_FILES, HF_TOKENIZER_FILES, OPENAI_FILES, OPENAI_TOKENIZER_FILES, ModelSpec, resolve
+from .tf_checkpoint import TFCheckpoint
+from .tokenizer import encoding_from_files
+
+log = logging.getLogger("gpt2hub")
+DEFAULT_OPENAI_URLS = ("https://openaipublic.blob.core.windows.net/gpt-2/models",
+                       "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+DATA_FILE = "model.ckpt.data-00000-of-00001"
+
+
+def openai_bases() -> list[str]:
+    """Base URLs tried in order: GPT2HUB_OPENAI_URL (several may be given, separated by spaces or commas)."""
+    env = os.environ.get("GPT2HUB_OPENAI_URL", "").replace(",", " ").split()
+    return [b.rstrip("/") for b in env] or list(DEFAULT_OPENAI_URLS)
+
+
+def dtype_name(dtype: torch.dtype | str | None) -> str:
+    if dtype is None:
+        return "float32"
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    if dtype not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}: use float32, bfloat16 or float16")
+    return str(DTYPES[dtype]).removeprefix("torch.")
+
+
+def _check_source(source: str) -> None:
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}: use one of {', '.join(SOURCES)}")
+
+
+class Hub:
+    """Fetch and convert one model of one source; every write happens under the model's lock."""
+
+    def __init__(self, spec: ModelSpec, source: str = "openai", cache_dir: str | Path | None = None,
+                 local_files_only: bool = False, progress: bool = True):
+        _check_source(source)
+        self.spec, self.source = spec, source
+        self.cache = ModelCache(Path(cache_dir) if cache_dir else default_root(), source, spec.size)
+        self.offline = local_files_only or offline()
+        self.progress = progress and not progress_disabled()
+
+    # raw files ---------------------------------------------------------------------------------------------
+    def _have(self, name: str) -> Path | None:
+        """The cached copy of a raw file, if it is recorded and present (no network)."""
+        record = self.cache.files().get(name)
+        if record is None:
+            return None
+        path = Path(record["path"]) if "path" in record else self.cache.raw_path(name)
+        return path if path.exists() and path.stat().st_size == record["size"] else None
+
+    def _missing(self, names: tuple[str, ...], force: bool) -> list[str]:
+        return list(names) if force else [n for n in names if self._have(n) is None]
+
+    def _check_offline(self, names: tuple[str, ...], force: bool) -> None:
+        """Fail at once, before any lock, when offline and files are missing (hf files may be in HF's own cache)."""
+        missing = self._missing(names, force)
+        if self.offline and missing and self.source == "openai":
+            raise self._offline_error(missing)
+
+    def _offline_error(self, missing: list[str]) -> OfflineError:
+        why = "GPT2HUB_OFFLINE/HF_HUB_OFFLINE is set" if offline() else "local_files_only=True"
+        return OfflineError(f"{self.spec.name} ({self.source}) is not fully cached and {why}: missing "
+                            f"{', '.join(missing)} in {self.cache.dir}. Run `gpt2hub download {self.spec.name} "
+                            f"--source {self.source}` with network access first")
+
+    def files(self, names: tuple[str, ...], force: bool = False) -> dict[str, Path]:
+        """Paths of the raw files `names`, downloading what is missing (under the lock)."""
+        if self._missing(names, force):
+            self._check_offline(names, force)
+            with self.cache.lock(f"downloading {self.spec.name} from {self.source}"):
+                self._fetch_locked(names, force)
+        return {n: self._have(n) for n in names}
+
+    def _fetch_locked(self, names: tuple[str, ...], force: bool) -> None:
+        self._check_offline(names, force)
+        for name in self._missing(names, force):  # re-read: another process may have fetched them meanwhile
+            record = self._fetch_openai(name) if self.source == "openai" else self._fetch_hf(name, force)
+            self.cache.record_file(name, record)
+
+    def _fetch_openai(self, name: str) -> dict:
+        dest = self.cache.raw_path(name)
+        size_pin = self.spec.expected_sizes().get(name)
+        sha_pin = self.spec.expected_sha256("openai").get(name)
+        if dest.exists():  # present but unrecorded (a crash between rename and record): check it, don't refetch
+            sha = sha256_file(dest)
+            if (size_pin is None or dest.stat().st_size == size_pin) and sha_pin in (None, sha):
+                return {"size": dest.stat().st_size, "sha256": sha, "url": None}
+            dest.unlink()
+        errors = []
+        for base in openai_bases():
+            url = f"{base}/{self.spec.size}/{name}"
+            try:
+                size, sha = download(url, dest, expected_size=size_pin, expected_sha256=sha_pin, progress=self.progress)
+                return {"size": size, "sha256": sha, "url": url}
+            except IntegrityError:
+                raise
+            except DownloadError as e:
+                errors.append(str(e))
+                log.warning("%s; trying the next mirror", e)
+        raise DownloadError(f"could not download {name} for {self.spec.name} from any mirror:\n  " + "\n  ".join(errors)
+                            + "\nCheck the network, or set GPT2HUB_OPENAI_URL to a reachable mirror")
+
+    def _fetch_hf(self, name: str, force: bool) -> dict:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(self.spec.hf_repo, name, endpoint=os.environ.get("HF_ENDPOINT") or None,
+                                        force_download=force, local_files_only=self.offline))
+        except Exception as e:  # huggingface_hub raises many kinds; all mean the same to our caller
+            if self.offline:
+                raise self._offline_error([name]) from e
+            raise DownloadError(f"could not get {name} of {self.spec.hf_repo} from the Hugging Face Hub "
+                                f"(HF_ENDPOINT={os.environ.get('HF_ENDPOINT', 'default')}): {e}") from e
+        sha = sha256_file(path)
+        pinned = self.spec.expected_sha256("hf").get(name)
+        if pinned and sha != pinned:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise IntegrityError(f"{path} ({self.spec.hf_repo}/{name}) has sha256 {sha}, expected {pinned}; "
+                                 "the bad file was deleted, run again to download it afresh")
+        return {"size": path.stat().st_size, "sha256": sha, "path": str(path)}
+
+    # converted weights ----------------------------------------------------------------------------------------
+    def _converted_ok(self, dtype: str) -> bool:
+        path, manifest = self.cache.converted_path(dtype), read_json(self.cache.converted_manifest(dtype))
+        if not path.exists() or not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+            return False
+        if path.stat().st_size != manifest.get("bytes") or crc32c_file(path) != manifest.get("crc32c"):
+            log.warning("%s is damaged (size or crc32c differ from its manifest); rebuilding it", path)
+            return False
+        return True
+
+    def converted(self, dtype: str, force: bool = False) -> tuple[Path, dict]:
+        """The converted safetensors for `dtype` and the model config, converting once under the lock."""
+        if force or not self._converted_ok(dtype):
+            self._check_offline(self._raw_names(), force)
+            with self.cache.lock(f"converting {self.spec.name} ({self.source}) to {dtype}"):
+                if force or not self._converted_ok(dtype):
+                    self._fetch_locked(self._raw_names(), force)
+                    self._convert_locked(dtype)
+        return self.cache.converted_path(dtype), read_json(self.cache.converted_manifest(dtype))["config"]
+
+    def _raw_names(self) -> tuple[str, ...]:
+        return OPENAI_FILES if self.source == "openai" else HF_FILES
+
+    def _convert_locked(self, dtype: str) -> None:
+        files = {n: self._have(n) for n in self._raw_names()}
+        if self.source == "openai":
+            cfg = read_hparams(files["hparams.json"])
+        else:
+            cfg = config_from_hparams(json.loads(files["config.json"].read_text()))
+        expected = self.spec.config()
+        if {k: cfg[k] for k in expected} != expected:
+            raise IntegrityError(f"the hyperparameters in {self.cache.dir} ({cfg}) are not those of {self.spec.name} "
+                                 f"({expected}); run `gpt2hub cache rm {self.spec.name}` and download again")
+        bar = tqdm(total=4 + 12 * cfg["n_layers"], desc=f"converting {self.spec.name} to {dtype}", unit="tensor",
+                   disable=not self.progress)
+        with bar:
+            if self.source == "openai":
+                try:
+                    sd = state_dict_from_tf(TFCheckpoint(self.cache.raw), cfg, DTYPES[dtype], progress=bar.update)
+                except CheckpointError as e:
+                    self._discard(DATA_FILE)
+                    raise IntegrityError(f"{e}. The damaged {DATA_FILE} was removed from the cache; run again to "
+                                         "download it afresh") from e
+            else:
+                tensors = safetensors.torch.load_file(files["model.safetensors"])
+                sd = state_dict_from_hf(tensors, cfg, DTYPES[dtype], progress=bar.update)
+        out = self.cache.converted_path(dtype)
+        with atomic_path(out) as tmp:
+            safetensors.torch.save_file(sd, str(tmp), metadata={"format": "pt", "gpt2hub": __version__})
+        raw = self.cache.files()
+        write_json(self.cache.converted_manifest(dtype), {
+            "format": FORMAT_VERSION, "gpt2hub": __version__, "model": self.spec.name, "size": self.spec.size,
+            "source": self.source, "dtype": dtype, "config": cfg, "bytes": out.stat().st_size,
+            "crc32c": crc32c_file(out), "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "raw": {n: {"size": raw[n]["size"], "sha256": raw[n]["sha256"]} for n in self._raw_names()}})
+
+    def _discard(self, name: str) -> None:
+        path = self._have(name) or self.cache.raw_path(name)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        self.cache.forget_file(name)
+
+
+def load_converted(path: Path, cfg: dict, device: str | torch.device = "cpu") -> GPTModel:
+    """A GPTModel built on the meta device and given the stored tensors: no random init, no second copy."""
+    return GPTModel.from_state_dict(cfg, safetensors.torch.load_file(str(path), device=str(torch.device(device))))
+
+
+def _model_folder(name: object) -> Path | None:
+    """`name` as a local folder of OpenAI's files (hparams.json) or Hugging Face's (config.json), else None."""
+    if isinstance(name, (str, os.PathLike)) and Path(name).is_dir():
+        folder = Path(name)
+        if (folder / "hparams.json").exists() or (folder / "config.json").exists():
+            return folder
+    return None
+
+
+def _from_folder(folder: Path, device: str | torch.device, dtype: str) -> GPTModel:
+    if (folder / "hparams.json").exists():
+        cfg = read_hparams(folder / "hparams.json")
+        sd = state_dict_from_tf(TFCheckpoint(folder), cfg, DTYPES[dtype])
+    else:
+        cfg = config_from_hparams(json.loads((folder / "config.json").read_text()))
+        sd = state_dict_from_hf(safetensors.torch.load_file(str(folder / "model.safetensors")), cfg, DTYPES[dtype])
+    return GPTModel.from_state_dict(cfg, sd).to(device)
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    device = torch.device(device or "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {device} was asked for, but this PyTorch ({torch.__version__}) sees no CUDA GPU; "
+                           "use device='cpu'")
+    return device
+
+
+def from_pretrained(name: str | ModelSpec = "gpt2-small", *, device: str | torch.device | None = None,
+                    dtype: torch.dtype | str | None = None, source: str = "openai",
+                    cache_dir: str | Path | None = None, force_download: bool = False,
+                    local_files_only: bool = False, progress: bool = True) -> GPTModel:
+    """A ready GPTModel (eval mode) for a name such as "gpt2-small", "355M" or "openai-community/gpt2-xl".
+
+    The first call downloads the published files into the cache and converts them once per dtype; later calls
+    make no network request. `name` may also be a folder holding OpenAI's or Hugging Face's files.
+    """
+    dev, dt = _device(device), dtype_name(dtype)
+    folder = _model_folder(name)
+    if folder is not None:
+        return _from_folder(folder, dev, dt)
+    hub = Hub(resolve(name), source, cache_dir, local_files_only, progress)
+    path, cfg = hub.converted(dt, force=force_download)
+    return load_converted(path, cfg, dev)
+
+
+def download_files(name: str | ModelSpec, *, source: str = "openai", cache_dir: str | Path | None = None,
+                   force_download: bool = False, local_files_only: bool = False, progress: bool = True) -> dict[str, Path]:
+    """Fetch every published file of a model into the cache; returns their paths."""
+    hub = Hub(resolve(name), source, cache_dir, local_files_only, progress)
+    return hub.files(hub._raw_names(), force=force_download)
+
+
+def load_tokenizer(name: str | ModelSpec = "gpt2-small", *, source: str = "openai", cache_dir: str | Path | None = None,
+                   local_files_only: bool = False, progress: bool = True) -> tiktoken.Encoding:
+    """GPT-2's tiktoken Encoding from the model's vocabulary files (only those two are downloaded)."""
+    folder = _model_folder(name)
+    if folder is not None:
+        pair = ("encoder.json", "vocab.bpe") if (folder / "encoder.json").exists() else ("vocab.json", "merges.txt")
+        return encoding_from_files(folder / pair[0], folder / pair[1])
+    hub = Hub(resolve(name), source, cache_dir, local_files_only, progress)
+    names = OPENAI_TOKENIZER_FILES if source == "openai" else HF_TOKENIZER_FILES
+    paths = hub.files(names)
+    try:
+        return encoding_from_files(paths[names[0]], paths[names[1]])
+    except IntegrityError:
+        for n in names:
+            hub._discard(n)
+        raise

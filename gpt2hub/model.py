@@ -1,0 +1,192 @@
+"""GPTModel: GPT-2 with the parameter names of "Build a Large Language Model (From Scratch)"."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GPT_CONFIG_124M = {
+    "vocab_size": 50257,
+    "context_length": 1024,
+    "emb_dim": 768,
+    "n_heads": 12,
+    "n_layers": 12,
+    "drop_rate": 0.1,
+    "qkv_bias": False,
+}
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for every layer: [n_layers, batch, heads, max_len, head_dim]."""
+
+    def __init__(self, cfg: dict, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        head_dim = cfg["emb_dim"] // cfg["n_heads"]
+        shape = (cfg["n_layers"], batch_size, cfg["n_heads"], max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int, qkv_bias: bool = False):
+        super().__init__()
+        assert d_out % num_heads == 0, "d_out must be divisible by num_heads"
+        self.d_out, self.num_heads, self.head_dim = d_out, num_heads, d_out // num_heads
+        self.context_length = context_length
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (w(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+                   for w in (self.W_query, self.W_key, self.W_value))
+        is_causal = t > 1
+        mask = None
+        if cache is not None:
+            k_cache, v_cache = cache
+            k_cache[:b, :, start:start + t] = k
+            v_cache[:b, :, start:start + t] = v
+            k, v = k_cache[:b, :, :start + t], v_cache[:b, :, :start + t]
+            if start > 0 and t > 1:
+                # queries sit at start..start+t-1 and see every key up to their own position
+                mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
+                is_causal = False
+        p = self.dropout.p if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
+        return self.out_proj(y.transpose(1, 2).reshape(b, t, self.d_out))
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, emb_dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.scale, self.shift, self.eps)
+
+
+class GELU(nn.Module):
+    """GPT-2's tanh approximation of GELU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        d = cfg["emb_dim"]
+        self.layers = nn.Sequential(nn.Linear(d, 4 * d), GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.att = MultiHeadAttention(cfg["emb_dim"], cfg["emb_dim"], cfg["context_length"], cfg["drop_rate"],
+                                      cfg["n_heads"], cfg["qkv_bias"])
+        self.ff = FeedForward(cfg)
+        self.norm1 = LayerNorm(cfg["emb_dim"])
+        self.norm2 = LayerNorm(cfg["emb_dim"])
+        self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
+
+    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), cache, start))
+        return x + self.drop_shortcut(self.ff(self.norm2(x)))
+
+
+class GPTModel(nn.Module):
+    """GPT-2 built from the book's config dict; `out_head` shares `tok_emb`'s weight unless a checkpoint unties them."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        missing = {"vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"} - set(cfg)
+        if missing:
+            raise ValueError(f"GPTModel config lacks {sorted(missing)}")
+        self.cfg = {"drop_rate": 0.0, "qkv_bias": False, **cfg}
+        cfg = self.cfg
+        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
+        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
+        self.drop_emb = nn.Dropout(cfg["drop_rate"])
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
+        self.final_norm = LayerNorm(cfg["emb_dim"])
+        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+        self.out_head.weight = self.tok_emb.weight
+        self.register_load_state_dict_pre_hook(_load_hook)
+        self.register_load_state_dict_post_hook(_retie_hook)
+        if not any(p.is_meta for p in self.parameters()):
+            self.apply(_init_weights)
+            for name, p in self.named_parameters():
+                if name.endswith("out_proj.weight") or name.endswith("layers.2.weight"):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg["n_layers"]))
+
+    @classmethod
+    def from_state_dict(cls, cfg: dict, state_dict: dict[str, torch.Tensor]) -> GPTModel:
+        """Built on the meta device and handed the given tensors (no random init, no copy), in eval mode."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_state_dict(state_dict, assign=True, strict=True)
+        return model.eval()
+
+    @property
+    def tied(self) -> bool:
+        return self.out_head.weight is self.tok_emb.weight
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """Logits [batch, tokens, vocab] for token ids `idx`; with `cache`, `idx` sits at positions start.."""
+        t = idx.shape[1]
+        if start + t > self.cfg["context_length"]:
+            raise ValueError(f"{start + t} positions exceed the context length {self.cfg['context_length']}")
+        pos = torch.arange(start, start + t, device=idx.device)
+        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))
+        for i, block in enumerate(self.trf_blocks):
+            x = block(x, None if cache is None else (cache.k[i], cache.v[i]), start)
+        return self.out_head(self.final_norm(x))
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+
+def _load_hook(module: GPTModel, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Accept the book's state_dicts: drop causal-mask buffers; keep the head tied only when the weights say so."""
+    for key in [k for k in state_dict if k.startswith(prefix) and k.endswith(".att.mask")]:
+        del state_dict[key]
+    head, emb = state_dict.get(prefix + "out_head.weight"), state_dict.get(prefix + "tok_emb.weight")
+    if head is None and emb is not None and module.tied:
+        state_dict[prefix + "out_head.weight"] = emb
+    elif head is not None and emb is not None and module.tied and not _same(head, emb):
+        module.out_head.weight = nn.Parameter(torch.empty_like(module.tok_emb.weight))
+
+
+def _retie_hook(module: GPTModel, incompatible_keys: Any) -> None:
+    # load_state_dict(assign=True) gives each name its own Parameter; share one object again when the storage is one
+    head, emb = module.out_head.weight, module.tok_emb.weight
+    if head is not emb and not emb.is_meta and head.data_ptr() == emb.data_ptr() and head.shape == emb.shape:
+        module.out_head.weight = emb
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a is b or (a.device == b.device and a.data_ptr() == b.data_ptr() and a.shape == b.shape):
+        return True
+    return a.shape == b.shape and bool(torch.equal(a, b.to(a.device, a.dtype)))

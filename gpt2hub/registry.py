@@ -1,0 +1,147 @@
+"""Model names, aliases, architectures, published file lists and the hashes we know."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+
+from .errors import UnknownModelError
+
+OPENAI_FILES = (
+    "checkpoint",
+    "encoder.json",
+    "hparams.json",
+    "model.ckpt.data-00000-of-00001",
+    "model.ckpt.index",
+    "model.ckpt.meta",
+    "vocab.bpe",
+)
+OPENAI_TOKENIZER_FILES = ("encoder.json", "vocab.bpe")
+HF_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
+HF_TOKENIZER_FILES = ("vocab.json", "merges.txt")
+
+# tiktoken pins these (tiktoken_ext/openai_public.py); every size ships the same two files.
+TOKENIZER_SHA256 = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+TOKENIZER_SIZES = {"encoder.json": 1042301, "vocab.bpe": 456318}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One GPT-2 size: its names, architecture and what we know of its published files."""
+
+    name: str  # canonical name, e.g. "gpt2-small"
+    size: str  # OpenAI's folder name, e.g. "124M"
+    hf_repo: str  # e.g. "openai-community/gpt2"
+    emb_dim: int
+    n_layers: int
+    n_heads: int
+    vocab_size: int = 50257
+    context_length: int = 1024
+    hf_safetensors_sha256: str | None = None
+
+    @property
+    def book_key(self) -> str:
+        return f"{self.name} ({self.size})"
+
+    @property
+    def n_params(self) -> int:
+        """Parameters in OpenAI's checkpoint (wte counted once: the output head is tied)."""
+        d, n_layers = self.emb_dim, self.n_layers
+        per_block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
+        return self.vocab_size * d + self.context_length * d + n_layers * per_block + 2 * d
+
+    def config(self, drop_rate: float = 0.0) -> dict:
+        """The book's config dict (GPT_CONFIG_124M with this size's dimensions)."""
+        return {
+            "vocab_size": self.vocab_size,
+            "context_length": self.context_length,
+            "emb_dim": self.emb_dim,
+            "n_heads": self.n_heads,
+            "n_layers": self.n_layers,
+            "drop_rate": drop_rate,
+            "qkv_bias": True,
+        }
+
+    def hparams(self) -> dict:
+        """The content of OpenAI's hparams.json for this size."""
+        return {
+            "n_vocab": self.vocab_size,
+            "n_ctx": self.context_length,
+            "n_embd": self.emb_dim,
+            "n_head": self.n_heads,
+            "n_layer": self.n_layers,
+        }
+
+    def expected_sizes(self) -> dict[str, int]:
+        """Byte sizes of published files we can state exactly (the data file is float32 tensors back to back)."""
+        return {**TOKENIZER_SIZES, "model.ckpt.data-00000-of-00001": 4 * self.n_params}
+
+    def expected_sha256(self, source: str) -> dict[str, str]:
+        if source == "openai":
+            return dict(TOKENIZER_SHA256)
+        if self.hf_safetensors_sha256:
+            return {"model.safetensors": self.hf_safetensors_sha256}
+        return {}
+
+
+_SPECS: dict[str, ModelSpec] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"\s+", " ", name.strip().lower())
+
+
+def register(spec: ModelSpec, *aliases: str) -> ModelSpec:
+    """Make a spec resolvable by its name, its size, its book key, its HF repo and any extra aliases."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", spec.size):
+        raise ValueError(f"model size {spec.size!r} must be a plain folder name (letters, digits, . _ -)")
+    _SPECS[spec.name] = spec
+    repo_tail = spec.hf_repo.split("/")[-1]
+    for alias in (spec.name, spec.size, spec.book_key, spec.hf_repo, repo_tail, *aliases):
+        _ALIASES[_norm(alias)] = spec.name
+    return spec
+
+
+register(ModelSpec("gpt2-small", "124M", "openai-community/gpt2", 768, 12, 12,
+                   hf_safetensors_sha256="248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707"),
+         "gpt2-124M", "small")
+register(ModelSpec("gpt2-medium", "355M", "openai-community/gpt2-medium", 1024, 24, 16), "gpt2-355M", "medium")
+register(ModelSpec("gpt2-large", "774M", "openai-community/gpt2-large", 1280, 36, 20), "gpt2-774M", "large")
+register(ModelSpec("gpt2-xl", "1558M", "openai-community/gpt2-xl", 1600, 48, 25), "gpt2-1558M", "xl", "1.5B")
+
+
+def names() -> list[str]:
+    """The canonical names of every registered model."""
+    return list(_SPECS)
+
+
+def _listing() -> str:
+    return "; ".join(f"{s.name} = {s.size} = {s.book_key!r} = {s.hf_repo}" for s in _SPECS.values())
+
+
+def resolve(name: str | ModelSpec) -> ModelSpec:
+    """Turn anything a user may type ("gpt2-small", "124M", "gpt2-small (124M)", "openai-community/gpt2") into a spec."""
+    if isinstance(name, ModelSpec):
+        return name
+    if not isinstance(name, str):
+        raise UnknownModelError(f"model name must be a string, got {type(name).__name__}")
+    key = _norm(name)
+    if key in _ALIASES:
+        return _SPECS[_ALIASES[key]]
+    close = difflib.get_close_matches(key, list(_ALIASES), n=1, cutoff=0.4)
+    hint = f" Did you mean {_ALIASES[close[0]]!r}?" if close else ""
+    raise UnknownModelError(
+        f"unknown model {name!r}.{hint} Valid names: {_listing()}"
+    )
+
+
+# The book's model_configs table, keyed as in the notebook.
+model_configs = {
+    spec.book_key: {"emb_dim": spec.emb_dim, "n_layers": spec.n_layers, "n_heads": spec.n_heads}
+    for spec in _SPECS.values()
+}

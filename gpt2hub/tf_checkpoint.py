@@ -1,0 +1,263 @@
+"""OpenAI's TensorFlow checkpoint read without TensorFlow.
+
+A checkpoint is a tensor bundle: `PREFIX.index`, an SSTable (LevelDB table format) whose empty key holds a
+BundleHeaderProto and whose other keys are variable names mapping to BundleEntryProtos, and the shards
+`PREFIX.data-0000N-of-0000M`, which hold the raw little-endian tensor bytes at the offsets the entries give.
+"""
+
+from __future__ import annotations
+
+import mmap
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import google_crc32c
+import numpy as np
+
+from .errors import CheckpointError
+
+_TABLE_MAGIC = 0xDB4775248B80FB57
+_FOOTER_LEN = 48  # two BlockHandles padded to 40 bytes, then the magic number
+_TRAILER_LEN = 5  # compression type byte + masked crc32c of the block
+_DTYPES = {1: np.float32, 2: np.float64, 3: np.int32, 4: np.uint8, 5: np.int16, 6: np.int8, 9: np.int64,
+           10: np.bool_, 17: np.uint16, 19: np.float16, 22: np.uint32, 23: np.uint64}
+
+
+def mask_crc(crc: int) -> int:
+    """LevelDB's masking of a stored crc32c (so that a crc of data holding crcs is not itself a crc)."""
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("varint runs past the end of its buffer")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _proto_fields(buf: bytes) -> list[tuple[int, int | bytes]]:
+    """(field number, value) pairs of a protobuf message; varints as ints, length-delimited fields as bytes."""
+    fields, pos = [], 0
+    while pos < len(buf):
+        tag, pos = _varint(buf, pos)
+        number, wire = tag >> 3, tag & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 1:
+            value, pos = struct.unpack_from("<Q", buf, pos)[0], pos + 8
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            value, pos = buf[pos:pos + length], pos + length
+        elif wire == 5:
+            value, pos = struct.unpack_from("<I", buf, pos)[0], pos + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        fields.append((number, value))
+    if pos != len(buf):
+        raise ValueError("protobuf message is truncated")
+    return fields
+
+
+def _int64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one variable lives: BundleEntryProto."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    shard: int
+    offset: int
+    size: int
+    crc32c: int | None
+
+
+def _parse_entry(name: str, buf: bytes) -> TensorEntry:
+    dtype_code, shape, shard, offset, size, crc, sliced = 0, (), 0, 0, 0, None, False
+    for number, value in _proto_fields(buf):
+        if number == 1:
+            dtype_code = value
+        elif number == 2:
+            dims = []
+            for n, v in _proto_fields(value):
+                if n == 2:
+                    dims.append(_int64(dict(_proto_fields(v)).get(1, 0)))
+                elif n == 3 and v:
+                    raise ValueError("shape of unknown rank")
+            shape = tuple(dims)
+        elif number == 3:
+            shard = value
+        elif number == 4:
+            offset = _int64(value)
+        elif number == 5:
+            size = _int64(value)
+        elif number == 6:
+            crc = value
+        elif number == 7:
+            sliced = True
+    if sliced:
+        raise CheckpointError(f"variable {name!r} is stored in slices (partitioned), which gpt2hub does not read")
+    if dtype_code not in _DTYPES:
+        raise CheckpointError(f"variable {name!r} has TensorFlow dtype code {dtype_code}, which gpt2hub does not read")
+    if any(d < 0 for d in shape):
+        raise CheckpointError(f"variable {name!r} has an unknown dimension in its shape {shape}")
+    dtype = np.dtype(_DTYPES[dtype_code]).newbyteorder("<")
+    return TensorEntry(name, dtype, shape, shard, offset, size, crc)
+
+
+class _SSTable:
+    """The entries of a LevelDB-format table file, read whole (checkpoint indexes are kilobytes)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = path.read_bytes()
+        if len(self.data) < _FOOTER_LEN:
+            raise CheckpointError(f"{path} is {len(self.data)} bytes, too short to be a checkpoint index (truncated?)")
+        footer = self.data[-_FOOTER_LEN:]
+        if struct.unpack("<Q", footer[-8:])[0] != _TABLE_MAGIC:
+            raise CheckpointError(f"{path} does not end with the table magic number: not a checkpoint index, or truncated")
+        try:
+            pos = 0
+            handle = []
+            for _ in range(4):  # metaindex offset and size, then index offset and size
+                value, pos = _varint(footer, pos)
+                handle.append(value)
+            self.index_handle = (handle[2], handle[3])
+        except ValueError as e:
+            raise CheckpointError(f"{path}: unreadable table footer ({e})") from e
+
+    def _block(self, offset: int, size: int) -> bytes:
+        end = offset + size
+        if end + _TRAILER_LEN > len(self.data) - _FOOTER_LEN:
+            raise CheckpointError(f"{self.path}: block at byte {offset} runs past the end of the file (truncated?)")
+        contents = self.data[offset:end]
+        kind = self.data[end]
+        stored = struct.unpack_from("<I", self.data, end + 1)[0]
+        if mask_crc(google_crc32c.value(contents + bytes([kind]))) != stored:
+            raise CheckpointError(f"{self.path}: block at byte {offset} fails its crc32c check (the file is corrupt)")
+        if kind != 0:
+            raise CheckpointError(f"{self.path}: block at byte {offset} is compressed (type {kind}), which gpt2hub does not read")
+        return contents
+
+    def _entries(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        n_restarts = struct.unpack_from("<I", block, len(block) - 4)[0]
+        limit = len(block) - 4 - 4 * n_restarts
+        if limit < 0:
+            raise CheckpointError(f"{self.path}: block restart array is larger than the block (corrupt)")
+        entries, key, pos = [], b"", 0
+        while pos < limit:
+            shared, pos = _varint(block, pos)
+            unshared, pos = _varint(block, pos)
+            value_len, pos = _varint(block, pos)
+            if shared > len(key) or pos + unshared + value_len > limit:
+                raise CheckpointError(f"{self.path}: malformed block entry at byte {pos} (corrupt)")
+            key = key[:shared] + block[pos:pos + unshared]
+            pos += unshared
+            entries.append((key, block[pos:pos + value_len]))
+            pos += value_len
+        return entries
+
+    def items(self) -> list[tuple[bytes, bytes]]:
+        out = []
+        for _, handle in self._entries(self._block(*self.index_handle)):
+            offset, pos = _varint(handle, 0)
+            size, _ = _varint(handle, pos)
+            out.extend(self._entries(self._block(offset, size)))
+        return out
+
+
+def find_prefix(path: str | Path) -> Path:
+    """The checkpoint prefix for a folder (read from its `checkpoint` file), an index file, or a prefix."""
+    path = Path(path)
+    if path.is_dir():
+        state = path / "checkpoint"
+        name = "model.ckpt"
+        if state.exists():
+            match = re.search(r'^model_checkpoint_path:\s*"([^"]+)"', state.read_text(), re.M)
+            if match:
+                name = match.group(1)
+        return path / Path(name).name
+    return path.with_suffix("") if path.suffix == ".index" else path
+
+
+class TFCheckpoint:
+    """Variables of a TensorFlow V2 checkpoint. `read` returns read-only arrays mapped from the data files."""
+
+    def __init__(self, path: str | Path):
+        self.prefix = find_prefix(path)
+        self.index_path = Path(f"{self.prefix}.index")
+        if not self.index_path.exists():
+            raise CheckpointError(f"no checkpoint index at {self.index_path}")
+        self.entries: dict[str, TensorEntry] = {}
+        header = None
+        try:
+            for key, value in _SSTable(self.index_path).items():
+                if key == b"":
+                    header = dict(_proto_fields(value))
+                else:
+                    self.entries[key.decode()] = _parse_entry(key.decode(), value)
+        except ValueError as e:
+            raise CheckpointError(f"{self.index_path}: unreadable entry ({e}); the file is corrupt") from e
+        if header is None:
+            raise CheckpointError(f"{self.index_path} has no bundle header: not a tensor-bundle index")
+        if header.get(2, 0) != 0:
+            raise CheckpointError(f"{self.index_path} holds big-endian tensors, which gpt2hub does not read")
+        self.num_shards = header.get(1, 1)
+        self._maps: dict[int, mmap.mmap] = {}
+
+    def data_path(self, shard: int) -> Path:
+        return Path(f"{self.prefix}.data-{shard:05d}-of-{self.num_shards:05d}")
+
+    def _map(self, shard: int) -> mmap.mmap:
+        if shard not in self._maps:
+            path = self.data_path(shard)
+            try:
+                with open(path, "rb") as f:
+                    self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if path.stat().st_size else b""
+            except FileNotFoundError:
+                raise CheckpointError(f"checkpoint data file {path} is missing") from None
+        return self._maps[shard]
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def read(self, name: str, verify: bool = True) -> np.ndarray:
+        """The variable `name`, its crc32c checked unless verify=False."""
+        try:
+            e = self.entries[name]
+        except KeyError:
+            raise CheckpointError(f"{self.index_path} has no variable {name!r}") from None
+        count = int(np.prod(e.shape, dtype=np.int64))
+        if count * e.dtype.itemsize != e.size:
+            raise CheckpointError(f"{self.index_path}: variable {name!r} of shape {e.shape} claims {e.size} bytes")
+        buf = self._map(e.shard)
+        if e.offset + e.size > len(buf):
+            raise CheckpointError(
+                f"{self.data_path(e.shard)} ends at byte {len(buf)} but variable {name!r} needs bytes up to "
+                f"{e.offset + e.size}: the file is truncated")
+        raw = np.frombuffer(buf, dtype=np.uint8, count=e.size, offset=e.offset)
+        if verify and e.crc32c is not None and mask_crc(google_crc32c.value(raw)) != e.crc32c:
+            raise CheckpointError(
+                f"{self.data_path(e.shard)}: variable {name!r} fails its crc32c check: the file is corrupt")
+        return raw.view(e.dtype).reshape(e.shape)
+
+    def close(self) -> None:
+        # arrays returned by read() may still view the maps; each map closes when its last view goes
+        self._maps.clear()
+
+    def __enter__(self) -> TFCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

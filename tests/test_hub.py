@@ -1,0 +1,310 @@
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY
+from server import Fault
+
+import gpt2hub
+from gpt2hub import (
+    CacheError,
+    DownloadError,
+    IntegrityError,
+    LockTimeoutError,
+    OfflineError,
+    UnknownModelError,
+    download_and_load_gpt2,
+    from_pretrained,
+    load_tokenizer,
+)
+from gpt2hub.cache import ModelCache
+from gpt2hub.registry import OPENAI_FILES
+
+DATA = "model.ckpt.data-00000-of-00001"
+WORKER = str(Path(__file__).parent / "worker.py")
+
+
+@pytest.fixture
+def hf_cache(monkeypatch, tmp_path):
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.arange(12)[None])
+
+
+def _gets(server, name: str) -> list:
+    return server.served.requests("GET", f"/{TINY.size}/{name}")
+
+
+def test_from_pretrained_downloads_converts_and_matches_the_folder(hub_env, server, tiny_folder):
+    model = from_pretrained("gpt2-tiny")
+    assert not model.training and model.tied
+    assert torch.allclose(_logits(model), _logits(from_pretrained(tiny_folder[0])), atol=1e-6)
+    for name in OPENAI_FILES:
+        assert len(_gets(server, name)) == 1, name
+        assert (hub_env / "openai" / "tiny" / "raw" / name).read_bytes() == (tiny_folder[0] / name).read_bytes()
+    files = json.loads((hub_env / "openai" / "tiny" / "files.json").read_text())
+    assert files["encoder.json"]["sha256"] == gpt2hub.registry.TOKENIZER_SHA256["encoder.json"]
+    manifest = json.loads((hub_env / "openai" / "tiny" / "converted" / "float32.json").read_text())
+    assert manifest["format"] == 1 and manifest["source"] == "openai" and manifest["raw"][DATA]["size"] > 0
+    assert not list(hub_env.rglob("*.incomplete")) and not list(hub_env.rglob("*.tmp"))
+
+
+def test_warm_cache_makes_no_request_and_survives_a_dead_server(hub_env, server):
+    first = _logits(from_pretrained("gpt2-tiny"))
+    before = len(server.served.log)
+    server.close()
+    again = from_pretrained("gpt2-tiny")
+    assert len(server.served.log) == before
+    assert torch.equal(_logits(again), first)
+    load_tokenizer("gpt2-tiny")
+    assert len(server.served.log) == before
+
+
+def test_dtypes_are_converted_once_each(hub_env, server):
+    for dtype in ("bfloat16", torch.float16, "float32"):
+        model = from_pretrained("gpt2-tiny", dtype=dtype)
+        assert model.tok_emb.weight.dtype == gpt2hub.hub.DTYPES[str(dtype).removeprefix("torch.")]
+    assert sorted(p.name for p in (hub_env / "openai/tiny/converted").glob("*.safetensors")) == [
+        "bfloat16.safetensors", "float16.safetensors", "float32.safetensors"]
+    assert len(_gets(server, DATA)) == 1
+
+
+@pytest.mark.parametrize("var", ["GPT2HUB_OFFLINE", "HF_HUB_OFFLINE"])
+def test_offline_cold_fails_at_once_naming_files_and_folder(hub_env, server, monkeypatch, var):
+    monkeypatch.setenv(var, "1")
+    start = time.monotonic()
+    with pytest.raises(OfflineError) as e:
+        from_pretrained("gpt2-tiny")
+    assert time.monotonic() - start < 5
+    assert DATA in str(e.value) and str(hub_env / "openai" / "tiny") in str(e.value)
+    assert server.served.log == []
+    with pytest.raises(OfflineError, match="encoder.json"):
+        load_tokenizer("gpt2-tiny")
+
+
+def test_offline_warm_works(hub_env, server, monkeypatch):
+    from_pretrained("gpt2-tiny")
+    n = len(server.served.log)
+    monkeypatch.setenv("GPT2HUB_OFFLINE", "1")
+    from_pretrained("gpt2-tiny")
+    load_tokenizer("gpt2-tiny")
+    assert len(server.served.log) == n
+    # another dtype is converted from the cached raw files, still without a request
+    assert from_pretrained("gpt2-tiny", dtype="bfloat16").tok_emb.weight.dtype == torch.bfloat16
+    assert len(server.served.log) == n
+
+
+def test_dropped_connection_resumes_with_range(hub_env, server):
+    server.served.fault(f"/tiny/{DATA}", Fault("drop", after=1_000_000))
+    server.served.fault(f"/tiny/{DATA}", Fault("drop", after=2_000_000))
+    from_pretrained("gpt2-tiny")
+    ranges = [r for _, _, r in _gets(server, DATA)]
+    assert ranges == [None, "bytes=1000000-", "bytes=3000000-"]
+
+
+def test_server_that_ignores_range_restarts_cleanly(hub_env, server, tiny_folder):
+    server.served.fault(f"/tiny/{DATA}", Fault("drop", after=500_000))
+    server.served.fault(f"/tiny/{DATA}", Fault("ignore_range"))
+    from_pretrained("gpt2-tiny")
+    assert (hub_env / "openai/tiny/raw" / DATA).read_bytes() == (tiny_folder[0] / DATA).read_bytes()
+
+
+def test_5xx_then_success(hub_env, server):
+    server.served.fault("/tiny/hparams.json", Fault("status", status=503, times=2))
+    server.served.fault("/tiny/vocab.bpe", Fault("status", status=500))
+    from_pretrained("gpt2-tiny")
+    assert len(_gets(server, "hparams.json")) == 3 and len(_gets(server, "vocab.bpe")) == 2
+
+
+def test_404_fails_at_once_naming_the_url(hub_env, server):
+    del server.served.files["/tiny/model.ckpt.meta"]
+    with pytest.raises(DownloadError, match=rf"404.*{server.url}/tiny/model.ckpt.meta"):
+        from_pretrained("gpt2-tiny")
+    assert len(_gets(server, "model.ckpt.meta")) == 1
+
+
+def test_persistent_5xx_gives_up_keeping_partial_bytes(hub_env, server, monkeypatch):
+    monkeypatch.setattr(gpt2hub.download, "download", _fast_backoff(gpt2hub.download.download))
+    monkeypatch.setattr(gpt2hub.hub, "download", _fast_backoff(gpt2hub.download.download))
+    server.served.fault(f"/tiny/{DATA}", Fault("drop", after=700_000))
+    server.served.fault(f"/tiny/{DATA}", Fault("status", status=502, times=10))
+    with pytest.raises(DownloadError, match="resume"):
+        from_pretrained("gpt2-tiny")
+    part = hub_env / "openai/tiny/raw" / f"{DATA}.incomplete"
+    assert part.stat().st_size == 700_000
+    from_pretrained("gpt2-tiny")  # a later call resumes from byte 700000
+    assert _gets(server, DATA)[-1][2] == "bytes=700000-"
+
+
+def _fast_backoff(fn):
+    def wrapped(*args, **kwargs):
+        return fn(*args, **{**kwargs, "backoff": 0.01})
+    return wrapped
+
+
+def test_corrupted_pinned_file_is_an_error_and_is_gone(hub_env, server):
+    server.served.fault("/tiny/encoder.json", Fault("corrupt"))
+    with pytest.raises(IntegrityError, match="encoder.json.*sha256"):
+        from_pretrained("gpt2-tiny")
+    raw = hub_env / "openai/tiny/raw"
+    assert not (raw / "encoder.json").exists() and not (raw / "encoder.json.incomplete").exists()
+    from_pretrained("gpt2-tiny")  # the next call fetches it afresh
+
+
+def test_corrupted_checkpoint_bytes_caught_by_crc_and_removed(hub_env, server):
+    server.served.fault(f"/tiny/{DATA}", Fault("corrupt"))  # same size, one flipped byte: only crc32c can tell
+    with pytest.raises(IntegrityError, match=rf"{DATA}.*model/h0/attn/c_attn/b.*crc32c"):
+        from_pretrained("gpt2-tiny")
+    assert not (hub_env / "openai/tiny/raw" / DATA).exists()
+    assert DATA not in json.loads((hub_env / "openai/tiny/files.json").read_text())
+    assert not (hub_env / "openai/tiny/converted/float32.safetensors").exists()
+    from_pretrained("gpt2-tiny")
+    assert len(_gets(server, DATA)) == 2
+
+
+def test_damaged_converted_file_is_rebuilt_without_network(hub_env, server, caplog):
+    first = _logits(from_pretrained("gpt2-tiny"))
+    conv = hub_env / "openai/tiny/converted/float32.safetensors"
+    data = bytearray(conv.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    conv.write_bytes(bytes(data))
+    n = len(server.served.log)
+    with caplog.at_level(logging.WARNING, logger="gpt2hub"):
+        assert torch.equal(_logits(from_pretrained("gpt2-tiny")), first)
+    assert "damaged" in caplog.text and len(server.served.log) == n
+    conv.write_bytes(conv.read_bytes()[:1000])  # truncated
+    assert torch.equal(_logits(from_pretrained("gpt2-tiny")), first)
+
+
+def test_mirror_fallback(hub_env, server, monkeypatch):
+    import socket
+
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    port = dead.getsockname()[1]
+    dead.close()  # nothing listens there: connection refused
+    monkeypatch.setenv("GPT2HUB_OPENAI_URL", f"http://127.0.0.1:{port}, {server.url}")
+    monkeypatch.setattr(gpt2hub.hub, "download", _fast_backoff(gpt2hub.download.download))
+    from_pretrained("gpt2-tiny")
+    assert len(_gets(server, DATA)) == 1
+
+
+def test_killed_mid_download_resumes_in_a_later_call(hub_env, server):
+    server.served.fault(f"/tiny/{DATA}", Fault("slow", delay=0.05))
+    proc = subprocess.Popen([sys.executable, WORKER, "download"], env=os.environ.copy())
+    part = hub_env / "openai/tiny/raw" / f"{DATA}.incomplete"
+    deadline = time.monotonic() + 60
+    while not (part.exists() and part.stat().st_size > 500_000):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    got = part.stat().st_size
+    assert not (hub_env / "openai/tiny/raw" / DATA).exists()  # never a truncated file under the final name
+    from_pretrained("gpt2-tiny")
+    last = _gets(server, DATA)[-1][2]
+    assert last is not None and int(last.split("=")[1].rstrip("-")) >= got - (1 << 20)
+
+
+def test_many_processes_on_an_empty_cache_download_once(hub_env, server):
+    server.served.fault(f"/tiny/{DATA}", Fault("slow", delay=0.01))
+    procs = [subprocess.Popen([sys.executable, WORKER], env=os.environ.copy(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert len({o[0].strip() for o in outs}) == 1
+    for name in OPENAI_FILES:
+        assert len(_gets(server, name)) == 1, name
+    assert any("waiting for" in o[1] for o in outs)  # the others said why they waited
+
+
+def test_lock_held_elsewhere_times_out_with_a_clear_error(hub_env, server, monkeypatch, caplog):
+    cache = ModelCache(hub_env, "openai", "tiny")
+    cache.lock_path.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", f"import filelock,time\nl=filelock.FileLock({str(cache.lock_path)!r})\n"
+                               "l.acquire(); print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setenv("GPT2HUB_LOCK_TIMEOUT", "1")
+        with caplog.at_level(logging.WARNING, logger="gpt2hub"), pytest.raises(LockTimeoutError, match="openai--tiny.lock"):
+            from_pretrained("gpt2-tiny")
+        assert "waiting for" in caplog.text
+    finally:
+        holder.kill()
+        holder.wait()
+    from_pretrained("gpt2-tiny")  # the holder died: its lock is gone with it, no stale lock blocks
+
+
+def test_bad_names_sources_dtypes_and_unwritable_cache(hub_env, server, monkeypatch, tmp_path):
+    with pytest.raises(UnknownModelError, match="gpt2-small"):
+        from_pretrained("gpt2-smal")
+    with pytest.raises(UnknownModelError):
+        from_pretrained("../../etc")
+    with pytest.raises(ValueError, match="source"):
+        from_pretrained("gpt2-tiny", source="s3")
+    with pytest.raises(ValueError, match="dtype"):
+        from_pretrained("gpt2-tiny", dtype="int8")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("GPT2HUB_CACHE", str(blocker / "cache"))
+    with pytest.raises(CacheError, match="a-file"):
+        from_pretrained("gpt2-tiny")
+    assert server.served.log == []
+
+
+def test_disk_full_is_a_clear_error_and_leaves_no_final_file(hub_env, server):
+    raw = hub_env / "openai/tiny/raw"
+    raw.mkdir(parents=True)
+    (raw / "encoder.json.incomplete").symlink_to("/dev/full")  # every write there fails with ENOSPC
+    with pytest.raises(CacheError, match="no space left.*GPT2HUB_CACHE"):
+        load_tokenizer("gpt2-tiny")
+    assert not (raw / "encoder.json").exists()
+
+
+def test_tokenizer_downloads_only_the_vocabulary(hub_env, server):
+    enc = load_tokenizer("gpt2-tiny")
+    assert enc.encode("Every effort moves you") == [6109, 3626, 6100, 345]
+    assert sorted(p for _, p, _ in server.served.requests("GET")) == ["/tiny/encoder.json", "/tiny/vocab.bpe"]
+
+
+def test_hf_source_matches_openai_and_reuses_the_hf_cache(hub_env, server, hf_cache):
+    hf = from_pretrained("gpt2-tiny", source="hf")
+    assert torch.allclose(_logits(hf), _logits(from_pretrained("gpt2-tiny")), atol=1e-6)
+    assert load_tokenizer("gpt2-tiny", source="hf").encode("Every effort moves you") == [6109, 3626, 6100, 345]
+    n = len(server.served.log)
+    from_pretrained("gpt2-tiny", source="hf")
+    load_tokenizer("gpt2-tiny", source="hf")
+    assert len(server.served.log) == n
+    # a user who already has the files in the Hugging Face cache downloads nothing more
+    import shutil
+
+    shutil.rmtree(hub_env / "hf")
+    n = len(server.served.log)
+    from_pretrained("gpt2-tiny", source="hf", local_files_only=True)
+    assert len(server.served.log) == n
+
+
+def test_book_api_fills_models_dir_through_the_cache(hub_env, server, tmp_path, tiny_folder):
+    models_dir = tmp_path / "gpt2"
+    settings, params = download_and_load_gpt2(model_size="tiny", models_dir=str(models_dir))
+    assert settings == TINY.hparams()
+    assert set(params) == {"blocks", "b", "g", "wpe", "wte"} and len(params["blocks"]) == 2
+    assert sorted(p.name for p in (models_dir / "tiny").iterdir()) == sorted(OPENAI_FILES)
+    n = len(server.served.log)
+    download_and_load_gpt2("tiny", str(tmp_path / "elsewhere"))
+    assert len(server.served.log) == n  # a second project reuses the cache
+    model = gpt2hub.GPTModel(gpt2hub.convert.config_from_hparams(settings))
+    gpt2hub.load_weights_into_gpt(model, params)
+    assert torch.allclose(_logits(model.eval()), _logits(from_pretrained(tiny_folder[0])), atol=1e-6)

@@ -1,0 +1,126 @@
+import shutil
+import struct
+
+import google_crc32c
+import numpy as np
+import pytest
+from factory import write_tf_checkpoint
+
+from gpt2hub import CheckpointError, TFCheckpoint
+from gpt2hub.tf_checkpoint import _SSTable, _varint, mask_crc
+
+
+def _tf_load(prefix, name):
+    import tensorflow as tf
+
+    return tf.train.load_variable(str(prefix), name)
+
+
+def test_reads_every_variable_as_tensorflow_does(tiny_folder):
+    folder, weights = tiny_folder
+    ckpt = TFCheckpoint(folder)
+    assert sorted(ckpt.names()) == sorted(weights)
+    for name in ckpt.names():
+        got = ckpt.read(name)
+        np.testing.assert_array_equal(got, _tf_load(folder / "model.ckpt", name))
+        assert got.shape == weights[name].shape and got.dtype == np.float32
+    assert ckpt.entries["model/h0/attn/c_attn/w"].shape == (1, 32, 96)
+
+
+def test_multi_block_index_and_other_dtypes(tmp_path):
+    rng = np.random.default_rng(0)
+    # TensorFlow's index blocks hold 256 KiB; long keys that differ early defeat prefix compression
+    weights = {f"model/{i:04d}_{'long_variable_name_' * 12}/w": rng.standard_normal((3, i % 5 + 1)).astype(np.float32)
+               for i in range(1500)}
+    weights["model/steps"] = np.arange(7, dtype=np.int64)
+    weights["model/half"] = rng.standard_normal((4, 4)).astype(np.float16)
+    write_tf_checkpoint(tmp_path / "model.ckpt", weights)
+    table = _SSTable(tmp_path / "model.ckpt.index")
+    assert len(table._entries(table._block(*table.index_handle))) >= 2  # several data blocks
+    ckpt = TFCheckpoint(tmp_path / "model.ckpt")
+    assert len(ckpt.names()) == len(weights)
+    for name in list(weights)[::97] + ["model/steps", "model/half"]:
+        np.testing.assert_array_equal(ckpt.read(name), _tf_load(tmp_path / "model.ckpt", name))
+        assert ckpt.read(name).dtype == weights[name].dtype
+
+
+def _copy(tiny_folder, tmp_path):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(tiny_folder[0], dst)
+    return dst
+
+
+def test_corrupt_tensor_names_file_and_tensor(tiny_folder, tmp_path):
+    folder = _copy(tiny_folder, tmp_path)
+    ckpt = TFCheckpoint(folder)
+    entry = ckpt.entries["model/h1/mlp/c_fc/w"]
+    data = folder / "model.ckpt.data-00000-of-00001"
+    raw = bytearray(data.read_bytes())
+    raw[entry.offset + 10] ^= 0x01
+    data.write_bytes(bytes(raw))
+    ckpt = TFCheckpoint(folder)
+    with pytest.raises(CheckpointError, match=r"model\.ckpt\.data-00000-of-00001.*model/h1/mlp/c_fc/w.*crc32c"):
+        ckpt.read("model/h1/mlp/c_fc/w")
+    ckpt.read("model/h0/mlp/c_fc/w")  # the others are intact
+
+
+def test_truncated_data_file(tiny_folder, tmp_path):
+    folder = _copy(tiny_folder, tmp_path)
+    data = folder / "model.ckpt.data-00000-of-00001"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    ckpt = TFCheckpoint(folder)
+    last = max(ckpt.entries.values(), key=lambda e: e.offset)
+    with pytest.raises(CheckpointError, match=r"truncated"):
+        ckpt.read(last.name)
+
+
+@pytest.mark.parametrize("cut", [10, 100, 1000])
+def test_truncated_or_corrupt_index(tiny_folder, tmp_path, cut):
+    folder = _copy(tiny_folder, tmp_path)
+    index = folder / "model.ckpt.index"
+    index.write_bytes(index.read_bytes()[:-cut])
+    with pytest.raises(CheckpointError, match=r"model\.ckpt\.index"):
+        TFCheckpoint(folder)
+
+
+def test_flipped_index_byte_fails_block_crc(tiny_folder, tmp_path):
+    folder = _copy(tiny_folder, tmp_path)
+    index = folder / "model.ckpt.index"
+    raw = bytearray(index.read_bytes())
+    raw[40] ^= 0x20
+    index.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"crc32c|corrupt"):
+        TFCheckpoint(folder)
+
+
+def test_compressed_block_is_refused_clearly(tiny_folder, tmp_path):
+    folder = _copy(tiny_folder, tmp_path)
+    index = folder / "model.ckpt.index"
+    raw = bytearray(index.read_bytes())
+    # the first data block's handle is the first value of the index block
+    table = _SSTable(index)
+    _, handle = table._entries(table._block(*table.index_handle))[0]
+    offset, pos = _varint(handle, 0)
+    size, _ = _varint(handle, pos)
+    raw[offset + size] = 1  # snappy
+    crc = mask_crc(google_crc32c.value(bytes(raw[offset:offset + size]) + b"\x01"))
+    raw[offset + size + 1:offset + size + 5] = struct.pack("<I", crc)
+    index.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="compressed"):
+        TFCheckpoint(folder)
+
+
+def test_missing_data_file_and_missing_index(tiny_folder, tmp_path):
+    folder = _copy(tiny_folder, tmp_path)
+    (folder / "model.ckpt.data-00000-of-00001").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        TFCheckpoint(folder).read("model/wte")
+    with pytest.raises(CheckpointError, match="no checkpoint index"):
+        TFCheckpoint(tmp_path / "nothing")
+
+
+def test_masked_crc_matches_leveldb():
+    # LevelDB's crc32c_test: Mask() of the crc of "foo"
+    crc = google_crc32c.value(b"foo")
+    assert mask_crc(crc) == ((((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+    assert mask_crc(crc) != crc
