@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import UnknownModelError
 
@@ -41,7 +41,8 @@ class ModelSpec:
     n_heads: int
     vocab_size: int = 50257
     context_length: int = 1024
-    hf_safetensors_sha256: str | None = None
+    # known sha256 of published files, per source; a file not named here is checked by size and crc32c alone
+    sha256: dict[str, dict[str, str]] = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def book_key(self) -> str:
@@ -78,14 +79,11 @@ class ModelSpec:
 
     def expected_sizes(self) -> dict[str, int]:
         """Byte sizes of published files we can state exactly (the data file is float32 tensors back to back)."""
-        return {**TOKENIZER_SIZES, "model.ckpt.data-00000-of-00001": 4 * self.n_params}
+        vocab = {n: TOKENIZER_SIZES[n] for n in self.expected_sha256("openai") if n in TOKENIZER_SIZES}
+        return {**vocab, "model.ckpt.data-00000-of-00001": 4 * self.n_params}
 
     def expected_sha256(self, source: str) -> dict[str, str]:
-        if source == "openai":
-            return dict(TOKENIZER_SHA256)
-        if self.hf_safetensors_sha256:
-            return {"model.safetensors": self.hf_safetensors_sha256}
-        return {}
+        return self.sha256.get(source, {})
 
 
 _SPECS: dict[str, ModelSpec] = {}
@@ -107,12 +105,13 @@ def register(spec: ModelSpec, *aliases: str) -> ModelSpec:
     return spec
 
 
-register(ModelSpec("gpt2-small", "124M", "openai-community/gpt2", 768, 12, 12,
-                   hf_safetensors_sha256="248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707"),
-         "gpt2-124M", "small")
-register(ModelSpec("gpt2-medium", "355M", "openai-community/gpt2-medium", 1024, 24, 16), "gpt2-355M", "medium")
-register(ModelSpec("gpt2-large", "774M", "openai-community/gpt2-large", 1280, 36, 20), "gpt2-774M", "large")
-register(ModelSpec("gpt2-xl", "1558M", "openai-community/gpt2-xl", 1600, 48, 25), "gpt2-1558M", "xl", "1.5B")
+_OPENAI = {"openai": TOKENIZER_SHA256}
+register(ModelSpec("gpt2-small", "124M", "openai-community/gpt2", 768, 12, 12, sha256={
+    **_OPENAI, "hf": {"model.safetensors": "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707"}}),
+    "gpt2-124M", "small")
+register(ModelSpec("gpt2-medium", "355M", "openai-community/gpt2-medium", 1024, 24, 16, sha256=_OPENAI), "gpt2-355M", "medium")
+register(ModelSpec("gpt2-large", "774M", "openai-community/gpt2-large", 1280, 36, 20, sha256=_OPENAI), "gpt2-774M", "large")
+register(ModelSpec("gpt2-xl", "1558M", "openai-community/gpt2-xl", 1600, 48, 25, sha256=_OPENAI), "gpt2-1558M", "xl", "1.5B")
 
 
 def names() -> list[str]:

@@ -1,4 +1,4 @@
-"""OpenAI's TensorFlow checkpoint read without TensorFlow.
+"""OpenAI's TensorFlow checkpoint read (and, for benchmarks and tests, written) without TensorFlow.
 
 A checkpoint is a tensor bundle: `PREFIX.index`, an SSTable (LevelDB table format) whose empty key holds a
 BundleHeaderProto and whose other keys are variable names mapping to BundleEntryProtos, and the shards
@@ -261,3 +261,77 @@ class TFCheckpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# -- writing ---------------------------------------------------------------------------------------------------------
+_BLOCK_SIZE = 256 * 1024  # TensorFlow's block size for bundle indexes
+_RESTART_INTERVAL = 16
+_DTYPE_CODES = {np.dtype(v).newbyteorder("<"): k for k, v in _DTYPES.items()}
+
+
+def _put_varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field(number: int, value: int | bytes) -> bytes:
+    if isinstance(value, bytes):
+        return _put_varint(number << 3 | 2) + _put_varint(len(value)) + value
+    return _put_varint(number << 3) + _put_varint(value)
+
+
+def _block(entries: list[tuple[bytes, bytes]], restart_interval: int) -> bytes:
+    out, restarts, prev = bytearray(), [], b""
+    for i, (key, value) in enumerate(entries):
+        shared = 0
+        if i % restart_interval == 0:
+            restarts.append(len(out))
+        else:
+            while shared < min(len(key), len(prev)) and key[shared] == prev[shared]:
+                shared += 1
+        out += _put_varint(shared) + _put_varint(len(key) - shared) + _put_varint(len(value))
+        out += key[shared:] + value
+        prev = key
+    restarts = restarts or [0]
+    return bytes(out) + struct.pack(f"<{len(restarts)}I", *restarts) + struct.pack("<I", len(restarts))
+
+
+def write_checkpoint(prefix: str | Path, tensors: dict[str, np.ndarray]) -> None:
+    """Write a single-shard V2 checkpoint (PREFIX.index, PREFIX.data-00000-of-00001) that TensorFlow reads."""
+    prefix = Path(prefix)
+    entries = [(b"", _field(1, 1) + _field(3, _field(1, 1)))]  # header: one shard, little endian, producer 1
+    offset = 0
+    with open(f"{prefix}.data-00000-of-00001", "wb") as data:
+        for name in sorted(tensors):
+            array = np.ascontiguousarray(tensors[name])
+            array = array.astype(array.dtype.newbyteorder("<"), copy=False)
+            raw = array.view(np.uint8).reshape(-1)
+            data.write(raw.data)
+            shape = b"".join(_field(2, _field(1, d)) for d in array.shape)
+            entry = (_field(1, _DTYPE_CODES[array.dtype]) + _field(2, shape) + _field(4, offset) + _field(5, raw.size)
+                     + _put_varint(6 << 3 | 5) + struct.pack("<I", mask_crc(google_crc32c.value(raw))))
+            entries.append((name.encode(), entry))
+            offset += raw.size
+    out, index = bytearray(), []
+
+    def emit(block: bytes) -> bytes:
+        handle = _put_varint(len(out)) + _put_varint(len(block))
+        out.extend(block + b"\0" + struct.pack("<I", mask_crc(google_crc32c.value(block + b"\0"))))
+        return handle
+
+    start = 0
+    while start < len(entries):
+        end, size = start, 0
+        while end < len(entries) and (end == start or size < _BLOCK_SIZE):
+            size += len(entries[end][0]) + len(entries[end][1]) + 8
+            end += 1
+        index.append((entries[end - 1][0], emit(_block(entries[start:end], _RESTART_INTERVAL))))
+        start = end
+    meta_handle = emit(_block([], 1))
+    index_handle = emit(_block(index, 1))
+    footer = (meta_handle + index_handle).ljust(_FOOTER_LEN - 8, b"\0") + struct.pack("<Q", _TABLE_MAGIC)
+    Path(f"{prefix}.index").write_bytes(bytes(out) + footer)

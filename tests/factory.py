@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2hub.registry import ModelSpec
+from gpt2hub.registry import TOKENIZER_SHA256, ModelSpec
 
 DATA = Path(__file__).parent / "data"
 VOCAB_FILES = ("encoder.json", "vocab.bpe")
@@ -63,7 +63,8 @@ def write_openai_folder(folder: Path, hp: dict, seed: int = 0) -> dict[str, np.n
 
 def tiny_spec(name: str = "gpt2-tiny", size: str = "tiny", d: int = 32, layers: int = 2, heads: int = 4,
               vocab: int = 50257, ctx: int = 64) -> ModelSpec:
-    return ModelSpec(name, size, f"test-org/{name}", d, layers, heads, vocab_size=vocab, context_length=ctx)
+    return ModelSpec(name, size, f"test-org/{name}", d, layers, heads, vocab_size=vocab, context_length=ctx,
+                     sha256={"openai": TOKENIZER_SHA256})
 
 
 def hf_tensors(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

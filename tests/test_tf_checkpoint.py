@@ -124,3 +124,23 @@ def test_masked_crc_matches_leveldb():
     crc = google_crc32c.value(b"foo")
     assert mask_crc(crc) == ((((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
     assert mask_crc(crc) != crc
+
+
+def test_our_writer_is_read_by_tensorflow(tmp_path):
+    from gpt2hub.tf_checkpoint import write_checkpoint
+
+    rng = np.random.default_rng(1)
+    tensors = {f"model/h{i}/{'x' * 300}/w": rng.standard_normal((2, 3)).astype(np.float32) for i in range(1200)}
+    tensors["model/wte"] = rng.standard_normal((50, 8)).astype(np.float32)
+    tensors["model/count"] = np.arange(5, dtype=np.int64)
+    tensors["model/scalar"] = np.float32(2.5).reshape(())
+    write_checkpoint(tmp_path / "model.ckpt", tensors)
+    table = _SSTable(tmp_path / "model.ckpt.index")
+    assert len(table._entries(table._block(*table.index_handle))) >= 2
+    import tensorflow as tf
+
+    reader, ours = tf.train.load_checkpoint(str(tmp_path / "model.ckpt")), TFCheckpoint(tmp_path / "model.ckpt")
+    assert sorted(reader.get_variable_to_shape_map()) == sorted(tensors)
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(reader.get_tensor(name), value)
+        np.testing.assert_array_equal(ours.read(name), value)
