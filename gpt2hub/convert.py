@@ -4,6 +4,10 @@ Every source is first named the way OpenAI's checkpoint names it (`h0/attn/c_att
 function turns those into GPTModel tensors: Conv1D weights [in, out] become Linear weights [out, in], c_attn is split
 into W_query/W_key/W_value. Each output tensor is written once, straight into the requested dtype.
 The output head is tied to `tok_emb.weight`, so the state_dict has no `out_head.weight`.
+
+Matrices can be laid out in memory two ways with the same meaning: "out_in" (contiguous, as nn.Linear stores them)
+or "in_out" (each weight a transposed view of a contiguous [in, out] tensor, as OpenAI stores them). On CPUs a
+float32 matrix-vector product reads an [in, out] matrix much faster (see benchmarks/), so float32 uses "in_out".
 """
 
 from __future__ import annotations
@@ -53,12 +57,23 @@ def _tensor(value: Any) -> torch.Tensor:
         return torch.as_tensor(np.asarray(value))
 
 
+LAYOUTS = ("out_in", "in_out")
+
+
+def default_layout(dtype: torch.dtype) -> str:
+    """The faster layout for batch-1 decoding: [in, out] for float32, nn.Linear's own for 16-bit types."""
+    return "in_out" if dtype == torch.float32 else "out_in"
+
+
 def openai_state_dict(get: Getter, cfg: Mapping[str, Any], dtype: torch.dtype = torch.float32,
-                      progress: Callable[[], Any] | None = None) -> dict[str, torch.Tensor]:
+                      progress: Callable[[], Any] | None = None, layout: str | None = None) -> dict[str, torch.Tensor]:
     """GPTModel tensors from a getter of OpenAI variable names (without the `model/` prefix).
 
-    `progress` is called once per variable read (for a progress bar).
+    `progress` is called once per variable read (for a progress bar); `layout` defaults to `default_layout(dtype)`.
     """
+    layout = layout or default_layout(dtype)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     d, n_layers = cfg["emb_dim"], cfg["n_layers"]
 
     def fetch(name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -75,17 +90,21 @@ def openai_state_dict(get: Getter, cfg: Mapping[str, Any], dtype: torch.dtype = 
     def out(src: torch.Tensor) -> torch.Tensor:
         return torch.empty(src.shape, dtype=dtype).copy_(src)
 
-    sd = {"tok_emb.weight": out(fetch("wte", (cfg["vocab_size"], d))),
+    def matrix(src_in_out: torch.Tensor) -> torch.Tensor:
+        """A Linear weight [out, in] from its [in, out] source, stored in the chosen layout."""
+        return out(src_in_out).t() if layout == "in_out" else out(src_in_out.t())
+
+    sd = {"tok_emb.weight": matrix(fetch("wte", (cfg["vocab_size"], d)).t()),
           "pos_emb.weight": out(fetch("wpe", (cfg["context_length"], d)))}
     for i in range(n_layers):
         h, p = f"h{i}/", f"trf_blocks.{i}."
         w, b = fetch(h + "attn/c_attn/w", (d, 3 * d)), fetch(h + "attn/c_attn/b", (3 * d,))
         for j, name in enumerate(("W_query", "W_key", "W_value")):
-            sd[f"{p}att.{name}.weight"] = out(w[:, j * d:(j + 1) * d].t())
+            sd[f"{p}att.{name}.weight"] = matrix(w[:, j * d:(j + 1) * d])
             sd[f"{p}att.{name}.bias"] = out(b[j * d:(j + 1) * d])
         for src, dst, n_in, n_out in (("attn/c_proj", "att.out_proj", d, d), ("mlp/c_fc", "ff.layers.0", d, 4 * d),
                                       ("mlp/c_proj", "ff.layers.2", 4 * d, d)):
-            sd[f"{p}{dst}.weight"] = out(fetch(f"{h}{src}/w", (n_in, n_out)).t())
+            sd[f"{p}{dst}.weight"] = matrix(fetch(f"{h}{src}/w", (n_in, n_out)))
             sd[f"{p}{dst}.bias"] = out(fetch(f"{h}{src}/b", (n_out,)))
         for src, dst in (("ln_1", "norm1"), ("ln_2", "norm2")):
             sd[f"{p}{dst}.scale"] = out(fetch(f"{h}{src}/g", (d,)))
@@ -96,7 +115,7 @@ def openai_state_dict(get: Getter, cfg: Mapping[str, Any], dtype: torch.dtype = 
 
 
 def state_dict_from_tf(ckpt: TFCheckpoint | str | Path, cfg: Mapping[str, Any], dtype: torch.dtype = torch.float32,
-                       progress: Callable[[], Any] | None = None) -> dict[str, torch.Tensor]:
+                       progress: Callable[[], Any] | None = None, layout: str | None = None) -> dict[str, torch.Tensor]:
     """Convert OpenAI's TensorFlow checkpoint (every tensor's crc32c is checked as it is read)."""
     ckpt = ckpt if isinstance(ckpt, TFCheckpoint) else TFCheckpoint(ckpt)
 
@@ -105,7 +124,7 @@ def state_dict_from_tf(ckpt: TFCheckpoint | str | Path, cfg: Mapping[str, Any], 
             raise KeyError(name)
         return ckpt.read(f"model/{name}")
 
-    return openai_state_dict(get, cfg, dtype, progress)
+    return openai_state_dict(get, cfg, dtype, progress, layout)
 
 
 _HF_RENAMES = ((re.compile(r"^h\.(\d+)\."), r"h\1/"), (re.compile(r"\.weight$"), "/w"), (re.compile(r"\.bias$"), "/b"))
@@ -126,14 +145,14 @@ def _hf_name(key: str) -> str | None:
 
 
 def state_dict_from_hf(tensors: Mapping[str, torch.Tensor], cfg: Mapping[str, Any], dtype: torch.dtype = torch.float32,
-                       progress: Callable[[], Any] | None = None) -> dict[str, torch.Tensor]:
+                       progress: Callable[[], Any] | None = None, layout: str | None = None) -> dict[str, torch.Tensor]:
     """Convert Hugging Face `openai-community/gpt2*` tensors (model.safetensors, with or without `transformer.`)."""
     by_name = {}
     for key, value in tensors.items():
         name = _hf_name(key)
         if name is not None:
             by_name[name] = value
-    return openai_state_dict(by_name.__getitem__, cfg, dtype, progress)
+    return openai_state_dict(by_name.__getitem__, cfg, dtype, progress, layout)
 
 
 def _flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -151,14 +170,14 @@ def _flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def state_dict_from_params(params: Mapping[str, Any], cfg: Mapping[str, Any],
-                           dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def state_dict_from_params(params: Mapping[str, Any], cfg: Mapping[str, Any], dtype: torch.dtype = torch.float32,
+                           layout: str | None = None) -> dict[str, torch.Tensor]:
     """Convert the book's `params` dict (from `download_and_load_gpt2`)."""
     try:
         flat = _flatten_params(params)
     except KeyError as e:
         raise ConversionError(f"params lacks the key {e}; expected the book's keys blocks, b, g, wpe, wte") from None
-    return openai_state_dict(flat.__getitem__, cfg, dtype)
+    return openai_state_dict(flat.__getitem__, cfg, dtype, layout=layout)
 
 
 def params_from_tf(ckpt: TFCheckpoint, n_layers: int) -> dict:

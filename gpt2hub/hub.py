@@ -205,7 +205,7 @@ class Hub:
                 sd = state_dict_from_hf(tensors, cfg, DTYPES[dtype], progress=bar.update)
         out = self.cache.converted_path(dtype)
         with atomic_path(out) as tmp:
-            safetensors.torch.save_file(sd, str(tmp), metadata={"format": "pt", "gpt2hub": __version__})
+            save_state_dict(sd, tmp)
         raw = self.cache.files()
         write_json(self.cache.converted_manifest(dtype), {
             "format": FORMAT_VERSION, "gpt2hub": __version__, "model": self.spec.name, "size": self.spec.size,
@@ -220,9 +220,20 @@ class Hub:
         self.cache.forget_file(name)
 
 
+def save_state_dict(sd: dict[str, torch.Tensor], path: Path) -> None:
+    """Safetensors, each transposed view (the "in_out" layout) stored as its contiguous base and named in metadata."""
+    transposed = [k for k, v in sd.items() if not v.is_contiguous()]
+    tensors = {k: (v.t() if k in transposed else v) for k, v in sd.items()}
+    safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt", "gpt2hub": __version__,
+                                                              "transposed": ",".join(transposed)})
+
+
 def load_converted(path: Path, cfg: dict, device: str | torch.device = "cpu") -> GPTModel:
-    """A GPTModel built on the meta device and given the stored tensors: no random init, no second copy."""
-    return GPTModel.from_state_dict(cfg, safetensors.torch.load_file(str(path), device=str(torch.device(device))))
+    """A GPTModel built on the meta device and given the stored tensors, mapped: no random init, no second copy."""
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        transposed = set(filter(None, (f.metadata() or {}).get("transposed", "").split(",")))
+    sd = safetensors.torch.load_file(str(path), device=str(torch.device(device)))
+    return GPTModel.from_state_dict(cfg, {k: (v.t() if k in transposed else v) for k, v in sd.items()})
 
 
 def _model_folder(name: object) -> Path | None:

@@ -120,8 +120,10 @@ class GPTModel(nn.Module):
             raise ValueError(f"GPTModel config lacks {sorted(missing)}")
         self.cfg = {"drop_rate": 0.0, "qkv_bias": False, **cfg}
         cfg = self.cfg
-        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
-        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
+        # _weight skips nn.Embedding's own init (a slow first call on the meta device); _init_weights does it below
+        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"], _weight=torch.empty(cfg["vocab_size"], cfg["emb_dim"]))
+        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"],
+                                    _weight=torch.empty(cfg["context_length"], cfg["emb_dim"]))
         self.drop_emb = nn.Dropout(cfg["drop_rate"])
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
         self.final_norm = LayerNorm(cfg["emb_dim"])

@@ -1,18 +1,17 @@
-import json
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import safetensors.numpy
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from factory import DATA, hf_config, hf_tensors, tiny_spec, write_openai_folder  # noqa: E402
+from factory import real_vocab, tiny_spec, write_openai_folder  # noqa: E402
 from server import FileServer  # noqa: E402
 
 from gpt2hub.registry import register  # noqa: E402
+from gpt2hub.synthetic import write_hf_folder  # noqa: E402
 
 TINY = register(tiny_spec())
 TINY_HP = TINY.hparams()
@@ -38,10 +37,7 @@ def tiny_folder(tmp_path_factory):
 def hf_folder(tiny_folder, tmp_path_factory):
     """The same weights in the layout of openai-community/gpt2 on the Hugging Face Hub."""
     folder = tmp_path_factory.mktemp("hf")
-    safetensors.numpy.save_file(hf_tensors(tiny_folder[1]), str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(hf_config(TINY_HP)))
-    (folder / "vocab.json").write_bytes((DATA / "encoder.json").read_bytes())
-    (folder / "merges.txt").write_bytes((DATA / "vocab.bpe").read_bytes())
+    write_hf_folder(folder, TINY_HP, tiny_folder[1], real_vocab())
     return folder
 
 

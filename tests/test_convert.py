@@ -128,3 +128,26 @@ def test_wrong_shapes_are_named():
     del weights["model/ln_f/g"]
     with pytest.raises(ConversionError, match="ln_f/g"):
         state_dict_from_hf({k: torch.from_numpy(v) for k, v in hf_tensors(weights).items()}, cfg)
+
+
+def test_layouts_hold_the_same_values_and_round_trip_through_the_cache_format(small_folder, tmp_path):
+    from gpt2hub.hub import load_converted, save_state_dict
+
+    cfg = config_from_hparams(SMALL_HP)
+    ckpt = TFCheckpoint(small_folder[0])
+    in_out = state_dict_from_tf(ckpt, cfg, layout="in_out")
+    out_in = state_dict_from_tf(ckpt, cfg, layout="out_in")
+    assert all(v.is_contiguous() for v in out_in.values())
+    assert not in_out["trf_blocks.0.att.W_query.weight"].is_contiguous()
+    assert in_out["trf_blocks.0.att.W_query.weight"].stride() == (1, 48)  # a view of OpenAI's [in, out] matrix
+    for k in out_in:
+        assert torch.equal(in_out[k], out_in[k]), k
+    save_state_dict(in_out, tmp_path / "w.safetensors")
+    model = load_converted(tmp_path / "w.safetensors", cfg)
+    assert model.tied and model.trf_blocks[1].ff.layers[0].weight.stride() == (1, 192)
+    ref = GPTModel.from_state_dict(cfg, out_in)
+    x = _prompts(SMALL_HP["n_vocab"], SMALL_HP["n_ctx"])[2]
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref(x), atol=1e-5)
+    with pytest.raises(ValueError, match="layout"):
+        state_dict_from_tf(ckpt, cfg, layout="diagonal")

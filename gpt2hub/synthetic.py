@@ -1,0 +1,89 @@
+"""Random GPT-2 weights in OpenAI's exact layout (and Hugging Face's), for benchmarks and tests without real weights."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .registry import ModelSpec
+from .tf_checkpoint import write_checkpoint
+
+CHECKPOINT_FILE = 'model_checkpoint_path: "model.ckpt"\nall_model_checkpoint_paths: "model.ckpt"\n'
+
+
+def random_weights(hp: dict, seed: int = 0, scale: float = 0.2) -> dict[str, np.ndarray]:
+    """OpenAI variable names and shapes (`model/h0/attn/c_attn/w` is [1, d, 3d]) with random float32 values."""
+    rng = np.random.default_rng(seed)
+    d, v, n = hp["n_embd"], hp["n_vocab"], hp["n_ctx"]
+
+    def r(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
+
+    w = {"model/wte": r(v, d), "model/wpe": r(n, d), "model/ln_f/g": 1 + r(d), "model/ln_f/b": r(d)}
+    for i in range(hp["n_layer"]):
+        h = f"model/h{i}/"
+        w.update({h + "ln_1/g": 1 + r(d), h + "ln_1/b": r(d), h + "ln_2/g": 1 + r(d), h + "ln_2/b": r(d),
+                  h + "attn/c_attn/w": r(1, d, 3 * d), h + "attn/c_attn/b": r(3 * d),
+                  h + "attn/c_proj/w": r(1, d, d), h + "attn/c_proj/b": r(d),
+                  h + "mlp/c_fc/w": r(1, d, 4 * d), h + "mlp/c_fc/b": r(4 * d),
+                  h + "mlp/c_proj/w": r(1, 4 * d, d), h + "mlp/c_proj/b": r(d)})
+    return w
+
+
+def placeholder_vocab() -> tuple[bytes, bytes]:
+    """A consistent byte-level vocabulary (256 tokens, no merges) for folders whose tokenizer is not under test."""
+    from .tokenizer import _byte_decoder
+
+    encoder = {ch: i for i, ch in enumerate(_byte_decoder())}
+    return json.dumps(encoder).encode(), b"#version: 0.2\n"
+
+
+def write_openai_folder(folder: Path, spec: ModelSpec, weights: dict[str, np.ndarray] | None = None,
+                        vocab: tuple[bytes, bytes] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """The seven files OpenAI publishes for a model, with random (or given) weights and vocabulary."""
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = random_weights(spec.hparams(), seed) if weights is None else weights
+    write_checkpoint(folder / "model.ckpt", weights)
+    (folder / "checkpoint").write_text(CHECKPOINT_FILE)
+    (folder / "hparams.json").write_text(json.dumps(spec.hparams(), indent=2))
+    (folder / "model.ckpt.meta").write_bytes(b"graph not included: gpt2hub never reads it")
+    encoder, merges = vocab or placeholder_vocab()
+    (folder / "encoder.json").write_bytes(encoder)
+    (folder / "vocab.bpe").write_bytes(merges)
+    return weights
+
+
+def hf_tensors(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The same weights as `openai-community/gpt2*`'s model.safetensors names them (with its mask buffers)."""
+    out = {}
+    for name, value in weights.items():
+        key = re.sub(r"^h(\d+)/", r"h.\1.", name.removeprefix("model/")).replace("/", ".")
+        key = re.sub(r"\.[wg]$", ".weight", re.sub(r"\.b$", ".bias", key))
+        out[key if key not in ("wte", "wpe") else key + ".weight"] = np.ascontiguousarray(
+            value.reshape(value.shape[-2:]) if value.ndim == 3 else value)
+    n_ctx = weights["model/wpe"].shape[0]
+    for i in range(sum(1 for k in weights if k.endswith("attn/c_attn/w"))):
+        out[f"h.{i}.attn.bias"] = np.tril(np.ones((n_ctx, n_ctx), dtype=np.float32))[None, None]
+    return out
+
+
+def hf_config(hp: dict) -> dict:
+    """config.json of a Hugging Face GPT-2 with these hyperparameters."""
+    return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": hp["n_vocab"],
+            "n_positions": hp["n_ctx"], "n_ctx": hp["n_ctx"], "n_embd": hp["n_embd"], "n_head": hp["n_head"],
+            "n_layer": hp["n_layer"], "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+            "bos_token_id": 50256, "eos_token_id": 50256}
+
+
+def write_hf_folder(folder: Path, hp: dict, weights: dict[str, np.ndarray], vocab: tuple[bytes, bytes]) -> None:
+    """The files of `openai-community/gpt2*` on the Hugging Face Hub for the same weights."""
+    import safetensors.numpy
+
+    folder.mkdir(parents=True, exist_ok=True)
+    safetensors.numpy.save_file(hf_tensors(weights), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(hf_config(hp)))
+    (folder / "vocab.json").write_bytes(vocab[0])
+    (folder / "merges.txt").write_bytes(vocab[1])
