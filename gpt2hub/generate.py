@@ -27,12 +27,54 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+DECODES = ("auto", "eager", "static", "cuda_graph")
+
+
+class _StaticDecoder:
+    """One token per row per call at a given position, with static shapes; optionally replayed as a CUDA graph.
+
+    The graph is captured before the prompt is read: its warm-up writes only position 0, which prefill overwrites.
+    """
+
+    def __init__(self, model: GPTModel, cache: KVCache, batch: int, graph: bool):
+        device = cache.k.device
+        self.model, self.cache = model, cache
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        self.graph = None
+        if graph:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up outside the graph, as capture requires
+                    self._step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._step()
+
+    def _step(self) -> torch.Tensor:
+        return self.model(self.tok, self.cache, self.pos)[:, -1]
+
+    def __call__(self, tok: torch.Tensor, pos: int) -> torch.Tensor:
+        self.tok.copy_(tok)
+        self.pos.fill_(pos)
+        if self.graph is None:
+            return self._step()
+        self.graph.replay()
+        return self.logits
+
+
 @torch.inference_mode()
 def generate_stream(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, context_size: int | None = None,
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     eos_id: int | None = None, generator: torch.Generator | None = None,
-                    use_cache: bool = True) -> Iterator[torch.Tensor]:
+                    use_cache: bool = True, decode: str = "auto") -> Iterator[torch.Tensor]:
     """Yield each new column of token ids [batch] as it is generated.
+
+    `decode` picks how each cached step runs: "eager" (attention over the filled part of the cache), "static"
+    (fixed shapes, the whole cache under a mask), "cuda_graph" (static, captured once and replayed) or "auto"
+    (cuda_graph on CUDA, eager elsewhere). All give the same tokens.
 
     A row that produced `eos_id` is finished and gets `eos_id` from then on; the step at which every row has
     finished is not yielded (so with batch 1 the stop token is left out, as in the book). Prompts longer than
@@ -47,10 +89,16 @@ def generate_stream(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, con
     seq = torch.empty(b, t + max_new_tokens, dtype=torch.long, device=idx.device)
     seq[:, :t] = idx
     finished = torch.zeros(b, dtype=torch.bool, device=idx.device)
-    cache = None
+    if decode not in DECODES:
+        raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
+    param = model.tok_emb.weight
+    if decode == "auto":
+        decode = "cuda_graph" if param.device.type == "cuda" else "eager"
+    cache = decoder = None
     if use_cache:
-        param = model.tok_emb.weight
         cache = KVCache(model.cfg, b, ctx, param.dtype, param.device)
+        if decode != "eager":
+            decoder = _StaticDecoder(model, cache, b, graph=decode == "cuda_graph")
     pos = min(t, ctx)  # tokens held in the cache
     logits = model(seq[:, t - pos:t], cache, 0)[:, -1]
     for step in range(max_new_tokens):
@@ -66,7 +114,7 @@ def generate_stream(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, con
         if step + 1 == max_new_tokens:
             return
         if cache is not None and pos < ctx:
-            logits = model(seq[:, n:n + 1], cache, pos)[:, -1]
+            logits = model(seq[:, n:n + 1], cache, pos)[:, -1] if decoder is None else decoder(seq[:, n:n + 1], pos)
             pos += 1
         else:
             logits = model(seq[:, max(0, n + 1 - ctx):n + 1])[:, -1]
@@ -75,10 +123,10 @@ def generate_stream(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, con
 def generate(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, context_size: int | None = None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_id: int | None = None, generator: torch.Generator | None = None,
-             use_cache: bool = True) -> torch.Tensor:
+             use_cache: bool = True, decode: str = "auto") -> torch.Tensor:
     """The book's `generate`: `idx` [batch, tokens] with the new tokens appended (see `generate_stream`)."""
     new = list(generate_stream(model, idx, max_new_tokens, context_size, temperature, top_k, top_p, eos_id,
-                               generator, use_cache))
+                               generator, use_cache, decode))
     return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx.clone()
 
 

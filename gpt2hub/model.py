@@ -47,13 +47,23 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(d_out, d_out)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+                start: int | torch.Tensor = 0) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = (w(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
                    for w in (self.W_query, self.W_key, self.W_value))
         is_causal = t > 1
         mask = None
-        if cache is not None:
+        if cache is not None and isinstance(start, torch.Tensor):
+            # static shapes for CUDA graphs: write at positions start.., attend over the whole cache under a mask
+            k_cache, v_cache = cache
+            pos = start + torch.arange(t, device=x.device)
+            k_cache.index_copy_(2, pos, k)
+            v_cache.index_copy_(2, pos, v)
+            k, v = k_cache, v_cache
+            mask = pos[:, None] >= torch.arange(k_cache.shape[2], device=x.device)
+            is_causal = False
+        elif cache is not None:
             k_cache, v_cache = cache
             k_cache[:b, :, start:start + t] = k
             v_cache[:b, :, start:start + t] = v
@@ -105,7 +115,8 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg["emb_dim"])
         self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
 
-    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+                start: int | torch.Tensor = 0) -> torch.Tensor:
         x = x + self.drop_shortcut(self.att(self.norm1(x), cache, start))
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
 
@@ -149,12 +160,18 @@ class GPTModel(nn.Module):
     def tied(self) -> bool:
         return self.out_head.weight is self.tok_emb.weight
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
-        """Logits [batch, tokens, vocab] for token ids `idx`; with `cache`, `idx` sits at positions start.."""
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, start: int | torch.Tensor = 0) -> torch.Tensor:
+        """Logits [batch, tokens, vocab] for token ids `idx`; with `cache`, `idx` sits at positions start..
+
+        `start` as a 0-dim tensor selects the static-shape path that CUDA graphs replay (no host values read).
+        """
         t = idx.shape[1]
-        if start + t > self.cfg["context_length"]:
+        if isinstance(start, torch.Tensor):
+            pos = start + torch.arange(t, device=idx.device)
+        elif start + t > self.cfg["context_length"]:
             raise ValueError(f"{start + t} positions exceed the context length {self.cfg['context_length']}")
-        pos = torch.arange(start, start + t, device=idx.device)
+        else:
+            pos = torch.arange(start, start + t, device=idx.device)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))
         for i, block in enumerate(self.trf_blocks):
             x = block(x, None if cache is None else (cache.k[i], cache.v[i]), start)

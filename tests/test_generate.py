@@ -140,3 +140,22 @@ def test_text_form_round_trips_through_the_tokenizer():
     ids = generate(model, torch.tensor([enc.encode("Every effort moves you")]), 12)
     assert text == enc.decode(ids[0].tolist())
     assert text.startswith("Every effort moves you")
+
+
+@pytest.mark.parametrize("b,t", [(1, 1), (3, 9), (2, 40)])
+def test_static_decode_path_matches_eager(pair, b, t):
+    model, _ = pair
+    idx = _prompt(b, t, seed=b + t)
+    assert torch.equal(generate(model, idx, 12, decode="static"), generate(model, idx, 12, decode="eager"))
+    from gpt2hub import KVCache
+
+    with torch.no_grad():
+        c1, c2 = KVCache(model.cfg, b, 40, torch.float32, "cpu"), KVCache(model.cfg, b, 40, torch.float32, "cpu")
+        model(idx[:, :5], c1, 0)
+        model(idx[:, :5], c2, torch.tensor(0))
+        for i in range(5, min(t, 12)):
+            eager = model(idx[:, i:i + 1], c1, i)
+            static = model(idx[:, i:i + 1], c2, torch.tensor(i))
+            assert torch.allclose(eager, static, atol=1e-5)
+    with pytest.raises(ValueError, match="decode"):
+        generate(model, idx, 2, decode="warp")

@@ -1,0 +1,63 @@
+"""CUDA checks, run on the device machine by benchmarks/gpu_check.sh (CI has no GPU and deselects them)."""
+
+import resource
+
+import pytest
+import torch
+from factory import hf_tensors, random_weights
+
+from gpt2hub import GPTModel, from_pretrained, generate, state_dict_from_hf
+from gpt2hub.convert import config_from_hparams
+
+pytestmark = pytest.mark.cuda
+HP = {"n_vocab": 2000, "n_ctx": 128, "n_embd": 64, "n_head": 4, "n_layer": 3}
+
+
+@pytest.fixture(scope="module")
+def model():
+    assert torch.cuda.is_available(), "these tests need a CUDA GPU"
+    cfg = config_from_hparams(HP)
+    tensors = {k: torch.from_numpy(v) for k, v in hf_tensors(random_weights(HP, seed=4, scale=0.3)).items()}
+    return GPTModel.from_state_dict(cfg, state_dict_from_hf(tensors, cfg)).to("cuda")
+
+
+@pytest.mark.parametrize("b,t", [(1, 1), (1, 17), (4, 9), (16, 64)])
+def test_cuda_graph_greedy_equals_eager_and_cpu(model, b, t):
+    idx = torch.randint(0, HP["n_vocab"], (b, t), generator=torch.Generator().manual_seed(b * t)).cuda()
+    graph = generate(model, idx, 40, decode="cuda_graph")
+    assert torch.equal(graph, generate(model, idx, 40, decode="eager"))
+    assert torch.equal(graph, generate(model, idx, 40, use_cache=False))
+    cpu = GPTModel.from_state_dict(model.cfg, {k: v.cpu() for k, v in model.state_dict().items()
+                                               if k != "out_head.weight"})
+    assert torch.equal(graph.cpu(), generate(cpu, idx.cpu(), 40))
+
+
+def test_cuda_graph_window_slide_and_eos(model):
+    idx = torch.randint(0, HP["n_vocab"], (3, 120), generator=torch.Generator().manual_seed(1)).cuda()
+    a = generate(model, idx, 30, decode="cuda_graph")  # runs past the 128-token window
+    assert torch.equal(a, generate(model, idx, 30, use_cache=False))
+    eos = int(a[1, 125])
+    b = generate(model, idx, 30, eos_id=eos, decode="cuda_graph")
+    assert torch.equal(b, generate(model, idx, 30, eos_id=eos, decode="eager"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_on_cuda_is_close(model, dtype):
+    half = GPTModel.from_state_dict(model.cfg, {k: v.to(dtype) for k, v in model.state_dict().items()
+                                                if k != "out_head.weight"})
+    idx = torch.randint(0, HP["n_vocab"], (2, 50), generator=torch.Generator().manual_seed(2)).cuda()
+    with torch.no_grad():
+        a, ref = half(idx).float(), model(idx)
+    assert (a - ref).abs().max() < 0.05 * ref.abs().max()
+    assert torch.equal(generate(half, idx, 20, decode="cuda_graph"), generate(half, idx, 20, decode="eager"))
+
+
+def test_from_pretrained_straight_to_cuda(hub_env, server):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model = from_pretrained("gpt2-tiny", device="cuda", dtype="bfloat16")
+    assert model.tok_emb.weight.is_cuda and model.tok_emb.weight.dtype == torch.bfloat16 and model.tied
+    again = from_pretrained("gpt2-tiny", device="cuda", dtype="bfloat16")
+    with torch.no_grad():
+        x = torch.arange(10, device="cuda")[None]
+        assert torch.equal(model(x), again(x))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 2_000_000  # KiB: no runaway host copies
