@@ -156,6 +156,31 @@ def cmd_cache_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, compare, run
+    from .errors import DeviceError
+
+    out = Path(args.out)
+    if args.bench_command == "compare":
+        print(compare([Path(f) for f in args.files], out), end="")
+        print(f"wrote {out / 'compare.md'} and plots in {out}")
+        return 0
+    import torch
+
+    if any(d.startswith("cuda") for d in args.device) and not torch.cuda.is_available():
+        raise DeviceError(f"--device cuda was asked for, but this PyTorch ({torch.__version__}) sees no CUDA GPU; "
+                          "use --device cpu")
+    cfg = BenchConfig(model=args.model, devices=args.device, dtypes=args.dtype, batch_sizes=args.batch_sizes,
+                      prompt_lengths=args.prompt_lengths, new_tokens=args.new_tokens, repeats=args.repeats,
+                      real_cache=args.real_cache, transformers=not args.no_transformers, notebook=not args.no_notebook)
+    from .bench import markdown
+
+    results = run(cfg, out)
+    print(markdown([results]), end="")
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'} and plots in {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gpt2hub", description="OpenAI's GPT-2 weights as PyTorch models, cached.")
     p.add_argument("--version", action="version", version=f"gpt2hub {__version__}")
@@ -180,6 +205,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="time loading and generation on this machine, beside transformers")
+    b.add_argument("--model", default="gpt2-small")
+    b.add_argument("--device", nargs="+", default=["cpu"], help="one or more devices, e.g. cpu cuda")
+    b.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"])
+    b.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
+    b.add_argument("--prompt-lengths", nargs="+", type=int, default=[16, 512])
+    b.add_argument("--new-tokens", type=int, default=32)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--real-cache", action="store_true", help="use your cached real weights, skip the cold load")
+    b.add_argument("--no-transformers", action="store_true", help="do not time transformers beside gpt2hub")
+    b.add_argument("--no-notebook", action="store_true", help="do not time the notebook path (TensorFlow)")
+    b.add_argument("--out", default="gpt2hub-bench", help="folder for results.json, results.md and plots")
+    bsub = b.add_subparsers(dest="bench_command")
+    cmp_ = bsub.add_parser("compare", help="merge results.json files of several machines into one table and plot")
+    cmp_.add_argument("files", nargs="+")
+    cmp_.add_argument("--out", default="gpt2hub-compare")
+    b.set_defaults(func=cmd_bench)
 
     c = sub.add_parser("cache", help="inspect and tidy the cache").add_subparsers(dest="cache_command", required=True)
     c.add_parser("list", help="models, files, bytes on disk, converted dtypes").set_defaults(func=cmd_cache_list)

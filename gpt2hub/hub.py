@@ -29,7 +29,7 @@ from .cache import (
 )
 from .convert import config_from_hparams, read_hparams, state_dict_from_hf, state_dict_from_tf
 from .download import download, progress_disabled
-from .errors import CheckpointError, DeviceError, DownloadError, IntegrityError, OfflineError
+from .errors import CacheError, CheckpointError, DeviceError, DownloadError, IntegrityError, OfflineError
 from .model import GPTModel
 from .registry import HF_FILES, HF_TOKENIZER_FILES, OPENAI_FILES, OPENAI_TOKENIZER_FILES, ModelSpec, resolve
 from .tf_checkpoint import TFCheckpoint
@@ -159,12 +159,19 @@ class Hub:
 
     # converted weights ----------------------------------------------------------------------------------------
     def _converted_ok(self, dtype: str) -> bool:
-        path, manifest = self.cache.converted_path(dtype), read_json(self.cache.converted_manifest(dtype))
+        """Whether the converted file is whole: size always; crc32c whenever it changed since it was last verified."""
+        path, manifest_path = self.cache.converted_path(dtype), self.cache.converted_manifest(dtype)
+        manifest = read_json(manifest_path)
         if not path.exists() or not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
             return False
-        if path.stat().st_size != manifest.get("bytes") or crc32c_file(path) != manifest.get("crc32c"):
+        st = path.stat()
+        if st.st_size == manifest.get("bytes") and st.st_mtime_ns == manifest.get("mtime_ns"):
+            return True  # untouched since its crc32c was checked: no need to read 0.5-6 GB again
+        if st.st_size != manifest.get("bytes") or crc32c_file(path) != manifest.get("crc32c"):
             log.warning("%s is damaged (size or crc32c differ from its manifest); rebuilding it", path)
             return False
+        with contextlib.suppress(CacheError):  # whole but touched (copied from another machine): remember it
+            write_json(manifest_path, {**manifest, "mtime_ns": st.st_mtime_ns})
         return True
 
     def converted(self, dtype: str, force: bool = False) -> tuple[Path, dict]:
@@ -206,11 +213,11 @@ class Hub:
         out = self.cache.converted_path(dtype)
         with atomic_path(out) as tmp:
             save_state_dict(sd, tmp)
-        raw = self.cache.files()
+        raw, st = self.cache.files(), out.stat()
         write_json(self.cache.converted_manifest(dtype), {
             "format": FORMAT_VERSION, "gpt2hub": __version__, "model": self.spec.name, "size": self.spec.size,
-            "source": self.source, "dtype": dtype, "config": cfg, "bytes": out.stat().st_size,
-            "crc32c": crc32c_file(out), "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "source": self.source, "dtype": dtype, "config": cfg, "bytes": st.st_size, "crc32c": crc32c_file(out),
+            "mtime_ns": st.st_mtime_ns, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "raw": {n: {"size": raw[n]["size"], "sha256": raw[n]["sha256"]} for n in self._raw_names()}})
 
     def _discard(self, name: str) -> None:

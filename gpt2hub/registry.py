@@ -98,10 +98,14 @@ def register(spec: ModelSpec, *aliases: str) -> ModelSpec:
     """Make a spec resolvable by its name, its size, its book key, its HF repo and any extra aliases."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", spec.size):
         raise ValueError(f"model size {spec.size!r} must be a plain folder name (letters, digits, . _ -)")
-    _SPECS[spec.name] = spec
     repo_tail = spec.hf_repo.split("/")[-1]
-    for alias in (spec.name, spec.size, spec.book_key, spec.hf_repo, repo_tail, *aliases):
-        _ALIASES[_norm(alias)] = spec.name
+    keys = {_norm(a) for a in (spec.name, spec.size, spec.book_key, spec.hf_repo, repo_tail, *aliases)}
+    taken = sorted(k for k in keys if _ALIASES.get(k, spec.name) != spec.name)
+    if taken:
+        raise ValueError(f"cannot register {spec.name}: {', '.join(taken)} already name another model")
+    _SPECS[spec.name] = spec
+    for key in keys:
+        _ALIASES[key] = spec.name
     return spec
 
 

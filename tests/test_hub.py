@@ -188,6 +188,21 @@ def test_damaged_converted_file_is_rebuilt_without_network(hub_env, server, capl
     assert torch.equal(_logits(from_pretrained("gpt2-tiny")), first)
 
 
+def test_converted_file_copied_elsewhere_is_verified_once(hub_env, server, caplog, monkeypatch):
+    from_pretrained("gpt2-tiny")
+    conv = hub_env / "openai/tiny/converted/float32.safetensors"
+    manifest = hub_env / "openai/tiny/converted/float32.json"
+    os.utime(conv, ns=(1, 1_000_000_000))  # a copy with a new timestamp, same bytes
+    calls = []
+    real = gpt2hub.hub.crc32c_file
+    monkeypatch.setattr(gpt2hub.hub, "crc32c_file", lambda p: calls.append(p) or real(p))
+    with caplog.at_level(logging.WARNING, logger="gpt2hub"):
+        from_pretrained("gpt2-tiny")
+        from_pretrained("gpt2-tiny")
+    assert calls == [conv] and "damaged" not in caplog.text  # checked in full once, then trusted
+    assert json.loads(manifest.read_text())["mtime_ns"] == 1_000_000_000
+
+
 def test_mirror_fallback(hub_env, server, monkeypatch):
     import socket
 

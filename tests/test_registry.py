@@ -41,3 +41,12 @@ def test_unknown_name_suggests_closest_and_lists_all(bad, hint):
 def test_path_like_names_are_refused(bad):
     with pytest.raises(UnknownModelError):
         resolve(bad)
+
+
+def test_register_refuses_to_steal_a_name():
+    from gpt2hub import ModelSpec, register
+
+    with pytest.raises(ValueError, match="124m"):
+        register(ModelSpec("my-model", "124M", "me/my-model", 8, 1, 1))
+    spec = register(ModelSpec("my-model", "my-size", "me/my-model", 8, 1, 1))
+    assert resolve("me/my-model") is spec and register(spec) is spec  # registering again is harmless
