@@ -148,13 +148,18 @@ def _in_subprocess(kind: str, args: dict[str, Any], env: dict[str, str]) -> dict
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _peak_rss_mib() -> float:
+def _rss_mib(field: str = "VmRSS") -> float:
+    """Resident memory (VmRSS) or its peak since the last reset (VmHWM), from /proc; the lifetime peak elsewhere."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _reset_peak_rss() -> None:
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
 
 
 def _first_logits(model: Any, device: str, hf: bool = False) -> None:
@@ -181,6 +186,7 @@ def _worker(kind: str, a: dict[str, Any]) -> dict[str, Any]:
     if a.get("spec"):
         register(ModelSpec(**a["spec"]))
     dtype = getattr(torch, a["dtype"])
+    _reset_peak_rss()
     rss0, t0 = _rss_mib(), time.perf_counter()
     out: dict[str, Any] = {}
     if kind == "ours":
@@ -230,7 +236,7 @@ def _worker(kind: str, a: dict[str, Any]) -> dict[str, Any]:
     if a["device"].startswith("cuda"):
         torch.cuda.synchronize()
     out["total_s"] = time.perf_counter() - t0
-    out["peak_rss_delta_mib"] = _peak_rss_mib() - rss0
+    out["peak_rss_delta_mib"] = _rss_mib("VmHWM") - rss0
     return out
 
 
@@ -436,6 +442,7 @@ def plot(all_results: list[dict[str, Any]], out: Path) -> list[Path]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, NullFormatter
     except ImportError:
         print("matplotlib is not installed: no plots (pip install 'gpt2hub[bench]')", file=sys.stderr)
         return []
@@ -450,12 +457,16 @@ def plot(all_results: list[dict[str, Any]], out: Path) -> list[Path]:
             series["transformers warm"].append(_med(ld.get("transformers"), "total_s"))
             series["notebook path"].append(_med(ld.get("notebook"), "total_s"))
             series["gpt2hub cold"].append(ld.get("cold", {}).get("total_s"))
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
     width = 0.8 / len(series)
     for i, (name, values) in enumerate(series.items()):
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
-        ax.bar(xs, [v or 0 for v in values], width, label=name)
+        bars = ax.bar(xs, [v or 0 for v in values], width, label=name)
+        ax.bar_label(bars, labels=[f"{v:.2f}" if v else "" for v in values], fontsize=7)
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_ylabel("seconds until the first logits (log scale)")
     ax.set_title("Loading GPT-2: warm and cold, against transformers and the notebook path")
     ax.legend(fontsize=8)
@@ -473,8 +484,13 @@ def plot(all_results: list[dict[str, Any]], out: Path) -> list[Path]:
                              if g["impl"] == impl and g["prompt"] == prompt)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
                         label=f"{machine_label(res['machine'])[:24]} {r['device']} {r['dtype']}: {impl}")
+    batches = sorted({g["batch"] for res in all_results for r in res["runs"] for g in r["generation"]})
     ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(v)[0] in "25" else ""))
     ax.set_xlabel("batch size (sequences)")
     ax.set_ylabel("generated tokens per second (log scale)")
     ax.set_title(f"Greedy generation, {all_results[0]['model']}, shortest prompt")

@@ -172,7 +172,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                           "use --device cpu")
     cfg = BenchConfig(model=args.model, devices=args.device, dtypes=args.dtype, batch_sizes=args.batch_sizes,
                       prompt_lengths=args.prompt_lengths, new_tokens=args.new_tokens, repeats=args.repeats,
-                      real_cache=args.real_cache, transformers=not args.no_transformers, notebook=not args.no_notebook)
+                      real_cache=args.real_cache, transformers=not args.no_transformers, notebook=not args.no_notebook,
+                      plots=not args.no_plots)
     from .bench import markdown
 
     results = run(cfg, out)
@@ -217,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--real-cache", action="store_true", help="use your cached real weights, skip the cold load")
     b.add_argument("--no-transformers", action="store_true", help="do not time transformers beside gpt2hub")
     b.add_argument("--no-notebook", action="store_true", help="do not time the notebook path (TensorFlow)")
+    b.add_argument("--no-plots", action="store_true", help="write no PNG plots (make them later with `bench compare`)")
     b.add_argument("--out", default="gpt2hub-bench", help="folder for results.json, results.md and plots")
     bsub = b.add_subparsers(dest="bench_command")
     cmp_ = bsub.add_parser("compare", help="merge results.json files of several machines into one table and plot")

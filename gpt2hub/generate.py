@@ -96,7 +96,8 @@ def generate_stream(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, con
         decode = "cuda_graph" if param.device.type == "cuda" else "eager"
     cache = decoder = None
     if use_cache:
-        cache = KVCache(model.cfg, b, ctx, param.dtype, param.device)
+        # only as many positions as this call can fill: zeroing a 1024-position cache costs more than short prompts
+        cache = KVCache(model.cfg, b, min(ctx, t + max_new_tokens), param.dtype, param.device)
         if decode != "eager":
             decoder = _StaticDecoder(model, cache, b, graph=decode == "cuda_graph")
     pos = min(t, ctx)  # tokens held in the cache
@@ -113,7 +114,7 @@ def generate_stream(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, con
         yield nxt
         if step + 1 == max_new_tokens:
             return
-        if cache is not None and pos < ctx:
+        if cache is not None and pos < cache.max_len:
             logits = model(seq[:, n:n + 1], cache, pos)[:, -1] if decoder is None else decoder(seq[:, n:n + 1], pos)
             pos += 1
         else:

@@ -177,18 +177,18 @@ class Hub:
     def converted(self, dtype: str, force: bool = False) -> tuple[Path, dict]:
         """The converted safetensors for `dtype` and the model config, converting once under the lock."""
         if force or not self._converted_ok(dtype):
-            self._check_offline(self._raw_names(), force)
+            self._check_offline(self.raw_names(), force)
             with self.cache.lock(f"converting {self.spec.name} ({self.source}) to {dtype}"):
                 if force or not self._converted_ok(dtype):
-                    self._fetch_locked(self._raw_names(), force)
+                    self._fetch_locked(self.raw_names(), force)
                     self._convert_locked(dtype)
         return self.cache.converted_path(dtype), read_json(self.cache.converted_manifest(dtype))["config"]
 
-    def _raw_names(self) -> tuple[str, ...]:
+    def raw_names(self) -> tuple[str, ...]:
         return OPENAI_FILES if self.source == "openai" else HF_FILES
 
     def _convert_locked(self, dtype: str) -> None:
-        files = {n: self._have(n) for n in self._raw_names()}
+        files = {n: self._have(n) for n in self.raw_names()}
         if self.source == "openai":
             cfg = read_hparams(files["hparams.json"])
         else:
@@ -218,7 +218,7 @@ class Hub:
             "format": FORMAT_VERSION, "gpt2hub": __version__, "model": self.spec.name, "size": self.spec.size,
             "source": self.source, "dtype": dtype, "config": cfg, "bytes": st.st_size, "crc32c": crc32c_file(out),
             "mtime_ns": st.st_mtime_ns, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "raw": {n: {"size": raw[n]["size"], "sha256": raw[n]["sha256"]} for n in self._raw_names()}})
+            "raw": {n: {"size": raw[n]["size"], "sha256": raw[n]["sha256"]} for n in self.raw_names()}})
 
     def _discard(self, name: str) -> None:
         path = self._have(name) or self.cache.raw_path(name)
@@ -292,7 +292,7 @@ def download_files(name: str | ModelSpec, *, source: str = "openai", cache_dir: 
                    force_download: bool = False, local_files_only: bool = False, progress: bool = True) -> dict[str, Path]:
     """Fetch every published file of a model into the cache; returns their paths."""
     hub = Hub(resolve(name), source, cache_dir, local_files_only, progress)
-    return hub.files(hub._raw_names(), force=force_download)
+    return hub.files(hub.raw_names(), force=force_download)
 
 
 def load_tokenizer(name: str | ModelSpec = "gpt2-small", *, source: str = "openai", cache_dir: str | Path | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 from typing import Any
 
@@ -151,9 +152,16 @@ class GPTModel(nn.Module):
     @classmethod
     def from_state_dict(cls, cfg: dict, state_dict: dict[str, torch.Tensor]) -> GPTModel:
         """Built on the meta device and handed the given tensors (no random init, no copy), in eval mode."""
-        with torch.device("meta"):
-            model = cls(cfg)
-        model.load_state_dict(state_dict, assign=True, strict=True)
+        # a full garbage collection triggered by these few hundred objects would cost more than the build itself
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.device("meta"):
+                model = cls(cfg)
+            model.load_state_dict(state_dict, assign=True, strict=True)
+        finally:
+            if paused:
+                gc.enable()
         return model.eval()
 
     @property

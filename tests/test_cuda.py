@@ -52,7 +52,27 @@ def test_half_precision_on_cuda_is_close(model, dtype):
     assert torch.equal(generate(half, idx, 20, decode="cuda_graph"), generate(half, idx, 20, decode="eager"))
 
 
-def test_from_pretrained_straight_to_cuda(hub_env, server):
+@pytest.fixture
+def synthetic_hub(tmp_path, monkeypatch):
+    """The tiny model served from 127.0.0.1, written by gpt2hub's own checkpoint writer (no TensorFlow there)."""
+    from conftest import TINY
+    from factory import real_vocab
+    from server import FileServer
+
+    from gpt2hub.synthetic import write_openai_folder
+
+    folder = tmp_path / "served" / TINY.size
+    write_openai_folder(folder, TINY, vocab=real_vocab())
+    srv = FileServer()
+    for f in folder.iterdir():
+        srv.served.files[f"/{TINY.size}/{f.name}"] = f.read_bytes()
+    monkeypatch.setenv("GPT2HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GPT2HUB_OPENAI_URL", srv.url)
+    yield srv
+    srv.close()
+
+
+def test_from_pretrained_straight_to_cuda(synthetic_hub):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     model = from_pretrained("gpt2-tiny", device="cuda", dtype="bfloat16")
     assert model.tok_emb.weight.is_cuda and model.tok_emb.weight.dtype == torch.bfloat16 and model.tied
