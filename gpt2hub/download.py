@@ -88,7 +88,7 @@ def download(url: str, dest: Path, *, expected_size: int | None = None, expected
     with disk_errors(dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
     show = progress and not progress_disabled()
-    bar = tqdm(desc=dest.name, unit="B", unit_scale=True, unit_divisor=1024, miniters=1, leave=True) if show else None
+    bar = tqdm(desc=dest.name, unit="B", unit_scale=True, unit_divisor=1024, miniters=1, delay=0.2) if show else None
     try:
         for attempt in range(retries + 1):
             try:

@@ -101,7 +101,7 @@ def generate_stream(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, con
         if decode != "eager":
             decoder = _StaticDecoder(model, cache, b, graph=decode == "cuda_graph")
     pos = min(t, ctx)  # tokens held in the cache
-    logits = model(seq[:, t - pos:t], cache, 0)[:, -1]
+    logits = model(seq[:, t - pos:t], cache, 0, last_only=True)[:, -1]
     for step in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         if eos_id is not None:
@@ -118,7 +118,7 @@ def generate_stream(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, con
             logits = model(seq[:, n:n + 1], cache, pos)[:, -1] if decoder is None else decoder(seq[:, n:n + 1], pos)
             pos += 1
         else:
-            logits = model(seq[:, max(0, n + 1 - ctx):n + 1])[:, -1]
+            logits = model(seq[:, max(0, n + 1 - ctx):n + 1], last_only=True)[:, -1]
 
 
 def generate(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, context_size: int | None = None,

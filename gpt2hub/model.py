@@ -168,10 +168,12 @@ class GPTModel(nn.Module):
     def tied(self) -> bool:
         return self.out_head.weight is self.tok_emb.weight
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, start: int | torch.Tensor = 0) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, start: int | torch.Tensor = 0, *,
+                last_only: bool = False) -> torch.Tensor:
         """Logits [batch, tokens, vocab] for token ids `idx`; with `cache`, `idx` sits at positions start..
 
         `start` as a 0-dim tensor selects the static-shape path that CUDA graphs replay (no host values read).
+        `last_only` computes the logits of the last position alone ([batch, 1, vocab]), as generation needs.
         """
         t = idx.shape[1]
         if isinstance(start, torch.Tensor):
@@ -183,7 +185,7 @@ class GPTModel(nn.Module):
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))
         for i, block in enumerate(self.trf_blocks):
             x = block(x, None if cache is None else (cache.k[i], cache.v[i]), start)
-        return self.out_head(self.final_norm(x))
+        return self.out_head(self.final_norm(x[:, -1:] if last_only else x))
 
 
 def _init_weights(module: nn.Module) -> None:

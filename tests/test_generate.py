@@ -159,3 +159,29 @@ def test_static_decode_path_matches_eager(pair, b, t):
             assert torch.allclose(eager, static, atol=1e-5)
     with pytest.raises(ValueError, match="decode"):
         generate(model, idx, 2, decode="warp")
+
+
+def test_matches_the_books_generate_including_seeded_sampling(pair):
+    from book_model import book_generate
+
+    model, _ = pair
+    idx = _prompt(1, 6, seed=9)
+    assert torch.equal(generate(model, idx, 20, context_size=40), book_generate(model, idx, 20, 40))
+    torch.manual_seed(123)
+    ours = generate(model=model, idx=idx, max_new_tokens=15, context_size=40, top_k=25, temperature=1.4, use_cache=False)
+    torch.manual_seed(123)
+    theirs = book_generate(model, idx, 15, 40, temperature=1.4, top_k=25)
+    assert torch.equal(ours, theirs)
+    eos = int(ours[0, 10])
+    torch.manual_seed(5)
+    a = generate(model, idx, 15, context_size=40, eos_id=eos)
+    torch.manual_seed(5)
+    assert torch.equal(a, book_generate(model, idx, 15, 40, eos_id=eos))
+
+
+def test_last_only_logits_equal_the_last_position(pair):
+    model, _ = pair
+    idx = _prompt(2, 25, seed=4)
+    with torch.no_grad():
+        full, last = model(idx), model(idx, last_only=True)
+    assert last.shape == (2, 1, HP["n_vocab"]) and torch.allclose(last[:, 0], full[:, -1], atol=1e-6)
