@@ -330,12 +330,16 @@ def run(cfg: BenchConfig, out: Path) -> dict[str, Any]:
                     base = {"model": spec.name, "device": device, "dtype": dtype, "spec": spec_arg}
                     entry: dict[str, Any] = {"device": device, "dtype": dtype, "load": {}}
                     if not cfg.real_cache:
-                        cold_env = {**env, "GPT2HUB_CACHE": str(work / f"cold-{device}-{dtype}"),
-                                    "GPT2HUB_OPENAI_URL": url}
-                        entry["load"]["cold"] = _in_subprocess("cold", base, cold_env)
-                        entry["load"]["copy"] = _in_subprocess("copy", {**base, "url": url, "size": spec.size,
-                                                                        "dest": str(work / "copy")}, env)
-                        shutil.rmtree(work / "copy", ignore_errors=True)
+                        colds, copies = [], []
+                        for i in range(cfg.repeats):
+                            cold_env = {**env, "GPT2HUB_CACHE": str(work / f"cold-{i}"), "GPT2HUB_OPENAI_URL": url}
+                            colds.append(_in_subprocess("cold", base, cold_env))
+                            shutil.rmtree(work / f"cold-{i}", ignore_errors=True)
+                            copies.append(_in_subprocess("copy", {**base, "url": url, "size": spec.size,
+                                                                  "dest": str(work / "copy")}, env))
+                            shutil.rmtree(work / "copy", ignore_errors=True)
+                        entry["load"]["cold"] = {k: stats([c[k] for c in colds]) for k in colds[0]}
+                        entry["load"]["copy"] = {k: stats([c[k] for c in copies]) for k in copies[0]}
                         _in_subprocess("ours", base, {**env, "GPT2HUB_OPENAI_URL": url})  # fills the warm cache
                     bar.update(4)
                     warm_env = {**env, "GPT2HUB_OFFLINE": "1"}
@@ -414,12 +418,13 @@ def markdown(all_results: list[dict[str, Any]]) -> str:
             ld = r["load"]
             ours, hf = _med(ld.get("ours"), "total_s"), _med(ld.get("transformers"), "total_s")
             ratio = f"{hf / ours:.2f}x" if ours and hf else "-"
-            cold = ld.get("cold", {})
+            cold = ld.get("cold")
             rss = _med(ld.get("ours"), "peak_rss_delta_mib")
-            lines.append(f"| {machine_label(res['machine'])} | {res['model']} ({res['weights']}) | {r['device']} | "
-                         f"{r['dtype']} | {_fmt(ours)} | {_fmt(hf)} | {ratio} | {_fmt(_med(ld.get('notebook'), 'total_s'))}"
-                         f" | {_fmt(cold.get('download_s'))} | {_fmt(cold.get('convert_s'))} | {_fmt(cold.get('load_s'))} | "
-                         f"{_fmt(ld.get('copy', {}).get('total_s'))} | {'-' if rss is None else f'{rss:.0f} MiB'} |")
+            cells = [machine_label(res["machine"]), f"{res['model']} ({res['weights']})", r["device"], r["dtype"],
+                     _fmt(ours), _fmt(hf), ratio, _fmt(_med(ld.get("notebook"), "total_s")),
+                     *(_fmt(_med(cold, k)) for k in ("download_s", "convert_s", "load_s")),
+                     _fmt(_med(ld.get("copy"), "total_s")), "-" if rss is None else f"{rss:.0f} MiB"]
+            lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "### Generation (greedy; tokens/s over the batch after the first token; median)", "",
               "| machine | device | dtype | impl | batch | prompt | tokens/s | first token | vs transformers |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -456,7 +461,7 @@ def plot(all_results: list[dict[str, Any]], out: Path) -> list[Path]:
             series["gpt2hub warm"].append(_med(ld.get("ours"), "total_s"))
             series["transformers warm"].append(_med(ld.get("transformers"), "total_s"))
             series["notebook path"].append(_med(ld.get("notebook"), "total_s"))
-            series["gpt2hub cold"].append(ld.get("cold", {}).get("total_s"))
+            series["gpt2hub cold"].append(_med(ld.get("cold"), "total_s"))
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     width = 0.8 / len(series)
     for i, (name, values) in enumerate(series.items()):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import logging
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .cache import disk_errors, env_flag, fsync_dir, sha256_file
+from .cache import disk_errors, env_flag, fsync_dir
 from .errors import DownloadError, IntegrityError
 
 log = logging.getLogger("gpt2hub")
@@ -29,7 +30,25 @@ class _Fatal(Exception):
     """A response that retrying will not fix (404, 403, ...)."""
 
 
-def _attempt(url: str, part: Path, timeout: float, bar: tqdm | None) -> int:
+class _Hasher:
+    """sha256 of a partial file, fed as bytes arrive; re-reads the file only when resuming one it has not seen."""
+
+    def __init__(self) -> None:
+        self.h, self.length = hashlib.sha256(), 0
+
+    def catch_up(self, part: Path, offset: int) -> None:
+        if self.length != offset:
+            self.h, self.length = hashlib.sha256(), 0
+            with open(part, "rb") as f:
+                while self.length < offset and (chunk := f.read(min(CHUNK, offset - self.length))):
+                    self.update(chunk)
+
+    def update(self, chunk: bytes) -> None:
+        self.h.update(chunk)
+        self.length += len(chunk)
+
+
+def _attempt(url: str, part: Path, timeout: float, bar: tqdm | None, hasher: _Hasher) -> int:
     """Fetch what `part` still lacks; returns the file's total size as the server states it."""
     offset = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": USER_AGENT}
@@ -60,12 +79,14 @@ def _attempt(url: str, part: Path, timeout: float, bar: tqdm | None) -> int:
         if bar is not None:
             bar.reset(total=total if total >= 0 else None)
             bar.update(offset)
+        hasher.catch_up(part, offset)
         with disk_errors(part), open(part, "r+b" if offset else "wb") as f:
             if offset:
                 f.seek(offset)
                 f.truncate()
             while chunk := resp.read(CHUNK):
                 f.write(chunk)
+                hasher.update(chunk)
                 if bar is not None:
                     bar.update(len(chunk))
             f.flush()
@@ -88,11 +109,12 @@ def download(url: str, dest: Path, *, expected_size: int | None = None, expected
     with disk_errors(dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
     show = progress and not progress_disabled()
+    hasher = _Hasher()
     bar = tqdm(desc=dest.name, unit="B", unit_scale=True, unit_divisor=1024, miniters=1, delay=0.2) if show else None
     try:
         for attempt in range(retries + 1):
             try:
-                size = _attempt(url, part, timeout, bar)
+                size = _attempt(url, part, timeout, bar, hasher)
                 break
             except _Fatal as e:
                 raise DownloadError(str(e)) from None
@@ -107,7 +129,8 @@ def download(url: str, dest: Path, *, expected_size: int | None = None, expected
     finally:
         if bar is not None:
             bar.close()
-    sha256 = sha256_file(part)
+    hasher.catch_up(part, size)  # a no-op unless the whole file was already there (416)
+    sha256 = hasher.h.hexdigest()
     problem = None
     if expected_size is not None and size != expected_size:
         problem = f"is {size} bytes, expected {expected_size}"

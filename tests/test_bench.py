@@ -19,7 +19,8 @@ def test_bench_command_end_to_end_and_compare(hub_env, tmp_path, capsys):
     load = run["load"]
     for kind in ("ours", "transformers", "notebook"):
         assert load[kind]["total_s"]["median"] > 0, kind
-    assert load["cold"]["download_s"] > 0 and load["cold"]["convert_s"] > 0 and load["copy"]["total_s"] > 0
+    assert load["cold"]["download_s"]["median"] > 0 and load["cold"]["convert_s"]["median"] > 0
+    assert load["copy"]["total_s"]["median"] > 0
     gens = {(g["impl"], g["batch"]) for g in run["generation"]}
     assert gens == {("gpt2hub (eager)", 1), ("gpt2hub (eager)", 2), ("transformers", 1), ("transformers", 2)}
     assert all(g["tokens_per_s"]["median"] > 0 for g in run["generation"])
