@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -12,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .cache import atomic_path
 from .convert import params_from_tf, state_dict_from_params
 from .errors import ConversionError
 from .hub import download_files
@@ -24,17 +24,11 @@ __all__ = ["GPT_CONFIG_124M", "assign", "download_and_load_gpt2", "load_weights_
 
 
 def _place(src: Path, dst: Path) -> None:
-    """Put a cached file at `dst`: a hard link when possible (no copy), else a copy; never a half-written file."""
+    """Copy a cached file to `dst` (never a link: editing the notebook's copy must not touch the cache)."""
     if dst.exists() and dst.stat().st_size == src.stat().st_size:
         return
-    tmp = dst.with_name(dst.name + ".gpt2hub-tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    try:
-        os.link(src, tmp)
-    except OSError:
+    with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def download_and_load_gpt2(model_size: str, models_dir: str | os.PathLike) -> tuple[dict, dict]:

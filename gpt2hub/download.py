@@ -6,7 +6,9 @@ import hashlib
 import http.client
 import logging
 import os
+import queue
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -31,21 +33,42 @@ class _Fatal(Exception):
 
 
 class _Hasher:
-    """sha256 of a partial file, fed as bytes arrive; re-reads the file only when resuming one it has not seen."""
+    """sha256 of a partial file, fed as bytes arrive and computed on a thread of its own (hashlib releases the GIL),
+    so hashing overlaps the network and the disk; re-reads the file only when resuming one it has not seen."""
 
     def __init__(self) -> None:
         self.h, self.length = hashlib.sha256(), 0
+        self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=32)
+        self.thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while (chunk := self.queue.get()) is not None:
+            self.h.update(chunk)
 
     def catch_up(self, part: Path, offset: int) -> None:
         if self.length != offset:
+            self.wait()
             self.h, self.length = hashlib.sha256(), 0
             with open(part, "rb") as f:
                 while self.length < offset and (chunk := f.read(min(CHUNK, offset - self.length))):
                     self.update(chunk)
 
     def update(self, chunk: bytes) -> None:
-        self.h.update(chunk)
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, daemon=True)
+            self.thread.start()
+        self.queue.put(chunk)
         self.length += len(chunk)
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
+            self.thread = None
+
+    def hexdigest(self) -> str:
+        self.wait()
+        return self.h.hexdigest()
 
 
 def _attempt(url: str, part: Path, timeout: float, bar: tqdm | None, hasher: _Hasher) -> int:
@@ -130,7 +153,7 @@ def download(url: str, dest: Path, *, expected_size: int | None = None, expected
         if bar is not None:
             bar.close()
     hasher.catch_up(part, size)  # a no-op unless the whole file was already there (416)
-    sha256 = hasher.h.hexdigest()
+    sha256 = hasher.hexdigest()
     problem = None
     if expected_size is not None and size != expected_size:
         problem = f"is {size} bytes, expected {expected_size}"

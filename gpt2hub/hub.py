@@ -8,7 +8,9 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
+import google_crc32c
 import safetensors.torch
 import tiktoken
 import torch
@@ -111,14 +113,16 @@ class Hub:
     def _fetch_locked(self, names: tuple[str, ...], force: bool) -> None:
         self._check_offline(names, force)
         for name in self._missing(names, force):  # re-read: another process may have fetched them meanwhile
-            record = self._fetch_openai(name) if self.source == "openai" else self._fetch_hf(name, force)
+            record = self._fetch_openai(name, force) if self.source == "openai" else self._fetch_hf(name, force)
             self.cache.record_file(name, record)
 
-    def _fetch_openai(self, name: str) -> dict:
+    def _fetch_openai(self, name: str, force: bool) -> dict:
         dest = self.cache.raw_path(name)
         size_pin = self.spec.expected_sizes().get(name)
         sha_pin = self.spec.expected_sha256("openai").get(name)
-        if dest.exists():  # present but unrecorded (a crash between rename and record): check it, don't refetch
+        if force:  # start afresh; the cached copy is replaced only once the new one is complete and verified
+            dest.with_name(dest.name + ".incomplete").unlink(missing_ok=True)
+        elif dest.exists():  # present but unrecorded (a crash between rename and record): check it, don't refetch
             sha = sha256_file(dest)
             if (size_pin is None or dest.stat().st_size == size_pin) and sha_pin in (None, sha):
                 return {"size": dest.stat().st_size, "sha256": sha, "url": None}
@@ -212,11 +216,11 @@ class Hub:
                 sd = state_dict_from_hf(tensors, cfg, DTYPES[dtype], progress=bar.update)
         out = self.cache.converted_path(dtype)
         with atomic_path(out) as tmp:
-            save_state_dict(sd, tmp)
+            crc = save_state_dict(sd, tmp)
         raw, st = self.cache.files(), out.stat()
         write_json(self.cache.converted_manifest(dtype), {
             "format": FORMAT_VERSION, "gpt2hub": __version__, "model": self.spec.name, "size": self.spec.size,
-            "source": self.source, "dtype": dtype, "config": cfg, "bytes": st.st_size, "crc32c": crc32c_file(out),
+            "source": self.source, "dtype": dtype, "config": cfg, "bytes": st.st_size, "crc32c": crc,
             "mtime_ns": st.st_mtime_ns, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "raw": {n: {"size": raw[n]["size"], "sha256": raw[n]["sha256"]} for n in self.raw_names()}})
 
@@ -227,12 +231,31 @@ class Hub:
         self.cache.forget_file(name)
 
 
-def save_state_dict(sd: dict[str, torch.Tensor], path: Path) -> None:
-    """Safetensors, each transposed view (the "in_out" layout) stored as its contiguous base and named in metadata."""
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def save_state_dict(sd: dict[str, torch.Tensor], path: Path) -> str:
+    """Write safetensors straight from the tensors' memory (no staging copy); returns its crc32c as hex.
+
+    Each transposed view (the "in_out" layout) is stored as its contiguous base and named in the metadata.
+    """
     transposed = [k for k, v in sd.items() if not v.is_contiguous()]
-    tensors = {k: (v.t() if k in transposed else v) for k, v in sd.items()}
-    safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt", "gpt2hub": __version__,
-                                                              "transposed": ",".join(transposed)})
+    tensors = {k: (v.t() if k in transposed else v).contiguous() for k, v in sd.items()}
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", "gpt2hub": __version__, "transposed": ",".join(transposed)}}
+    offset = 0
+    for k, v in tensors.items():
+        nbytes = v.numel() * v.element_size()
+        header[k] = {"dtype": _ST_DTYPES[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format aligns the data to 8 bytes
+    crc = 0
+    with open(path, "wb") as f:
+        for chunk in [len(blob).to_bytes(8, "little") + blob,
+                      *(v.reshape(-1).view(torch.uint8).numpy() for v in tensors.values())]:
+            f.write(chunk)
+            crc = google_crc32c.extend(crc, chunk)
+    return f"{crc:08x}"
 
 
 def load_converted(path: Path, cfg: dict, device: str | torch.device = "cpu") -> GPTModel:

@@ -317,9 +317,19 @@ def test_book_api_fills_models_dir_through_the_cache(hub_env, server, tmp_path, 
     assert settings == TINY.hparams()
     assert set(params) == {"blocks", "b", "g", "wpe", "wte"} and len(params["blocks"]) == 2
     assert sorted(p.name for p in (models_dir / "tiny").iterdir()) == sorted(OPENAI_FILES)
+    # copies, not links: editing the notebook's files cannot reach the cache
+    assert (models_dir / "tiny" / DATA).stat().st_ino != (hub_env / "openai/tiny/raw" / DATA).stat().st_ino
     n = len(server.served.log)
     download_and_load_gpt2("tiny", str(tmp_path / "elsewhere"))
     assert len(server.served.log) == n  # a second project reuses the cache
     model = gpt2hub.GPTModel(gpt2hub.convert.config_from_hparams(settings))
     gpt2hub.load_weights_into_gpt(model, params)
     assert torch.allclose(_logits(model.eval()), _logits(from_pretrained(tiny_folder[0])), atol=1e-6)
+
+
+def test_force_download_fetches_again_and_replaces_atomically(hub_env, server):
+    first = _logits(from_pretrained("gpt2-tiny"))
+    again = from_pretrained("gpt2-tiny", force_download=True)
+    for name in OPENAI_FILES:
+        assert len(_gets(server, name)) == 2, name
+    assert torch.equal(_logits(again), first)
