@@ -149,6 +149,9 @@ def download(url: str, dest: Path, *, expected_size: int | None = None, expected
                 wait = backoff * 2 ** attempt
                 log.warning("download of %s interrupted (%s); resuming in %.1f s", url, reason, wait)
                 time.sleep(wait)
+    except BaseException:
+        hasher.wait()  # no hashing thread outlives a failed download
+        raise
     finally:
         if bar is not None:
             bar.close()
