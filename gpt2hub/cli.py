@@ -142,7 +142,12 @@ def cmd_cache_prune(args: argparse.Namespace) -> int:
                 print(f"removed {leftover}")
         finally:
             lock.release()
+    # a lock nobody holds never blocks (the OS drops it with its process); its file is removed only once its model
+    # is gone from the cache, since unlinking a lock file that another process is about to open would split the lock
     for lock_path in sorted((root / "locks").glob("*.lock")) if (root / "locks").exists() else []:
+        source, _, size = lock_path.stem.partition("--")
+        if (root / source / size).exists():
+            continue
         lock = filelock.FileLock(str(lock_path))
         with contextlib.suppress(filelock.Timeout):
             lock.acquire(timeout=0)

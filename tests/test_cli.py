@@ -47,6 +47,7 @@ def test_rm_and_prune(hub_env, server, capsys):
     (hub_env / "locks" / "openai--gone.lock").write_text("")
     code, out, _ = run(capsys, "cache", "prune")
     assert code == 0 and not leftover.exists() and "stale lock" in out
+    assert (hub_env / "locks" / "openai--tiny.lock").exists()  # the lock of a cached model stays
     assert (hub_env / "openai/tiny/raw" / DATA).exists()  # complete files are kept
     code, out, _ = run(capsys, "cache", "rm", "gpt2-tiny")
     assert code == 0 and not (hub_env / "openai/tiny").exists()
