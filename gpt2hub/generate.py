@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import logging
 from collections.abc import Iterator
 
 import torch
@@ -27,6 +28,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+log = logging.getLogger("gpt2hub")
 DECODES = ("auto", "eager", "static", "cuda_graph")
 
 
@@ -42,6 +44,8 @@ class _StaticDecoder:
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros((), dtype=torch.long, device=device)
         self.graph = None
+        if graph and device.type != "cuda":
+            raise ValueError(f"decode='cuda_graph' needs a model on a CUDA device, not {device}")
         if graph:
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
@@ -99,7 +103,11 @@ def generate_stream(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, con
         # only as many positions as this call can fill: zeroing a 1024-position cache costs more than short prompts
         cache = KVCache(model.cfg, b, min(ctx, t + max_new_tokens), param.dtype, param.device)
         if decode != "eager":
-            decoder = _StaticDecoder(model, cache, b, graph=decode == "cuda_graph")
+            try:
+                decoder = _StaticDecoder(model, cache, b, graph=decode == "cuda_graph")
+            except RuntimeError as e:  # a capture this PyTorch or driver refuses: same tokens, without the graph
+                log.warning("CUDA graph capture failed (%s); decoding without it", e)
+                decoder = _StaticDecoder(model, cache, b, graph=False)
     pos = min(t, ctx)  # tokens held in the cache
     logits = model(seq[:, t - pos:t], cache, 0, last_only=True)[:, -1]
     for step in range(max_new_tokens):

@@ -185,3 +185,26 @@ def test_last_only_logits_equal_the_last_position(pair):
     with torch.no_grad():
         full, last = model(idx), model(idx, last_only=True)
     assert last.shape == (2, 1, HP["n_vocab"]) and torch.allclose(last[:, 0], full[:, -1], atol=1e-6)
+
+
+def test_cuda_graph_needs_cuda_and_a_refused_capture_falls_back(pair, monkeypatch, caplog):
+    import importlib
+    import logging
+
+    g = importlib.import_module("gpt2hub.generate")  # the package's `generate` attribute is the function
+
+    model, _ = pair
+    idx = _prompt(2, 5)
+    with pytest.raises(ValueError, match="CUDA"):
+        generate(model, idx, 3, decode="cuda_graph")
+
+    class RefusedCapture(g._StaticDecoder):
+        def __init__(self, model, cache, batch, graph):
+            if graph:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            super().__init__(model, cache, batch, graph)
+
+    monkeypatch.setattr(g, "_StaticDecoder", RefusedCapture)
+    with caplog.at_level(logging.WARNING, logger="gpt2hub"):
+        out = generate(model, idx, 8, decode="cuda_graph")
+    assert "capture failed" in caplog.text and torch.equal(out, generate(model, idx, 8, decode="eager"))
