@@ -426,8 +426,8 @@ def markdown(all_results: list[dict[str, Any]]) -> str:
                      _fmt(_med(ld.get("copy"), "total_s")), "-" if rss is None else f"{rss:.0f} MiB"]
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "### Generation (greedy; tokens/s over the batch after the first token; median)", "",
-              "| machine | device | dtype | impl | batch | prompt | tokens/s | first token | vs transformers |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| machine | device | dtype | impl | batch | prompt | tokens/s | first token | vs transformers | "
+              "bandwidth used |", "|---|---|---|---|---|---|---|---|---|---|"]
     for res in all_results:
         for r in res["runs"]:
             ref = {(g["batch"], g["prompt"]): g for g in r["generation"] if g["impl"] == "transformers"}
@@ -435,8 +435,12 @@ def markdown(all_results: list[dict[str, Any]]) -> str:
                 tps = g["tokens_per_s"]["median"]
                 other = ref.get((g["batch"], g["prompt"]))
                 vs = f"{tps / other['tokens_per_s']['median']:.2f}x" if other and g["impl"] != "transformers" else ""
+                # weight bytes read per decoding step times steps per second, over the measured copy bandwidth
+                copy_bw = r.get("copy_bandwidth_bytes_per_s")
+                bw = f"{r['weight_bytes'] * tps / g['batch'] / copy_bw:.0%}" if copy_bw else ""
                 lines.append(f"| {machine_label(res['machine'])} | {r['device']} | {r['dtype']} | {g['impl']} | "
-                             f"{g['batch']} | {g['prompt']} | {tps:,.1f} | {g['ttft_s']['median'] * 1000:.1f} ms | {vs} |")
+                             f"{g['batch']} | {g['prompt']} | {tps:,.1f} | {g['ttft_s']['median'] * 1000:.1f} ms | {vs} | "
+                             f"{bw} |")
     return "\n".join(lines) + "\n"
 
 

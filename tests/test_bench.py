@@ -35,3 +35,16 @@ def test_bench_command_end_to_end_and_compare(hub_env, tmp_path, capsys):
 def test_bench_refuses_cuda_without_a_gpu(capsys):
     assert main(["bench", "--device", "cuda"]) == 1
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_markdown_reports_bandwidth_share_when_the_copy_bandwidth_is_known():
+    from gpt2hub.bench import markdown
+
+    gen = {"impl": "gpt2hub (cuda_graph)", "batch": 2, "prompt": 16, "new_tokens": 8,
+           "ttft_s": {"median": 0.01}, "tokens_per_s": {"median": 1000.0}}
+    run = {"device": "cuda", "dtype": "bfloat16", "load": {}, "generation": [gen], "weight_bytes": 250e6,
+           "copy_bandwidth_bytes_per_s": 4e12}
+    res = {"machine": {"gpu": "NVIDIA H200", "cpu": "x", "cores": 16}, "model": "gpt2-small", "weights": "synthetic",
+           "runs": [run]}
+    # 250 MB read per step, 500 steps/s -> 125 GB/s of 4 TB/s
+    assert "| 3% |" in markdown([res]) and "NVIDIA H200" in markdown([res])
