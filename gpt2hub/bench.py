@@ -198,10 +198,6 @@ def _worker(kind: str, a: dict[str, Any]) -> dict[str, Any]:
         out["load_s"] = time.perf_counter() - t0
         _first_logits(model, a["device"], hf=True)
     elif kind == "notebook":
-        from .book import load_weights_into_gpt
-        from .convert import config_from_hparams
-        from .model import GPTModel
-
         ckpt = tf.train.latest_checkpoint(a["folder"]) or str(Path(a["folder"]) / "model.ckpt")
         settings = json.loads((Path(a["folder"]) / "hparams.json").read_text())
         params: dict[str, Any] = {"blocks": [{} for _ in range(settings["n_layer"])]}
@@ -313,8 +309,9 @@ def run(cfg: BenchConfig, out: Path) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="gpt2hub-bench-"))
     results: dict[str, Any] = {"machine": machine_info(), "config": asdict(cfg), "runs": []}
     try:
-        spec, root, origin = prepare(resolve(cfg.model), work, cfg.real_cache)
-        results.update(model=resolve(cfg.model).name, weights=origin, weight_bytes=4 * spec.n_params)
+        asked = resolve(cfg.model)
+        spec, root, origin = prepare(asked, work, cfg.real_cache)
+        results.update(model=asked.name, weights=origin)
         folder = root / spec.size
         hf_folder = write_hf_copy(spec, folder, work / "hf") if have_hf else None
         env = {"GPT2HUB_DISABLE_PROGRESS_BARS": "1"}
@@ -401,10 +398,8 @@ def _med(d: dict[str, Any] | None, key: str) -> float | None:
     return d[key]["median"] if d and key in d else None
 
 
-def _fmt(x: float | None, unit: str = "s") -> str:
-    if x is None:
-        return "-"
-    return f"{x:.3f} {unit}" if unit == "s" else f"{x:,.1f}"
+def _fmt(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.3f} s"
 
 
 def markdown(all_results: list[dict[str, Any]]) -> str:

@@ -162,7 +162,7 @@ def cmd_cache_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchConfig, compare, run
+    from .bench import BenchConfig, compare, markdown, run
     from .errors import DeviceError
 
     out = Path(args.out)
@@ -179,8 +179,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       prompt_lengths=args.prompt_lengths, new_tokens=args.new_tokens, repeats=args.repeats,
                       real_cache=args.real_cache, transformers=not args.no_transformers, notebook=not args.no_notebook,
                       plots=not args.no_plots)
-    from .bench import markdown
-
     results = run(cfg, out)
     print(markdown([results]), end="")
     print(f"wrote {out / 'results.json'}, {out / 'results.md'} and plots in {out}")

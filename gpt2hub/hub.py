@@ -260,9 +260,9 @@ def save_state_dict(sd: dict[str, torch.Tensor], path: Path) -> str:
 
 def load_converted(path: Path, cfg: dict, device: str | torch.device = "cpu") -> GPTModel:
     """A GPTModel built on the meta device and given the stored tensors, mapped: no random init, no second copy."""
-    with safetensors.safe_open(str(path), framework="pt") as f:
+    with safetensors.safe_open(str(path), framework="pt", device=str(torch.device(device))) as f:
         transposed = set(filter(None, (f.metadata() or {}).get("transposed", "").split(",")))
-    sd = safetensors.torch.load_file(str(path), device=str(torch.device(device)))
+        sd = {k: f.get_tensor(k) for k in f.keys()}
     return GPTModel.from_state_dict(cfg, {k: (v.t() if k in transposed else v) for k, v in sd.items()})
 
 

@@ -41,11 +41,11 @@ def placeholder_vocab() -> tuple[bytes, bytes]:
     return json.dumps(encoder).encode(), b"#version: 0.2\n"
 
 
-def write_openai_folder(folder: Path, spec: ModelSpec, weights: dict[str, np.ndarray] | None = None,
-                        vocab: tuple[bytes, bytes] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    """The seven files OpenAI publishes for a model, with random (or given) weights and vocabulary."""
+def write_openai_folder(folder: Path, spec: ModelSpec, vocab: tuple[bytes, bytes] | None = None,
+                        seed: int = 0) -> dict[str, np.ndarray]:
+    """The seven files OpenAI publishes for a model, with random weights and the given (or a placeholder) vocabulary."""
     folder.mkdir(parents=True, exist_ok=True)
-    weights = random_weights(spec.hparams(), seed) if weights is None else weights
+    weights = random_weights(spec.hparams(), seed)
     write_checkpoint(folder / "model.ckpt", weights)
     (folder / "checkpoint").write_text(CHECKPOINT_FILE)
     (folder / "hparams.json").write_text(json.dumps(spec.hparams(), indent=2))
