@@ -119,11 +119,13 @@ def test_missing_data_file_and_missing_index(tiny_folder, tmp_path):
         TFCheckpoint(tmp_path / "nothing")
 
 
-def test_masked_crc_matches_leveldb():
-    # LevelDB's crc32c_test: Mask() of the crc of "foo"
-    crc = google_crc32c.value(b"foo")
-    assert mask_crc(crc) == ((((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
-    assert mask_crc(crc) != crc
+def test_masked_crc_matches_what_tensorflow_stores(tiny_folder):
+    # TensorFlow wrote each entry's crc32c field; the masked crc of the raw bytes must reproduce it exactly
+    ckpt = TFCheckpoint(tiny_folder[0])
+    data = (tiny_folder[0] / "model.ckpt.data-00000-of-00001").read_bytes()
+    for e in ckpt.entries.values():
+        crc = google_crc32c.value(data[e.offset:e.offset + e.size])
+        assert mask_crc(crc) == e.crc32c and mask_crc(crc) != crc
 
 
 def test_our_writer_is_read_by_tensorflow(tmp_path):
