@@ -1,0 +1,88 @@
+"""Linear's oneDNN path against nn.Linear's own, on random inputs, alone and inside generation."""
+
+import contextlib
+import platform
+
+import pytest
+import torch
+import torch.nn.functional as F
+from factory import random_weights
+from torch.profiler import ProfilerActivity, profile
+
+from gpt2hub import GPTModel, generate
+from gpt2hub.convert import config_from_hparams, openai_state_dict
+from gpt2hub.model import ONEDNN, Linear
+
+ONEDNN_OP = "mkldnn::_linear_pointwise"
+HP = {"n_vocab": 300, "n_ctx": 48, "n_embd": 48, "n_head": 4, "n_layer": 2}
+
+
+@contextlib.contextmanager
+def _plain():
+    """The switch users have: torch.backends.mkldnn.enabled = False."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
+def _ops(fn) -> tuple[set[str], object]:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return {e.key for e in prof.key_averages()}, out
+
+
+def test_onednn_is_there_on_x86():
+    # PyTorch's x86 builds ship oneDNN; were it missing, every test below would compare the plain path with itself
+    assert ONEDNN or platform.machine().lower() not in ("x86_64", "amd64")
+
+
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 1, 48), (3, 7, 48), (5, 48), "strided"])
+def test_onednn_linear_matches_the_plain_path(layout, bias, shape):
+    g = torch.Generator().manual_seed(hash((layout, bias, str(shape))) % 1000)
+    lin = Linear(48, 80, bias=bias)
+    w = torch.randn(80, 48, generator=g)
+    lin.weight = torch.nn.Parameter(w if layout == "out_in" else w.t().contiguous().t(), requires_grad=False)
+    if bias:
+        lin.bias = torch.nn.Parameter(torch.randn(80, generator=g), requires_grad=False)
+    x = torch.randn(2, 18, 48, generator=g)[:, ::2] if shape == "strided" else torch.randn(shape, generator=g)
+    with torch.no_grad():
+        ops, fast = _ops(lambda: lin(x))
+        with _plain():
+            plain_ops, plain = _ops(lambda: lin(x))
+    assert (ONEDNN_OP in ops) == ONEDNN and ONEDNN_OP not in plain_ops
+    assert torch.equal(plain, F.linear(x, lin.weight, lin.bias))
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_training_and_other_dtypes_take_the_plain_path():
+    lin = Linear(16, 8)
+    x = torch.randn(2, 16, requires_grad=True)
+    ops, _ = _ops(lambda: lin(x).square().sum().backward())
+    assert ONEDNN_OP not in ops
+    assert lin.weight.grad is not None and x.grad is not None
+    half = Linear(16, 8).to(torch.bfloat16)
+    with torch.no_grad():
+        ops, y = _ops(lambda: half(x.detach().bfloat16()))
+    assert ONEDNN_OP not in ops and y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("b,t", [(1, 1), (1, 13), (3, 6)])
+def test_greedy_generation_is_identical_with_and_without_onednn(b, t):
+    cfg = config_from_hparams(HP)
+    weights = random_weights(HP, seed=b + t, scale=0.3)
+    model = GPTModel.from_state_dict(cfg, openai_state_dict(lambda n: weights[f"model/{n}"], cfg))  # float32: [in, out]
+    idx = torch.randint(0, HP["n_vocab"], (b, t), generator=torch.Generator().manual_seed(t))
+    ops, fast = _ops(lambda: generate(model, idx, 25))
+    with _plain():
+        plain = generate(model, idx, 25)
+        with torch.no_grad():
+            plain_logits = model(fast)
+    assert (ONEDNN_OP in ops) == ONEDNN
+    assert torch.equal(fast, plain)
+    with torch.no_grad():
+        torch.testing.assert_close(model(fast), plain_logits, rtol=1e-5, atol=1e-5)
