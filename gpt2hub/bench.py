@@ -176,7 +176,7 @@ def _worker(kind: str, a: dict[str, Any]) -> dict[str, Any]:
     # every import happens before the clock starts, as in the reference numbers
     from .book import load_weights_into_gpt
     from .convert import config_from_hparams
-    from .hub import Hub, from_pretrained, load_converted
+    from .hub import Hub, from_pretrained
     from .model import GPTModel
 
     if kind == "notebook":
@@ -216,9 +216,9 @@ def _worker(kind: str, a: dict[str, Any]) -> dict[str, Any]:
         hub = Hub(resolve(a["model"]), "openai", progress=False)
         hub.files(OPENAI_FILES)
         t1 = time.perf_counter()
-        path, cfg = hub.converted(a["dtype"])
+        hub.converted(a["dtype"])
         t2 = time.perf_counter()
-        model = load_converted(path, cfg, a["device"])
+        model = hub.load(a["dtype"], torch.device(a["device"]))
         out.update(download_s=t1 - t0, convert_s=t2 - t1, load_s=time.perf_counter() - t2)
         _first_logits(model, a["device"])
     elif kind == "copy":  # the floor: the same bytes fetched from the same server into files

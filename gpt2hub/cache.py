@@ -2,9 +2,10 @@
 
     {root}/{source}/{size}/raw/{file}                 published files, byte for byte (openai source)
     {root}/{source}/{size}/raw/{file}.incomplete      a download in progress, resumed from its length
-    {root}/{source}/{size}/files.json                 size, sha256 and origin of each raw file
+    {root}/{source}/{size}/files.json                 size, sha256 (pinned files) or crc32c, origin of each raw file
     {root}/{source}/{size}/converted/{dtype}.safetensors   GPTModel weights, tied head stored once
-    {root}/{source}/{size}/converted/{dtype}.json     format version, source files, size and crc32c
+    {root}/{source}/{size}/converted/{dtype}.json     format version, source files, size and crc32c; for OpenAI's
+                                                      float32 it names the raw data file, mapped as it is
     {root}/locks/{source}--{size}.lock                per-model lock (flock: released when its process dies)
 """
 
@@ -132,6 +133,15 @@ def crc32c_file(path: Path) -> str:
     if path.stat().st_size == 0:
         return f"{0:08x}"
     return f"{google_crc32c.value(np.memmap(path, dtype=np.uint8, mode='r')):08x}"
+
+
+# a file with a pinned sha256 is checked against it; any other gets the much cheaper crc32c, to notice damage later
+DIGESTS = {"sha256": sha256_file, "crc32c": crc32c_file}
+
+
+def digest_kind(record: dict) -> str:
+    """Which digest a files.json record holds."""
+    return "sha256" if "sha256" in record else "crc32c"
 
 
 class ModelCache:

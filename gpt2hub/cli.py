@@ -12,7 +12,7 @@ from pathlib import Path
 import filelock
 
 from . import __version__
-from .cache import ModelCache, cached_models, crc32c_file, default_root, read_json, sha256_file
+from .cache import DIGESTS, ModelCache, cached_models, default_root, digest_kind, read_json
 from .errors import GPT2HubError
 
 
@@ -69,26 +69,32 @@ def cmd_cache_list(args: argparse.Namespace) -> int:
     for m in models:
         files = m.files()
         outside = sum(r["size"] for r in files.values() if "path" in r)  # hf files live in the HF cache
-        dtypes = sorted(p.stem for p in (m.dir / "converted").glob("*.safetensors"))
+        dtypes = sorted(p.stem for p in (m.dir / "converted").glob("*.json"))
         note = f" (+{_human(outside)} in the Hugging Face cache)" if outside else ""
         print(f"{m.source:8} {m.size:8} {len(files):>5} {_human(_dir_bytes(m.dir)):>10}  {', '.join(dtypes) or '-'}{note}")
     return 0
 
 
 def _verify(m: ModelCache) -> list[str]:
+    from .hub import weights_intact
+
     problems = []
     for name, record in m.files().items():
         path = Path(record["path"]) if "path" in record else m.raw_path(name)
         if not path.exists():
             problems.append(f"{path}: missing")
-        elif path.stat().st_size != record["size"] or sha256_file(path) != record["sha256"]:
-            problems.append(f"{path}: size or sha256 differ from {m.files_manifest}")
-    for path in sorted((m.dir / "converted").glob("*.safetensors")):
-        manifest = read_json(path.with_suffix(".json"))
-        if not isinstance(manifest, dict):
-            problems.append(f"{path}: no readable manifest")
-        elif path.stat().st_size != manifest.get("bytes") or crc32c_file(path) != manifest.get("crc32c"):
-            problems.append(f"{path}: size or crc32c differ from its manifest")
+        elif path.stat().st_size != record["size"] or DIGESTS[kind := digest_kind(record)](path) != record[kind]:
+            problems.append(f"{path}: size or {kind} differ from {m.files_manifest}")
+    for path in sorted((m.dir / "converted").glob("*.json")):
+        manifest = read_json(path)
+        if not isinstance(manifest, dict) or "dtype" not in manifest:
+            problems.append(f"{path}: unreadable manifest")
+            continue
+        weights = m.raw_path(manifest["mapped"]) if manifest.get("mapped") else path.with_suffix(".safetensors")
+        if not weights.exists():
+            problems.append(f"{weights}: missing")
+        elif weights.stat().st_size != manifest.get("bytes") or not weights_intact(m, manifest):
+            problems.append(f"{weights}: size or crc32c differ from {path}")
     return problems
 
 

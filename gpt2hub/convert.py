@@ -2,12 +2,14 @@
 
 Every source is first named the way OpenAI's checkpoint names it (`h0/attn/c_attn/w`, `ln_f/g`, `wte`), then one
 function turns those into GPTModel tensors: Conv1D weights [in, out] become Linear weights [out, in], c_attn is split
-into W_query/W_key/W_value. Each output tensor is written once, straight into the requested dtype.
-The output head is tied to `tok_emb.weight`, so the state_dict has no `out_head.weight`.
+into W_query/W_key/W_value. A tensor already in the requested dtype is returned as a view of its source (no copy);
+any other is written once, straight into the dtype. The output head is tied to `tok_emb.weight`, so the state_dict
+has no `out_head.weight`.
 
 Matrices can be laid out in memory two ways with the same meaning: "out_in" (contiguous, as nn.Linear stores them)
-or "in_out" (each weight a transposed view of a contiguous [in, out] tensor, as OpenAI stores them). On CPUs a
-float32 matrix-vector product reads an [in, out] matrix much faster (see benchmarks/), so float32 uses "in_out".
+or "in_out" (each weight a transposed view of its [in, out] source, as OpenAI stores them: W_query/W_key/W_value are
+then the three column blocks of c_attn, which GPTModel multiplies as one matrix). On CPUs a float32 matrix-vector
+product reads [in, out] faster (see benchmarks/), so float32 uses "in_out" and is a set of views of the checkpoint.
 """
 
 from __future__ import annotations
@@ -87,12 +89,15 @@ def openai_state_dict(get: Getter, cfg: Mapping[str, Any], dtype: torch.dtype = 
             raise ConversionError(f"variable {name!r} has shape {tuple(t.shape)}, expected {shape}")
         return t.reshape(shape)  # drops the leading 1 of Conv1D weights; a view, no copy
 
+    def copy(src: torch.Tensor) -> torch.Tensor:
+        return torch.empty(src.shape, dtype=dtype, device=src.device).copy_(src)
+
     def out(src: torch.Tensor) -> torch.Tensor:
-        return torch.empty(src.shape, dtype=dtype).copy_(src)
+        return src if src.dtype == dtype else copy(src)
 
     def matrix(src_in_out: torch.Tensor) -> torch.Tensor:
-        """A Linear weight [out, in] from its [in, out] source, stored in the chosen layout."""
-        return out(src_in_out).t() if layout == "in_out" else out(src_in_out.t())
+        """A Linear weight [out, in] from its [in, out] source, in the chosen layout."""
+        return out(src_in_out).t() if layout == "in_out" else copy(src_in_out.t())
 
     sd = {"tok_emb.weight": matrix(fetch("wte", (cfg["vocab_size"], d)).t()),
           "pos_emb.weight": out(fetch("wpe", (cfg["context_length"], d)))}
@@ -115,14 +120,20 @@ def openai_state_dict(get: Getter, cfg: Mapping[str, Any], dtype: torch.dtype = 
 
 
 def state_dict_from_tf(ckpt: TFCheckpoint | str | Path, cfg: Mapping[str, Any], dtype: torch.dtype = torch.float32,
-                       progress: Callable[[], Any] | None = None, layout: str | None = None) -> dict[str, torch.Tensor]:
-    """Convert OpenAI's TensorFlow checkpoint (every tensor's crc32c is checked as it is read)."""
+                       progress: Callable[[], Any] | None = None, layout: str | None = None, *, verify: bool = True,
+                       device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Convert OpenAI's TensorFlow checkpoint, each tensor's crc32c checked as it is read unless verify=False.
+
+    On CPU, float32 weights are views of the mapped data file; with `device`, each published tensor is copied there
+    whole first (so c_attn stays one matrix there too).
+    """
     ckpt = ckpt if isinstance(ckpt, TFCheckpoint) else TFCheckpoint(ckpt)
 
-    def get(name: str) -> np.ndarray:
+    def get(name: str) -> torch.Tensor:
         if f"model/{name}" not in ckpt.entries:
             raise KeyError(name)
-        return ckpt.read(f"model/{name}")
+        t = _tensor(ckpt.read(f"model/{name}", verify))
+        return t if device is None else t.to(device)
 
     return openai_state_dict(get, cfg, dtype, progress, layout)
 

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .cache import (
+    DIGESTS,
     FORMAT_VERSION,
     SOURCES,
     ModelCache,
@@ -26,7 +27,6 @@ from .cache import (
     default_root,
     offline,
     read_json,
-    sha256_file,
     write_json,
 )
 from .convert import config_from_hparams, read_hparams, state_dict_from_hf, state_dict_from_tf
@@ -123,16 +123,17 @@ class Hub:
         if force:  # start afresh; the cached copy is replaced only once the new one is complete and verified
             dest.with_name(dest.name + ".incomplete").unlink(missing_ok=True)
         elif dest.exists():  # present but unrecorded (a crash between rename and record): check it, don't refetch
-            sha = sha256_file(dest)
-            if (size_pin is None or dest.stat().st_size == size_pin) and sha_pin in (None, sha):
-                return {"size": dest.stat().st_size, "sha256": sha, "url": None}
+            kind = "sha256" if sha_pin else "crc32c"
+            digest = DIGESTS[kind](dest)
+            if (size_pin is None or dest.stat().st_size == size_pin) and sha_pin in (None, digest):
+                return {"size": dest.stat().st_size, kind: digest, "url": None}
             dest.unlink()
         errors = []
         for base in openai_bases():
             url = f"{base}/{self.spec.size}/{name}"
             try:
-                size, sha = download(url, dest, expected_size=size_pin, expected_sha256=sha_pin, progress=self.progress)
-                return {"size": size, "sha256": sha, "url": url}
+                record = download(url, dest, expected_size=size_pin, expected_sha256=sha_pin, progress=self.progress)
+                return {**record, "url": url}
             except IntegrityError:
                 raise
             except DownloadError as e:
@@ -152,41 +153,57 @@ class Hub:
                 raise self._offline_error([name]) from e
             raise DownloadError(f"could not get {name} of {self.spec.hf_repo} from the Hugging Face Hub "
                                 f"(HF_ENDPOINT={os.environ.get('HF_ENDPOINT', 'default')}): {e}") from e
-        sha = sha256_file(path)
         pinned = self.spec.expected_sha256("hf").get(name)
-        if pinned and sha != pinned:
+        kind = "sha256" if pinned else "crc32c"
+        digest = DIGESTS[kind](path)
+        if pinned and digest != pinned:
             with contextlib.suppress(OSError):
                 path.unlink()
-            raise IntegrityError(f"{path} ({self.spec.hf_repo}/{name}) has sha256 {sha}, expected {pinned}; "
+            raise IntegrityError(f"{path} ({self.spec.hf_repo}/{name}) has sha256 {digest}, expected {pinned}; "
                                  "the bad file was deleted, run again to download it afresh")
-        return {"size": path.stat().st_size, "sha256": sha, "path": str(path)}
+        return {"size": path.stat().st_size, kind: digest, "path": str(path)}
 
     # converted weights ----------------------------------------------------------------------------------------
+    def mapped(self, dtype: str) -> bool:
+        """float32 from OpenAI needs no converted copy: its data file holds every weight as GPTModel reads it."""
+        return self.source == "openai" and dtype == "float32"
+
+    def _weights_file(self, dtype: str) -> Path:
+        return self.cache.raw_path(DATA_FILE) if self.mapped(dtype) else self.cache.converted_path(dtype)
+
     def _converted_ok(self, dtype: str) -> bool:
-        """Whether the converted file is whole: size always; crc32c whenever it changed since it was last verified."""
-        path, manifest_path = self.cache.converted_path(dtype), self.cache.converted_manifest(dtype)
-        manifest = read_json(manifest_path)
-        if not path.exists() or not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+        """Whether the weights for `dtype` are whole: size always; crc32c whenever they changed since last verified."""
+        manifest_path = self.cache.converted_manifest(dtype)
+        manifest, path = read_json(manifest_path), self._weights_file(dtype)
+        if (not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION or not path.exists()
+                or bool(manifest.get("mapped")) != self.mapped(dtype)):
             return False
         st = path.stat()
         if st.st_size == manifest.get("bytes") and st.st_mtime_ns == manifest.get("mtime_ns"):
             return True  # untouched since its crc32c was checked: no need to read 0.5-6 GB again
-        if st.st_size != manifest.get("bytes") or crc32c_file(path) != manifest.get("crc32c"):
-            log.warning("%s is damaged (size or crc32c differ from its manifest); rebuilding it", path)
+        if st.st_size != manifest.get("bytes") or not weights_intact(self.cache, manifest):
+            log.warning("%s is damaged (size or crc32c differ from %s); rebuilding it", path, manifest_path)
             return False
         with contextlib.suppress(CacheError):  # whole but touched (copied from another machine): remember it
             write_json(manifest_path, {**manifest, "mtime_ns": st.st_mtime_ns})
         return True
 
-    def converted(self, dtype: str, force: bool = False) -> tuple[Path, dict]:
-        """The converted safetensors for `dtype` and the model config, converting once under the lock."""
+    def converted(self, dtype: str, force: bool = False) -> dict:
+        """The manifest of the weights for `dtype` (its "config" is the model's), converting once under the lock."""
         if force or not self._converted_ok(dtype):
             self._check_offline(self.raw_names(), force)
             with self.cache.lock(f"converting {self.spec.name} ({self.source}) to {dtype}"):
                 if force or not self._converted_ok(dtype):
                     self._fetch_locked(self.raw_names(), force)
                     self._convert_locked(dtype)
-        return self.cache.converted_path(dtype), read_json(self.cache.converted_manifest(dtype))["config"]
+        return read_json(self.cache.converted_manifest(dtype))
+
+    def load(self, dtype: str, device: torch.device, force: bool = False) -> GPTModel:
+        manifest = self.converted(dtype, force)
+        if manifest.get("mapped"):
+            return GPTModel.from_state_dict(manifest["config"], state_dict_from_tf(
+                TFCheckpoint(self.cache.raw), manifest["config"], verify=False, device=device))
+        return load_converted(self.cache.converted_path(dtype), manifest["config"], device)
 
     def raw_names(self) -> tuple[str, ...]:
         return OPENAI_FILES if self.source == "openai" else HF_FILES
@@ -201,11 +218,12 @@ class Hub:
         if {k: cfg[k] for k in expected} != expected:
             raise IntegrityError(f"the hyperparameters in {self.cache.dir} ({cfg}) are not those of {self.spec.name} "
                                  f"({expected}); run `gpt2hub cache rm {self.spec.name}` and download again")
-        bar = tqdm(total=4 + 12 * cfg["n_layers"], desc=f"converting {self.spec.name} to {dtype}", unit="tensor",
+        verb = "verifying" if self.mapped(dtype) else "converting"
+        bar = tqdm(total=4 + 12 * cfg["n_layers"], desc=f"{verb} {self.spec.name} ({dtype})", unit="tensor",
                    disable=not self.progress)
         with bar:
             if self.source == "openai":
-                try:
+                try:  # every tensor's crc32c is checked as it is read
                     sd = state_dict_from_tf(TFCheckpoint(self.cache.raw), cfg, DTYPES[dtype], progress=bar.update)
                 except CheckpointError as e:
                     self._discard(DATA_FILE)
@@ -214,21 +232,38 @@ class Hub:
             else:
                 tensors = safetensors.torch.load_file(files["model.safetensors"])
                 sd = state_dict_from_hf(tensors, cfg, DTYPES[dtype], progress=bar.update)
-        out = self.cache.converted_path(dtype)
-        with atomic_path(out) as tmp:
-            crc = save_state_dict(sd, tmp)
+        out = self._weights_file(dtype)
+        record: dict[str, Any] = {"mapped": DATA_FILE} if self.mapped(dtype) else {}
+        if self.mapped(dtype):
+            self.cache.converted_path(dtype).unlink(missing_ok=True)  # a copy an older gpt2hub wrote
+        else:
+            with atomic_path(out) as tmp:
+                record["crc32c"] = save_state_dict(sd, tmp)
         raw, st = self.cache.files(), out.stat()
         write_json(self.cache.converted_manifest(dtype), {
             "format": FORMAT_VERSION, "gpt2hub": __version__, "model": self.spec.name, "size": self.spec.size,
-            "source": self.source, "dtype": dtype, "config": cfg, "bytes": st.st_size, "crc32c": crc,
+            "source": self.source, "dtype": dtype, "config": cfg, **record, "bytes": st.st_size,
             "mtime_ns": st.st_mtime_ns, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "raw": {n: {"size": raw[n]["size"], "sha256": raw[n]["sha256"]} for n in self.raw_names()}})
+            "raw": {n: {k: v for k, v in raw[n].items() if k != "url"} for n in self.raw_names()}})
 
     def _discard(self, name: str) -> None:
         path = self._have(name) or self.cache.raw_path(name)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         self.cache.forget_file(name)
+
+
+def weights_intact(cache: ModelCache, manifest: dict) -> bool:
+    """Whether the weights a converted manifest describes pass their crc32c checks (per tensor when mapped)."""
+    if not manifest.get("mapped"):
+        return crc32c_file(cache.converted_path(manifest["dtype"])) == manifest.get("crc32c")
+    try:
+        with TFCheckpoint(cache.raw) as ckpt:
+            for name in ckpt.names():
+                ckpt.read(name)  # checks the tensor's crc32c
+    except CheckpointError:
+        return False
+    return True
 
 
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -275,13 +310,12 @@ def _model_folder(name: object) -> Path | None:
     return None
 
 
-def _from_folder(folder: Path, device: str | torch.device, dtype: str) -> GPTModel:
-    if (folder / "hparams.json").exists():
+def _from_folder(folder: Path, device: torch.device, dtype: str) -> GPTModel:
+    if (folder / "hparams.json").exists():  # float32 on CPU: views of the mapped checkpoint
         cfg = read_hparams(folder / "hparams.json")
-        sd = state_dict_from_tf(TFCheckpoint(folder), cfg, DTYPES[dtype])
-    else:
-        cfg = config_from_hparams(json.loads((folder / "config.json").read_text()))
-        sd = state_dict_from_hf(safetensors.torch.load_file(str(folder / "model.safetensors")), cfg, DTYPES[dtype])
+        return GPTModel.from_state_dict(cfg, state_dict_from_tf(TFCheckpoint(folder), cfg, DTYPES[dtype], device=device))
+    cfg = config_from_hparams(json.loads((folder / "config.json").read_text()))
+    sd = state_dict_from_hf(safetensors.torch.load_file(str(folder / "model.safetensors")), cfg, DTYPES[dtype])
     return GPTModel.from_state_dict(cfg, sd).to(device)
 
 
@@ -307,8 +341,7 @@ def from_pretrained(name: str | ModelSpec = "gpt2-small", *, device: str | torch
     if folder is not None:
         return _from_folder(folder, dev, dt)
     hub = Hub(resolve(name), source, cache_dir, local_files_only, progress)
-    path, cfg = hub.converted(dt, force=force_download)
-    return load_converted(path, cfg, dev)
+    return hub.load(dt, dev, force=force_download)
 
 
 def download_files(name: str | ModelSpec, *, source: str = "openai", cache_dir: str | Path | None = None,

@@ -39,19 +39,22 @@ class KVCache(nn.Module):
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-class Linear(nn.Linear):
-    """nn.Linear whose float32 inference on CPU runs on oneDNN (the kernel torch.compile emits for CPU linears).
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, run on oneDNN (the kernel torch.compile emits for CPU linears) for float32 inference on CPU.
 
-    At batch 1 it reads the weights 1.7-2.6x faster than the BLAS call behind F.linear (benchmarks/README.md).
-    Training, other dtypes and devices, and `torch.backends.mkldnn.enabled = False` take nn.Linear's own path.
+    At batch 1 oneDNN reads the weights 1.7-2.6x faster than the BLAS call behind F.linear (benchmarks/README.md).
+    It needs a weight laid out densely ([out, in] or its transpose); training, other dtypes and devices, and
+    `torch.backends.mkldnn.enabled = False` take F.linear.
     """
+    if (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and not torch.is_grad_enabled()
+            and torch.backends.mkldnn.enabled and (weight.is_contiguous() or weight.t().is_contiguous())):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
+
+class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if (ONEDNN and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and not torch.is_grad_enabled()
-                and torch.backends.mkldnn.enabled):
-            return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
-        return F.linear(x, w, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class MultiHeadAttention(nn.Module):
@@ -66,11 +69,33 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = Linear(d_out, d_out)
         self.dropout = nn.Dropout(dropout)
 
+    def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """W_query, W_key and W_value as one [3 * d_out, d_in] weight (and bias) when they are consecutive column
+        blocks of one [d_in, 3 * d_out] matrix, as in OpenAI's c_attn mapped from its checkpoint; else None."""
+        layers = (self.W_query, self.W_key, self.W_value)
+        w, b, d = self.W_query.weight, self.W_query.bias, self.d_out
+        step = d * w.element_size()
+        if w.stride() != (1, 3 * d) or any(
+                m.weight.stride() != w.stride() or m.weight.dtype != w.dtype or m.weight.device != w.device
+                or m.weight.data_ptr() != w.data_ptr() + i * step for i, m in enumerate(layers)):
+            return None
+        if b is None:
+            return (None if any(m.bias is not None for m in layers)
+                    else (w.as_strided((3 * d, w.shape[1]), (1, 3 * d)), None))
+        if any(m.bias is None or m.bias.stride() != (1,) or m.bias.dtype != b.dtype
+               or m.bias.data_ptr() != b.data_ptr() + i * step for i, m in enumerate(layers)):
+            return None
+        return w.as_strided((3 * d, w.shape[1]), (1, 3 * d)), b.as_strided((3 * d,), (1,))
+
     def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
                 start: int | torch.Tensor = 0) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = (w(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-                   for w in (self.W_query, self.W_key, self.W_value))
+        fused = None if torch.is_grad_enabled() else self.fused_qkv()
+        if fused is not None:  # one matrix product reads c_attn once instead of three strided thirds
+            q, k, v = linear(x, *fused).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        else:
+            q, k, v = (w(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+                       for w in (self.W_query, self.W_key, self.W_value))
         is_causal = t > 1
         mask = None
         if cache is not None and isinstance(start, torch.Tensor):

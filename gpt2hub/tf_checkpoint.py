@@ -192,7 +192,8 @@ def find_prefix(path: str | Path) -> Path:
 
 
 class TFCheckpoint:
-    """Variables of a TensorFlow V2 checkpoint. `read` returns read-only arrays mapped from the data files."""
+    """Variables of a TensorFlow V2 checkpoint. `read` returns arrays mapped copy-on-write from the data files
+    (writing to one never reaches the file)."""
 
     def __init__(self, path: str | Path):
         self.prefix = find_prefix(path)
@@ -224,9 +225,12 @@ class TFCheckpoint:
             path = self.data_path(shard)
             try:
                 with open(path, "rb") as f:
-                    self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if path.stat().st_size else b""
+                    self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if path.stat().st_size else b""
             except FileNotFoundError:
                 raise CheckpointError(f"checkpoint data file {path} is missing") from None
+            if hasattr(mmap, "MADV_HUGEPAGE") and self._maps[shard]:
+                # pages read from disk come in 2 MiB folios mapped whole: far fewer TLB misses when weights stream
+                self._maps[shard].madvise(mmap.MADV_HUGEPAGE)
         return self._maps[shard]
 
     def names(self) -> list[str]:

@@ -32,12 +32,20 @@ def test_download_generate_and_cache_commands(hub_env, server, capsys):
     assert code == 0 and "openai/tiny: ok" in out
 
 
-def test_verify_finds_damage_and_exits_nonzero(hub_env, server, capsys):
-    run(capsys, "download", "gpt2-tiny")
-    raw = hub_env / "openai/tiny/raw/vocab.bpe"
-    raw.write_bytes(raw.read_bytes()[:-1] + b"X")
+@pytest.mark.parametrize("damaged,digest", [("raw/vocab.bpe", "sha256"), (f"raw/{DATA}", "crc32c"),
+                                            ("converted/bfloat16.safetensors", "crc32c")])
+def test_verify_finds_damage_and_exits_nonzero(hub_env, server, capsys, damaged, digest):
+    from gpt2hub import from_pretrained
+
+    for dtype in ("float32", "bfloat16"):
+        from_pretrained("gpt2-tiny", dtype=dtype)
+    assert run(capsys, "cache", "verify")[0] == 0
+    path = hub_env / "openai/tiny" / damaged
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1  # same size: only the digest can tell
+    path.write_bytes(bytes(data))
     code, out, err = run(capsys, "cache", "verify")
-    assert code == 1 and "vocab.bpe" in out and "damaged" in err
+    assert code == 1 and f"{path}: size or {digest} differ" in out and "damaged" in err
 
 
 def test_rm_and_prune(hub_env, server, capsys):

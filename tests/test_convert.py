@@ -138,16 +138,22 @@ def test_layouts_hold_the_same_values_and_round_trip_through_the_cache_format(sm
     in_out = state_dict_from_tf(ckpt, cfg, layout="in_out")
     out_in = state_dict_from_tf(ckpt, cfg, layout="out_in")
     assert all(v.is_contiguous() for v in out_in.values())
-    assert not in_out["trf_blocks.0.att.W_query.weight"].is_contiguous()
-    assert in_out["trf_blocks.0.att.W_query.weight"].stride() == (1, 48)  # a view of OpenAI's [in, out] matrix
+    # float32 "in_out" is views of the mapped checkpoint: W_query/W_key/W_value are c_attn's column blocks
+    c_attn = ckpt.read("model/h0/attn/c_attn/w")
+    q, k = in_out["trf_blocks.0.att.W_query.weight"], in_out["trf_blocks.0.att.W_key.weight"]
+    assert q.stride() == (1, 144) and q.data_ptr() == c_attn.ctypes.data and k.data_ptr() == q.data_ptr() + 48 * 4
+    assert in_out["tok_emb.weight"].data_ptr() == ckpt.read("model/wte").ctypes.data
     for k in out_in:
         assert torch.equal(in_out[k], out_in[k]), k
     save_state_dict(in_out, tmp_path / "w.safetensors")
     model = load_converted(tmp_path / "w.safetensors", cfg)
     assert model.tied and model.trf_blocks[1].ff.layers[0].weight.stride() == (1, 192)
-    ref = GPTModel.from_state_dict(cfg, out_in)
+    assert model.trf_blocks[0].att.fused_qkv() is None  # stored as three matrices
+    ref, views = GPTModel.from_state_dict(cfg, out_in), GPTModel.from_state_dict(cfg, in_out)
+    assert ref.trf_blocks[0].att.fused_qkv() is None and views.trf_blocks[0].att.fused_qkv() is not None
     x = _prompts(SMALL_HP["n_vocab"], SMALL_HP["n_ctx"])[2]
     with torch.no_grad():
         assert torch.allclose(model(x), ref(x), atol=1e-5)
+        assert torch.allclose(views(x), ref(x), atol=1e-5)
     with pytest.raises(ValueError, match="layout"):
         state_dict_from_tf(ckpt, cfg, layout="diagonal")

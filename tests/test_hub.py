@@ -24,7 +24,7 @@ from gpt2hub import (
     from_pretrained,
     load_tokenizer,
 )
-from gpt2hub.cache import ModelCache
+from gpt2hub.cache import ModelCache, crc32c_file
 from gpt2hub.registry import OPENAI_FILES
 
 DATA = "model.ckpt.data-00000-of-00001"
@@ -56,6 +56,7 @@ def test_from_pretrained_downloads_converts_and_matches_the_folder(hub_env, serv
         assert (hub_env / "openai" / "tiny" / "raw" / name).read_bytes() == (tiny_folder[0] / name).read_bytes()
     files = json.loads((hub_env / "openai" / "tiny" / "files.json").read_text())
     assert files["encoder.json"]["sha256"] == gpt2hub.registry.TOKENIZER_SHA256["encoder.json"]
+    assert "sha256" not in files[DATA] and files[DATA]["crc32c"] == crc32c_file(tiny_folder[0] / DATA)  # none pinned
     manifest = json.loads((hub_env / "openai" / "tiny" / "converted" / "float32.json").read_text())
     assert manifest["format"] == 1 and manifest["source"] == "openai" and manifest["raw"][DATA]["size"] > 0
     assert not list(hub_env.rglob("*.incomplete")) and not list(hub_env.rglob("*.tmp"))
@@ -76,9 +77,29 @@ def test_dtypes_are_converted_once_each(hub_env, server):
     for dtype in ("bfloat16", torch.float16, "float32"):
         model = from_pretrained("gpt2-tiny", dtype=dtype)
         assert model.tok_emb.weight.dtype == gpt2hub.hub.DTYPES[str(dtype).removeprefix("torch.")]
-    assert sorted(p.name for p in (hub_env / "openai/tiny/converted").glob("*.safetensors")) == [
-        "bfloat16.safetensors", "float16.safetensors", "float32.safetensors"]
+    converted = hub_env / "openai/tiny/converted"
+    assert sorted(p.name for p in converted.glob("*")) == ["bfloat16.json", "bfloat16.safetensors", "float16.json",
+                                                           "float16.safetensors", "float32.json"]
     assert len(_gets(server, DATA)) == 1
+
+
+def test_float32_maps_the_checkpoint_itself(hub_env, server, tiny_folder):
+    model = from_pretrained("gpt2-tiny")
+    manifest = json.loads((hub_env / "openai/tiny/converted/float32.json").read_text())
+    raw = hub_env / "openai/tiny/raw" / DATA
+    assert manifest["mapped"] == DATA and manifest["bytes"] == raw.stat().st_size
+    # every weight is a view of the data file's bytes: c_attn is one matrix, W_query/W_key/W_value its column blocks
+    att = model.trf_blocks[0].att
+    assert att.fused_qkv() is not None and att.W_key.weight.data_ptr() == att.W_query.weight.data_ptr() + 4 * 32
+    maps = [line.split() for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith(str(raw))]
+    spans = [[int(a, 16) for a in m[0].split("-")] for m in maps]
+    assert spans
+    for name, p in model.named_parameters():  # each one's memory lies in the mapping of the cached data file
+        assert any(lo <= p.data_ptr() < hi for lo, hi in spans), name
+    p = model.trf_blocks[1].ff.layers[0].weight
+    with torch.no_grad():
+        p.mul_(0)  # mapped copy-on-write: writing to the model never reaches the cache
+    assert raw.read_bytes() == (tiny_folder[0] / DATA).read_bytes()
 
 
 @pytest.mark.parametrize("var", ["GPT2HUB_OFFLINE", "HF_HUB_OFFLINE"])
@@ -174,31 +195,45 @@ def test_corrupted_checkpoint_bytes_caught_by_crc_and_removed(hub_env, server):
 
 
 def test_damaged_converted_file_is_rebuilt_without_network(hub_env, server, caplog):
-    first = _logits(from_pretrained("gpt2-tiny"))
-    conv = hub_env / "openai/tiny/converted/float32.safetensors"
+    first = _logits(from_pretrained("gpt2-tiny", dtype="bfloat16"))
+    conv = hub_env / "openai/tiny/converted/bfloat16.safetensors"
     data = bytearray(conv.read_bytes())
     data[len(data) // 2] ^= 0xFF
     conv.write_bytes(bytes(data))
     n = len(server.served.log)
     with caplog.at_level(logging.WARNING, logger="gpt2hub"):
-        assert torch.equal(_logits(from_pretrained("gpt2-tiny")), first)
+        assert torch.equal(_logits(from_pretrained("gpt2-tiny", dtype="bfloat16")), first)
     assert "damaged" in caplog.text and len(server.served.log) == n
     conv.write_bytes(conv.read_bytes()[:1000])  # truncated
+    assert torch.equal(_logits(from_pretrained("gpt2-tiny", dtype="bfloat16")), first)
+
+
+def test_damaged_mapped_checkpoint_is_caught_removed_and_fetched_again(hub_env, server, caplog):
+    first = _logits(from_pretrained("gpt2-tiny"))
+    raw = hub_env / "openai/tiny/raw" / DATA
+    data = bytearray(raw.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    raw.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="gpt2hub"), pytest.raises(IntegrityError, match=rf"{DATA}.*crc32c"):
+        from_pretrained("gpt2-tiny")
+    assert "damaged" in caplog.text and not raw.exists()
     assert torch.equal(_logits(from_pretrained("gpt2-tiny")), first)
+    assert len(_gets(server, DATA)) == 2
 
 
-def test_converted_file_copied_elsewhere_is_verified_once(hub_env, server, caplog, monkeypatch):
-    from_pretrained("gpt2-tiny")
-    conv = hub_env / "openai/tiny/converted/float32.safetensors"
-    manifest = hub_env / "openai/tiny/converted/float32.json"
-    os.utime(conv, ns=(1, 1_000_000_000))  # a copy with a new timestamp, same bytes
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_weights_copied_elsewhere_are_verified_once(hub_env, server, caplog, monkeypatch, dtype):
+    from_pretrained("gpt2-tiny", dtype=dtype)
+    weights = hub_env / "openai/tiny" / ("raw/" + DATA if dtype == "float32" else f"converted/{dtype}.safetensors")
+    manifest = hub_env / f"openai/tiny/converted/{dtype}.json"
+    os.utime(weights, ns=(1, 1_000_000_000))  # a copy with a new timestamp, same bytes
     calls = []
-    real = gpt2hub.hub.crc32c_file
-    monkeypatch.setattr(gpt2hub.hub, "crc32c_file", lambda p: calls.append(p) or real(p))
+    real = gpt2hub.hub.weights_intact
+    monkeypatch.setattr(gpt2hub.hub, "weights_intact", lambda *a: calls.append(a[1]["dtype"]) or real(*a))
     with caplog.at_level(logging.WARNING, logger="gpt2hub"):
-        from_pretrained("gpt2-tiny")
-        from_pretrained("gpt2-tiny")
-    assert calls == [conv] and "damaged" not in caplog.text  # checked in full once, then trusted
+        from_pretrained("gpt2-tiny", dtype=dtype)
+        from_pretrained("gpt2-tiny", dtype=dtype)
+    assert calls == [dtype] and "damaged" not in caplog.text  # checked in full once, then trusted
     assert json.loads(manifest.read_text())["mtime_ns"] == 1_000_000_000
 
 
