@@ -6,9 +6,7 @@ import hashlib
 import http.client
 import logging
 import os
-import queue
 import re
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -16,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import google_crc32c
+import numpy as np
 from tqdm.auto import tqdm
 
 from .cache import disk_errors, env_flag, fsync_dir
 from .errors import DownloadError, IntegrityError
 
 log = logging.getLogger("gpt2hub")
-CHUNK = 4 << 20  # whole 2 MiB page-cache folios, which a mapped checkpoint can then map as huge pages
+CHUNK = 1 << 20
 USER_AGENT = "gpt2hub (+https://pypi.org/project/gpt2hub)"
 
 
@@ -37,48 +36,30 @@ class _Fatal(Exception):
 _HASHES = {"sha256": hashlib.sha256, "crc32c": google_crc32c.Checksum}
 
 
-class _Hasher:
-    """sha256 or crc32c of a partial file, fed as bytes arrive and computed on a thread of its own (hashlib releases
-    the GIL), so hashing overlaps the network and the disk; re-reads the file only when resuming one it has not seen."""
+class _Digest:
+    """A running sha256 or crc32c of a partial file; re-reads the file only when resuming one it has not seen."""
 
     def __init__(self, kind: str) -> None:
         self.new = _HASHES[kind]
         self.h, self.length = self.new(), 0
-        self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=32)
-        self.thread: threading.Thread | None = None
-
-    def _run(self) -> None:
-        while (chunk := self.queue.get()) is not None:
-            self.h.update(chunk)
 
     def catch_up(self, part: Path, offset: int) -> None:
         if self.length != offset:
-            self.wait()
             self.h, self.length = self.new(), 0
             with open(part, "rb") as f:
                 while self.length < offset and (chunk := f.read(min(CHUNK, offset - self.length))):
                     self.update(chunk)
 
-    def update(self, chunk: bytes) -> None:
-        if self.thread is None:
-            self.thread = threading.Thread(target=self._run, daemon=True)
-            self.thread.start()
-        self.queue.put(chunk)
+    def update(self, chunk: bytes | np.ndarray) -> None:
+        self.h.update(chunk)
         self.length += len(chunk)
 
-    def wait(self) -> None:
-        if self.thread is not None:
-            self.queue.put(None)
-            self.thread.join()
-            self.thread = None
-
     def hexdigest(self) -> str:
-        self.wait()
         digest = self.h.hexdigest()
         return digest.decode() if isinstance(digest, bytes) else digest
 
 
-def _attempt(url: str, part: Path, timeout: float, bar: tqdm | None, hasher: _Hasher) -> int:
+def _attempt(url: str, part: Path, timeout: float, bar: tqdm | None, digest: _Digest) -> int:
     """Fetch what `part` still lacks; returns the file's total size as the server states it."""
     offset = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": USER_AGENT}
@@ -109,16 +90,18 @@ def _attempt(url: str, part: Path, timeout: float, bar: tqdm | None, hasher: _Ha
         if bar is not None:
             bar.reset(total=total if total >= 0 else None)
             bar.update(offset)
-        hasher.catch_up(part, offset)
+        digest.catch_up(part, offset)
+        buf = np.empty(CHUNK, dtype=np.uint8)  # one buffer for the whole file (google_crc32c takes numpy arrays)
         with disk_errors(part), open(part, "r+b" if offset else "wb") as f:
             if offset:
                 f.seek(offset)
                 f.truncate()
-            while chunk := resp.read(CHUNK):
+            while n := resp.readinto(memoryview(buf)):
+                chunk = buf[:n]
                 f.write(chunk)
-                hasher.update(chunk)
+                digest.update(chunk)
                 if bar is not None:
-                    bar.update(len(chunk))
+                    bar.update(n)
             f.flush()
             os.fsync(f.fileno())
             got = f.tell()
@@ -140,12 +123,12 @@ def download(url: str, dest: Path, *, expected_size: int | None = None, expected
         dest.parent.mkdir(parents=True, exist_ok=True)
     show = progress and not progress_disabled()
     kind = "sha256" if expected_sha256 else "crc32c"
-    hasher = _Hasher(kind)
+    running = _Digest(kind)
     bar = tqdm(desc=dest.name, unit="B", unit_scale=True, unit_divisor=1024, miniters=1, delay=0.2) if show else None
     try:
         for attempt in range(retries + 1):
             try:
-                size = _attempt(url, part, timeout, bar, hasher)
+                size = _attempt(url, part, timeout, bar, running)
                 break
             except _Fatal as e:
                 raise DownloadError(str(e)) from None
@@ -157,14 +140,11 @@ def download(url: str, dest: Path, *, expected_size: int | None = None, expected
                 wait = backoff * 2 ** attempt
                 log.warning("download of %s interrupted (%s); resuming in %.1f s", url, reason, wait)
                 time.sleep(wait)
-    except BaseException:
-        hasher.wait()  # no hashing thread outlives a failed download
-        raise
     finally:
         if bar is not None:
             bar.close()
-    hasher.catch_up(part, size)  # a no-op unless the whole file was already there (416)
-    digest = hasher.hexdigest()
+    running.catch_up(part, size)  # a no-op unless the whole file was already there (416)
+    digest = running.hexdigest()
     problem = None
     if expected_size is not None and size != expected_size:
         problem = f"is {size} bytes, expected {expected_size}"

@@ -182,7 +182,7 @@ class Hub:
         if st.st_size == manifest.get("bytes") and st.st_mtime_ns == manifest.get("mtime_ns"):
             return True  # untouched since its crc32c was checked: no need to read 0.5-6 GB again
         if st.st_size != manifest.get("bytes") or not weights_intact(self.cache, manifest):
-            log.warning("%s is damaged (size or crc32c differ from %s); rebuilding it", path, manifest_path)
+            log.warning("%s is damaged (size or crc32c differ from %s)", path, manifest_path)
             return False
         with contextlib.suppress(CacheError):  # whole but touched (copied from another machine): remember it
             write_json(manifest_path, {**manifest, "mtime_ns": st.st_mtime_ns})
@@ -233,12 +233,12 @@ class Hub:
                 tensors = safetensors.torch.load_file(files["model.safetensors"])
                 sd = state_dict_from_hf(tensors, cfg, DTYPES[dtype], progress=bar.update)
         out = self._weights_file(dtype)
-        record: dict[str, Any] = {"mapped": DATA_FILE} if self.mapped(dtype) else {}
         if self.mapped(dtype):
+            record = {"mapped": DATA_FILE}
             self.cache.converted_path(dtype).unlink(missing_ok=True)  # a copy an older gpt2hub wrote
         else:
             with atomic_path(out) as tmp:
-                record["crc32c"] = save_state_dict(sd, tmp)
+                record = {"crc32c": save_state_dict(sd, tmp)}
         raw, st = self.cache.files(), out.stat()
         write_json(self.cache.converted_manifest(dtype), {
             "format": FORMAT_VERSION, "gpt2hub": __version__, "model": self.spec.name, "size": self.spec.size,

@@ -52,6 +52,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def _consecutive(tensors: list[torch.Tensor | None], stride: tuple[int, ...], elements: int) -> bool:
+    """Whether the tensors have `stride` and follow one another in memory, `elements` apart."""
+    first = tensors[0]
+    return all(t is not None and first is not None and t.stride() == stride and t.dtype == first.dtype
+               and t.device == first.device and t.data_ptr() == first.data_ptr() + i * elements * first.element_size()
+               for i, t in enumerate(tensors))
+
+
 class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
@@ -72,18 +80,13 @@ class MultiHeadAttention(nn.Module):
     def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """W_query, W_key and W_value as one [3 * d_out, d_in] weight (and bias) when they are consecutive column
         blocks of one [d_in, 3 * d_out] matrix, as in OpenAI's c_attn mapped from its checkpoint; else None."""
-        layers = (self.W_query, self.W_key, self.W_value)
-        w, b, d = self.W_query.weight, self.W_query.bias, self.d_out
-        step = d * w.element_size()
-        if w.stride() != (1, 3 * d) or any(
-                m.weight.stride() != w.stride() or m.weight.dtype != w.dtype or m.weight.device != w.device
-                or m.weight.data_ptr() != w.data_ptr() + i * step for i, m in enumerate(layers)):
+        layers, d = (self.W_query, self.W_key, self.W_value), self.d_out
+        w, b = self.W_query.weight, self.W_query.bias
+        if not _consecutive([m.weight for m in layers], (1, 3 * d), d):
             return None
-        if b is None:
-            return (None if any(m.bias is not None for m in layers)
-                    else (w.as_strided((3 * d, w.shape[1]), (1, 3 * d)), None))
-        if any(m.bias is None or m.bias.stride() != (1,) or m.bias.dtype != b.dtype
-               or m.bias.data_ptr() != b.data_ptr() + i * step for i, m in enumerate(layers)):
+        if all(m.bias is None for m in layers):
+            return w.as_strided((3 * d, w.shape[1]), (1, 3 * d)), None
+        if not _consecutive([m.bias for m in layers], (1,), d):
             return None
         return w.as_strided((3 * d, w.shape[1]), (1, 3 * d)), b.as_strided((3 * d,), (1,))
 

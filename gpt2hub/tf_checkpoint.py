@@ -228,9 +228,6 @@ class TFCheckpoint:
                     self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if path.stat().st_size else b""
             except FileNotFoundError:
                 raise CheckpointError(f"checkpoint data file {path} is missing") from None
-            if hasattr(mmap, "MADV_HUGEPAGE") and self._maps[shard]:
-                # pages read from disk come in 2 MiB folios mapped whole: far fewer TLB misses when weights stream
-                self._maps[shard].madvise(mmap.MADV_HUGEPAGE)
         return self._maps[shard]
 
     def names(self) -> list[str]:

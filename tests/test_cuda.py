@@ -81,3 +81,13 @@ def test_from_pretrained_straight_to_cuda(synthetic_hub):
         x = torch.arange(10, device="cuda")[None]
         assert torch.equal(model(x), again(x))
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 2_000_000  # KiB: no runaway host copies
+
+
+def test_float32_from_the_mapped_checkpoint_to_cuda(synthetic_hub):
+    cpu = from_pretrained("gpt2-tiny")
+    gpu = from_pretrained("gpt2-tiny", device="cuda")
+    assert gpu.tok_emb.weight.is_cuda and gpu.tok_emb.weight.dtype == torch.float32 and gpu.tied
+    assert gpu.trf_blocks[0].att.fused_qkv() is not None  # each published tensor crossed whole: c_attn stays one
+    x = torch.arange(10)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(gpu(x.cuda()).cpu(), cpu(x), rtol=1e-4, atol=1e-4)

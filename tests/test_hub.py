@@ -132,6 +132,8 @@ def test_dropped_connection_resumes_with_range(hub_env, server):
     from_pretrained("gpt2-tiny")
     ranges = [r for _, _, r in _gets(server, DATA)]
     assert ranges == [None, "bytes=1000000-", "bytes=3000000-"]
+    record = json.loads((hub_env / "openai/tiny/files.json").read_text())[DATA]
+    assert record["crc32c"] == crc32c_file(hub_env / "openai/tiny/raw" / DATA)  # hashed across the three pieces
 
 
 def test_server_that_ignores_range_restarts_cleanly(hub_env, server, tiny_folder):
@@ -265,6 +267,8 @@ def test_killed_mid_download_resumes_in_a_later_call(hub_env, server):
     from_pretrained("gpt2-tiny")
     last = _gets(server, DATA)[-1][2]
     assert last is not None and int(last.split("=")[1].rstrip("-")) >= got - (1 << 20)
+    record = json.loads((hub_env / "openai/tiny/files.json").read_text())[DATA]
+    assert record["crc32c"] == crc32c_file(hub_env / "openai/tiny/raw" / DATA)  # the kept bytes re-read and hashed
 
 
 def test_many_processes_on_an_empty_cache_download_once(hub_env, server):

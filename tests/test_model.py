@@ -86,3 +86,49 @@ def test_greedy_generation_is_identical_with_and_without_onednn(b, t):
     assert torch.equal(fast, plain)
     with torch.no_grad():
         torch.testing.assert_close(model(fast), plain_logits, rtol=1e-5, atol=1e-5)
+
+
+def _pair(seed: int) -> tuple[GPTModel, GPTModel]:
+    """The same random weights as views of OpenAI's matrices (c_attn fused) and as nn.Linear's own copies."""
+    cfg = config_from_hparams(HP)
+    weights = random_weights(HP, seed=seed, scale=0.3)
+    views, copies = (GPTModel.from_state_dict(cfg, openai_state_dict(lambda n: weights[f"model/{n}"], cfg, layout=lay))
+                     for lay in ("in_out", "out_in"))
+    return views, copies
+
+
+@pytest.mark.parametrize("b,t", [(1, 1), (2, 17)])
+def test_fused_qkv_matches_three_products(b, t):
+    views, copies = _pair(seed=b * t)
+    assert all(blk.att.fused_qkv() is not None for blk in views.trf_blocks)
+    assert all(blk.att.fused_qkv() is None for blk in copies.trf_blocks)
+    idx = torch.randint(0, HP["n_vocab"], (b, t), generator=torch.Generator().manual_seed(b + t))
+    with torch.no_grad():
+        torch.testing.assert_close(views(idx), copies(idx), rtol=1e-5, atol=1e-5)
+    assert torch.equal(generate(views, idx, 20), generate(copies, idx, 20))
+    assert torch.equal(generate(views, idx, 12, decode="static"), generate(copies, idx, 12, decode="static"))
+
+
+def test_fusion_follows_the_weights_it_sees():
+    views, copies = _pair(seed=3)
+    att = views.trf_blocks[0].att
+    idx = torch.randint(0, HP["n_vocab"], (1, 9), generator=torch.Generator().manual_seed(0))
+    # a weight replaced by another tensor: three products again, with the new values
+    att.W_key.weight = torch.nn.Parameter(att.W_key.weight.detach() * 2, requires_grad=False)
+    copies.trf_blocks[0].att.W_key.weight.data.mul_(2)
+    assert att.fused_qkv() is None
+    with torch.no_grad():
+        torch.testing.assert_close(views(idx), copies(idx), rtol=1e-5, atol=1e-5)
+    # no biases (qkv_bias=False): the three weights alone are fused
+    lin = torch.randn(48, 144)
+    att2 = GPTModel({**config_from_hparams(HP), "qkv_bias": False}).trf_blocks[0].att
+    for j, m in enumerate((att2.W_query, att2.W_key, att2.W_value)):
+        m.weight = torch.nn.Parameter(lin[:, j * 48:(j + 1) * 48].t(), requires_grad=False)
+    w, bias = att2.fused_qkv()
+    assert bias is None and torch.equal(w, lin.t())
+    x = torch.randn(2, 5, 48)
+    with torch.no_grad():
+        fused = att2(x)
+        with torch.enable_grad():  # training takes the three separate products
+            plain = att2(x)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
