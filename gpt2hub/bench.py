@@ -140,6 +140,12 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 # -- measurements in a fresh process -------------------------------------------------------------------------------------
+def _settle() -> None:
+    """Flush what earlier steps wrote, so that no step's disk writes are timed in a later one."""
+    if hasattr(os, "sync"):
+        os.sync()
+
+
 def _in_subprocess(kind: str, args: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-m", "gpt2hub.bench", kind, json.dumps(args)], env={**os.environ, **env},
                           capture_output=True, text=True, timeout=1800)
@@ -330,8 +336,10 @@ def run(cfg: BenchConfig, out: Path) -> dict[str, Any]:
                         colds, copies = [], []
                         for i in range(cfg.repeats):
                             cold_env = {**env, "GPT2HUB_CACHE": str(work / f"cold-{i}"), "GPT2HUB_OPENAI_URL": url}
+                            _settle()
                             colds.append(_in_subprocess("cold", base, cold_env))
                             shutil.rmtree(work / f"cold-{i}", ignore_errors=True)
+                            _settle()
                             copies.append(_in_subprocess("copy", {**base, "url": url, "size": spec.size,
                                                                   "dest": str(work / "copy")}, env))
                             shutil.rmtree(work / "copy", ignore_errors=True)

@@ -42,7 +42,8 @@ ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_li
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, run on oneDNN (the kernel torch.compile emits for CPU linears) for float32 inference on CPU.
 
-    At batch 1 oneDNN reads the weights 1.7-2.6x faster than the BLAS call behind F.linear (benchmarks/README.md).
+    At batch 1 oneDNN reads the weights 1.7-2.8x faster than the BLAS call behind F.linear
+    (benchmarks/linear_kernels.py).
     It needs a weight laid out densely ([out, in] or its transpose); training, other dtypes and devices, and
     `torch.backends.mkldnn.enabled = False` take F.linear.
     """
