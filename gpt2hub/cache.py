@@ -4,8 +4,8 @@
     {root}/{source}/{size}/raw/{file}.incomplete      a download in progress, resumed from its length
     {root}/{source}/{size}/files.json                 size, sha256 (pinned files) or crc32c, origin of each raw file
     {root}/{source}/{size}/converted/{dtype}.safetensors   GPTModel weights, tied head stored once
-    {root}/{source}/{size}/converted/{dtype}.json     format version, source files, size and crc32c; for OpenAI's
-                                                      float32 it names the raw data file, mapped as it is
+    {root}/{source}/{size}/converted/{dtype}.json     format version, source files, size and crc32c; for float32
+                                                      it names the raw weights file, mapped as it is
     {root}/locks/{source}--{size}.lock                per-model lock (flock: released when its process dies)
 """
 
@@ -156,6 +156,10 @@ class ModelCache:
 
     def raw_path(self, name: str) -> Path:
         return self.raw / name
+
+    def file_path(self, name: str, record: dict) -> Path:
+        """Where a recorded raw file lives: in raw/, or where its record says (files in Hugging Face's cache)."""
+        return Path(record["path"]) if "path" in record else self.raw_path(name)
 
     def converted_path(self, dtype_name: str) -> Path:
         return self.dir / "converted" / f"{dtype_name}.safetensors"

@@ -76,11 +76,11 @@ def cmd_cache_list(args: argparse.Namespace) -> int:
 
 
 def _verify(m: ModelCache) -> list[str]:
-    from .hub import weights_intact
+    from .hub import weights_file, weights_intact
 
     problems = []
     for name, record in m.files().items():
-        path = Path(record["path"]) if "path" in record else m.raw_path(name)
+        path = m.file_path(name, record)
         if not path.exists():
             problems.append(f"{path}: missing")
         elif path.stat().st_size != record["size"] or DIGESTS[kind := digest_kind(record)](path) != record[kind]:
@@ -90,7 +90,7 @@ def _verify(m: ModelCache) -> list[str]:
         if not isinstance(manifest, dict) or "dtype" not in manifest:
             problems.append(f"{path}: unreadable manifest")
             continue
-        weights = m.raw_path(manifest["mapped"]) if manifest.get("mapped") else path.with_suffix(".safetensors")
+        weights = weights_file(m, manifest)
         if not weights.exists():
             problems.append(f"{weights}: missing")
         elif weights.stat().st_size != manifest.get("bytes") or not weights_intact(m, manifest):

@@ -156,13 +156,17 @@ def _hf_name(key: str) -> str | None:
 
 
 def state_dict_from_hf(tensors: Mapping[str, torch.Tensor], cfg: Mapping[str, Any], dtype: torch.dtype = torch.float32,
-                       progress: Callable[[], Any] | None = None, layout: str | None = None) -> dict[str, torch.Tensor]:
-    """Convert Hugging Face `openai-community/gpt2*` tensors (model.safetensors, with or without `transformer.`)."""
+                       progress: Callable[[], Any] | None = None, layout: str | None = None, *,
+                       device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Convert Hugging Face `openai-community/gpt2*` tensors (model.safetensors, with or without `transformer.`).
+
+    They hold OpenAI's matrices under other names, so float32 weights are views of them, as in state_dict_from_tf.
+    """
     by_name = {}
     for key, value in tensors.items():
         name = _hf_name(key)
         if name is not None:
-            by_name[name] = value
+            by_name[name] = value if device is None else value.to(device)
     return openai_state_dict(by_name.__getitem__, cfg, dtype, progress, layout)
 
 

@@ -25,6 +25,7 @@ from .cache import (
     atomic_path,
     crc32c_file,
     default_root,
+    digest_kind,
     offline,
     read_json,
     write_json,
@@ -84,7 +85,7 @@ class Hub:
         record = self.cache.files().get(name)
         if record is None:
             return None
-        path = Path(record["path"]) if "path" in record else self.cache.raw_path(name)
+        path = self.cache.file_path(name, record)
         return path if path.exists() and path.stat().st_size == record["size"] else None
 
     def _missing(self, names: tuple[str, ...], force: bool) -> list[str]:
@@ -165,24 +166,32 @@ class Hub:
 
     # converted weights ----------------------------------------------------------------------------------------
     def mapped(self, dtype: str) -> bool:
-        """float32 from OpenAI needs no converted copy: its data file holds every weight as GPTModel reads it."""
-        return self.source == "openai" and dtype == "float32"
+        """float32 needs no converted copy: the published weights file holds every weight as GPTModel reads it."""
+        return dtype == "float32"
 
-    def _weights_file(self, dtype: str) -> Path:
-        return self.cache.raw_path(DATA_FILE) if self.mapped(dtype) else self.cache.converted_path(dtype)
+    def weights_name(self) -> str:
+        return DATA_FILE if self.source == "openai" else "model.safetensors"
 
-    def _converted_ok(self, dtype: str) -> bool:
-        """Whether the weights for `dtype` are whole: size always; crc32c whenever they changed since last verified."""
+    def _converted_ok(self, dtype: str, repair: bool = False) -> bool:
+        """Whether the weights for `dtype` are whole: size always; crc32c whenever they changed since last verified.
+
+        With `repair` (under the lock), a damaged raw file that float32 maps is deleted, to be downloaded again.
+        """
         manifest_path = self.cache.converted_manifest(dtype)
-        manifest, path = read_json(manifest_path), self._weights_file(dtype)
-        if (not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION or not path.exists()
+        manifest = read_json(manifest_path)
+        if (not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION
                 or bool(manifest.get("mapped")) != self.mapped(dtype)):
+            return False
+        path = weights_file(self.cache, manifest)
+        if not path.exists():
             return False
         st = path.stat()
         if st.st_size == manifest.get("bytes") and st.st_mtime_ns == manifest.get("mtime_ns"):
             return True  # untouched since its crc32c was checked: no need to read 0.5-6 GB again
         if st.st_size != manifest.get("bytes") or not weights_intact(self.cache, manifest):
             log.warning("%s is damaged (size or crc32c differ from %s)", path, manifest_path)
+            if repair and manifest.get("mapped"):
+                self._discard(manifest["mapped"])
             return False
         with contextlib.suppress(CacheError):  # whole but touched (copied from another machine): remember it
             write_json(manifest_path, {**manifest, "mtime_ns": st.st_mtime_ns})
@@ -193,17 +202,21 @@ class Hub:
         if force or not self._converted_ok(dtype):
             self._check_offline(self.raw_names(), force)
             with self.cache.lock(f"converting {self.spec.name} ({self.source}) to {dtype}"):
-                if force or not self._converted_ok(dtype):
+                if force or not self._converted_ok(dtype, repair=True):
                     self._fetch_locked(self.raw_names(), force)
                     self._convert_locked(dtype)
         return read_json(self.cache.converted_manifest(dtype))
 
     def load(self, dtype: str, device: torch.device, force: bool = False) -> GPTModel:
         manifest = self.converted(dtype, force)
-        if manifest.get("mapped"):
-            return GPTModel.from_state_dict(manifest["config"], state_dict_from_tf(
-                TFCheckpoint(self.cache.raw), manifest["config"], verify=False, device=device))
-        return load_converted(self.cache.converted_path(dtype), manifest["config"], device)
+        cfg = manifest["config"]
+        if not manifest.get("mapped"):
+            return load_converted(self.cache.converted_path(dtype), cfg, device)
+        if self.source == "openai":
+            sd = state_dict_from_tf(TFCheckpoint(self.cache.raw), cfg, verify=False, device=device)
+        else:
+            sd = state_dict_from_hf(safetensors.torch.load_file(weights_file(self.cache, manifest)), cfg, device=device)
+        return GPTModel.from_state_dict(cfg, sd)
 
     def raw_names(self) -> tuple[str, ...]:
         return OPENAI_FILES if self.source == "openai" else HF_FILES
@@ -230,13 +243,17 @@ class Hub:
                     raise IntegrityError(f"{e}. The damaged {DATA_FILE} was removed from the cache; run again to "
                                          "download it afresh") from e
             else:
+                if self.mapped(dtype) and not weights_intact(self.cache, {"mapped": "model.safetensors"}):
+                    self._discard("model.safetensors")
+                    raise IntegrityError(f"{files['model.safetensors']} differs from the digest recorded when it was "
+                                         "downloaded; it was removed, run again to download it afresh")
                 tensors = safetensors.torch.load_file(files["model.safetensors"])
                 sd = state_dict_from_hf(tensors, cfg, DTYPES[dtype], progress=bar.update)
-        out = self._weights_file(dtype)
-        if self.mapped(dtype):
-            record = {"mapped": DATA_FILE}
+        if self.mapped(dtype):  # checked above; nothing to write
+            record, out = {"mapped": self.weights_name()}, files[self.weights_name()]
             self.cache.converted_path(dtype).unlink(missing_ok=True)  # a copy an older gpt2hub wrote
         else:
+            out = self.cache.converted_path(dtype)
             with atomic_path(out) as tmp:
                 record = {"crc32c": save_state_dict(sd, tmp)}
         raw, st = self.cache.files(), out.stat()
@@ -247,16 +264,32 @@ class Hub:
             "raw": {n: {k: v for k, v in raw[n].items() if k != "url"} for n in self.raw_names()}})
 
     def _discard(self, name: str) -> None:
-        path = self._have(name) or self.cache.raw_path(name)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        """Delete a raw file and its record (in Hugging Face's cache: the link and the blob it points to)."""
+        record = self.cache.files().get(name)
+        path = self.cache.file_path(name, record) if record else self.cache.raw_path(name)
+        for p in (path.resolve(), path):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
         self.cache.forget_file(name)
 
 
-def weights_intact(cache: ModelCache, manifest: dict) -> bool:
-    """Whether the weights a converted manifest describes pass their crc32c checks (per tensor when mapped)."""
+def weights_file(cache: ModelCache, manifest: dict) -> Path:
+    """The file a converted manifest describes: the converted safetensors, or the raw weights file it maps."""
     if not manifest.get("mapped"):
-        return crc32c_file(cache.converted_path(manifest["dtype"])) == manifest.get("crc32c")
+        return cache.converted_path(manifest["dtype"])
+    return cache.file_path(manifest["mapped"], cache.files().get(manifest["mapped"], {}))
+
+
+def weights_intact(cache: ModelCache, manifest: dict) -> bool:
+    """Whether the weights a converted manifest describes pass their checks: crc32c of a converted file; each
+    tensor's crc32c for OpenAI's checkpoint; the digest recorded at download for Hugging Face's safetensors."""
+    path = weights_file(cache, manifest)
+    if not manifest.get("mapped"):
+        return crc32c_file(path) == manifest.get("crc32c")
+    if manifest["mapped"] != DATA_FILE:
+        record = cache.files().get(manifest["mapped"], {})
+        kind = digest_kind(record)
+        return kind in record and DIGESTS[kind](path) == record[kind]
     try:
         with TFCheckpoint(cache.raw) as ckpt:
             for name in ckpt.names():
@@ -270,13 +303,9 @@ _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"
 
 
 def save_state_dict(sd: dict[str, torch.Tensor], path: Path) -> str:
-    """Write safetensors straight from the tensors' memory (no staging copy); returns its crc32c as hex.
-
-    Each transposed view (the "in_out" layout) is stored as its contiguous base and named in the metadata.
-    """
-    transposed = [k for k, v in sd.items() if not v.is_contiguous()]
-    tensors = {k: (v.t() if k in transposed else v).contiguous() for k, v in sd.items()}
-    header: dict[str, Any] = {"__metadata__": {"format": "pt", "gpt2hub": __version__, "transposed": ",".join(transposed)}}
+    """Write safetensors straight from the tensors' memory (no staging copy); returns its crc32c as hex."""
+    tensors = {k: v.contiguous() for k, v in sd.items()}
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", "gpt2hub": __version__}}
     offset = 0
     for k, v in tensors.items():
         nbytes = v.numel() * v.element_size()
@@ -296,9 +325,8 @@ def save_state_dict(sd: dict[str, torch.Tensor], path: Path) -> str:
 def load_converted(path: Path, cfg: dict, device: str | torch.device = "cpu") -> GPTModel:
     """A GPTModel built on the meta device and given the stored tensors, mapped: no random init, no second copy."""
     with safetensors.safe_open(str(path), framework="pt", device=str(torch.device(device))) as f:
-        transposed = set(filter(None, (f.metadata() or {}).get("transposed", "").split(",")))
         sd = {k: f.get_tensor(k) for k in f.keys()}
-    return GPTModel.from_state_dict(cfg, {k: (v.t() if k in transposed else v) for k, v in sd.items()})
+    return GPTModel.from_state_dict(cfg, sd)
 
 
 def _model_folder(name: object) -> Path | None:
@@ -315,8 +343,8 @@ def _from_folder(folder: Path, device: torch.device, dtype: str) -> GPTModel:
         cfg = read_hparams(folder / "hparams.json")
         return GPTModel.from_state_dict(cfg, state_dict_from_tf(TFCheckpoint(folder), cfg, DTYPES[dtype], device=device))
     cfg = config_from_hparams(json.loads((folder / "config.json").read_text()))
-    sd = state_dict_from_hf(safetensors.torch.load_file(str(folder / "model.safetensors")), cfg, DTYPES[dtype])
-    return GPTModel.from_state_dict(cfg, sd).to(device)
+    tensors = safetensors.torch.load_file(str(folder / "model.safetensors"))  # mapped, as the data file above
+    return GPTModel.from_state_dict(cfg, state_dict_from_hf(tensors, cfg, DTYPES[dtype], device=device))
 
 
 def _device(device: str | torch.device | None) -> torch.device:

@@ -83,23 +83,28 @@ def test_dtypes_are_converted_once_each(hub_env, server):
     assert len(_gets(server, DATA)) == 1
 
 
-def test_float32_maps_the_checkpoint_itself(hub_env, server, tiny_folder):
-    model = from_pretrained("gpt2-tiny")
-    manifest = json.loads((hub_env / "openai/tiny/converted/float32.json").read_text())
-    raw = hub_env / "openai/tiny/raw" / DATA
-    assert manifest["mapped"] == DATA and manifest["bytes"] == raw.stat().st_size
-    # every weight is a view of the data file's bytes: c_attn is one matrix, W_query/W_key/W_value its column blocks
+@pytest.mark.parametrize("source", ["openai", "hf"])
+def test_float32_maps_the_published_weights_file(hub_env, server, request, source):
+    if source == "hf":
+        request.getfixturevalue("hf_cache")
+    model = from_pretrained("gpt2-tiny", source=source)
+    manifest = json.loads((hub_env / source / "tiny/converted/float32.json").read_text())
+    weights = gpt2hub.hub.weights_file(ModelCache(hub_env, source, "tiny"), manifest).resolve()
+    assert manifest["mapped"] == weights.name or source == "hf"  # Hugging Face's blobs are named by their hash
+    assert manifest["bytes"] == weights.stat().st_size and not list((hub_env / source).rglob("*.safetensors"))
+    before = weights.read_bytes()
+    # every weight is a view of the file's bytes: c_attn is one matrix, W_query/W_key/W_value its column blocks
     att = model.trf_blocks[0].att
     assert att.fused_qkv() is not None and att.W_key.weight.data_ptr() == att.W_query.weight.data_ptr() + 4 * 32
-    maps = [line.split() for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith(str(raw))]
+    maps = [line.split() for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith(str(weights))]
     spans = [[int(a, 16) for a in m[0].split("-")] for m in maps]
     assert spans
-    for name, p in model.named_parameters():  # each one's memory lies in the mapping of the cached data file
+    for name, p in model.named_parameters():  # each one's memory lies in the mapping of the cached file
         assert any(lo <= p.data_ptr() < hi for lo, hi in spans), name
     p = model.trf_blocks[1].ff.layers[0].weight
     with torch.no_grad():
         p.mul_(0)  # mapped copy-on-write: writing to the model never reaches the cache
-    assert raw.read_bytes() == (tiny_folder[0] / DATA).read_bytes()
+    assert weights.read_bytes() == before
 
 
 @pytest.mark.parametrize("var", ["GPT2HUB_OFFLINE", "HF_HUB_OFFLINE"])
@@ -210,17 +215,21 @@ def test_damaged_converted_file_is_rebuilt_without_network(hub_env, server, capl
     assert torch.equal(_logits(from_pretrained("gpt2-tiny", dtype="bfloat16")), first)
 
 
-def test_damaged_mapped_checkpoint_is_caught_removed_and_fetched_again(hub_env, server, caplog):
-    first = _logits(from_pretrained("gpt2-tiny"))
-    raw = hub_env / "openai/tiny/raw" / DATA
-    data = bytearray(raw.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    raw.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="gpt2hub"), pytest.raises(IntegrityError, match=rf"{DATA}.*crc32c"):
-        from_pretrained("gpt2-tiny")
-    assert "damaged" in caplog.text and not raw.exists()
-    assert torch.equal(_logits(from_pretrained("gpt2-tiny")), first)
-    assert len(_gets(server, DATA)) == 2
+@pytest.mark.parametrize("source", ["openai", "hf"])
+def test_damaged_mapped_weights_are_caught_and_fetched_again(hub_env, server, request, caplog, source):
+    if source == "hf":
+        request.getfixturevalue("hf_cache")
+    first = _logits(from_pretrained("gpt2-tiny", source=source))
+    manifest = json.loads((hub_env / source / "tiny/converted/float32.json").read_text())
+    weights = gpt2hub.hub.weights_file(ModelCache(hub_env, source, "tiny"), manifest).resolve()
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size; the timestamp moves, so the next load checks it in full
+    weights.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="gpt2hub"):
+        assert torch.equal(_logits(from_pretrained("gpt2-tiny", source=source)), first)
+    assert "damaged" in caplog.text
+    gets = server.served.requests("GET", DATA if source == "openai" else "model.safetensors")
+    assert len(gets) == 2  # deleted and downloaded again, in the same call
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
