@@ -158,8 +158,7 @@ class Hub:
         kind = "sha256" if pinned else "crc32c"
         digest = DIGESTS[kind](path)
         if pinned and digest != pinned:
-            with contextlib.suppress(OSError):
-                path.unlink()
+            _unlink(path)
             raise IntegrityError(f"{path} ({self.spec.hf_repo}/{name}) has sha256 {digest}, expected {pinned}; "
                                  "the bad file was deleted, run again to download it afresh")
         return {"size": path.stat().st_size, kind: digest, "path": str(path)}
@@ -266,11 +265,15 @@ class Hub:
     def _discard(self, name: str) -> None:
         """Delete a raw file and its record (in Hugging Face's cache: the link and the blob it points to)."""
         record = self.cache.files().get(name)
-        path = self.cache.file_path(name, record) if record else self.cache.raw_path(name)
-        for p in (path.resolve(), path):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+        _unlink(self.cache.file_path(name, record) if record else self.cache.raw_path(name))
         self.cache.forget_file(name)
+
+
+def _unlink(path: Path) -> None:
+    """Delete a file, and the file it links to (a Hugging Face cache entry is a link to a blob it would reuse)."""
+    for p in (path.resolve(), path):
+        with contextlib.suppress(OSError):
+            p.unlink()
 
 
 def weights_file(cache: ModelCache, manifest: dict) -> Path:

@@ -358,6 +358,20 @@ def test_hf_source_matches_openai_and_reuses_the_hf_cache(hub_env, server, hf_ca
     assert len(server.served.log) == n
 
 
+def test_hf_file_failing_its_pinned_sha256_goes_with_its_blob(hub_env, server, hf_cache, hf_folder, monkeypatch):
+    import hashlib
+
+    good = hashlib.sha256((hf_folder / "model.safetensors").read_bytes()).hexdigest()
+    monkeypatch.setitem(TINY.sha256, "hf", {"model.safetensors": good})
+    server.served.fault(f"/hf/{TINY.hf_repo}/model.safetensors", Fault("corrupt"))
+    with pytest.raises(IntegrityError, match="model.safetensors.*sha256"):
+        from_pretrained("gpt2-tiny", source="hf")
+    # the bad blob is gone too, so Hugging Face's cache cannot hand it back: the next call downloads it afresh
+    model = from_pretrained("gpt2-tiny", source="hf")
+    assert len(server.served.requests("GET", "model.safetensors")) == 2
+    assert torch.allclose(_logits(model), _logits(from_pretrained("gpt2-tiny")), atol=1e-6)
+
+
 def test_book_api_fills_models_dir_through_the_cache(hub_env, server, tmp_path, tiny_folder):
     models_dir = tmp_path / "gpt2"
     settings, params = download_and_load_gpt2(model_size="tiny", models_dir=str(models_dir))
