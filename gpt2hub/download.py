@@ -1,4 +1,4 @@
-"""HTTP downloads into the cache: resume with Range, retries with backoff, size and sha256 checks, progress bars."""
+"""HTTP downloads into the cache: resume with Range, retries with backoff, size and sha256 or crc32c checks, progress bars."""
 
 from __future__ import annotations
 
