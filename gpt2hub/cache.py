@@ -135,13 +135,23 @@ def crc32c_file(path: Path) -> str:
     return f"{google_crc32c.value(np.memmap(path, dtype=np.uint8, mode='r')):08x}"
 
 
-# a file with a pinned sha256 is checked against it; any other gets the much cheaper crc32c, to notice damage later
 DIGESTS = {"sha256": sha256_file, "crc32c": crc32c_file}
+
+
+def kind_for(sha256_pin: str | None) -> str:
+    """A file with a pinned sha256 is checked against it; any other gets the much cheaper crc32c, to notice damage."""
+    return "sha256" if sha256_pin else "crc32c"
 
 
 def digest_kind(record: dict) -> str:
     """Which digest a files.json record holds."""
     return "sha256" if "sha256" in record else "crc32c"
+
+
+def matches_record(path: Path, record: dict) -> bool:
+    """Whether a raw file still has the size and digest its files.json record holds."""
+    kind = digest_kind(record)
+    return path.stat().st_size == record["size"] and kind in record and DIGESTS[kind](path) == record[kind]
 
 
 class ModelCache:

@@ -12,7 +12,7 @@ from pathlib import Path
 import filelock
 
 from . import __version__
-from .cache import DIGESTS, ModelCache, cached_models, default_root, digest_kind, read_json
+from .cache import ModelCache, cached_models, default_root, digest_kind, matches_record, read_json
 from .errors import GPT2HubError
 
 
@@ -83,8 +83,8 @@ def _verify(m: ModelCache) -> list[str]:
         path = m.file_path(name, record)
         if not path.exists():
             problems.append(f"{path}: missing")
-        elif path.stat().st_size != record["size"] or DIGESTS[kind := digest_kind(record)](path) != record[kind]:
-            problems.append(f"{path}: size or {kind} differ from {m.files_manifest}")
+        elif not matches_record(path, record):
+            problems.append(f"{path}: size or {digest_kind(record)} differ from {m.files_manifest}")
     for path in sorted((m.dir / "converted").glob("*.json")):
         manifest = read_json(path)
         if not isinstance(manifest, dict) or "dtype" not in manifest:

@@ -17,7 +17,7 @@ import google_crc32c
 import numpy as np
 from tqdm.auto import tqdm
 
-from .cache import disk_errors, env_flag, fsync_dir
+from .cache import disk_errors, env_flag, fsync_dir, kind_for
 from .errors import DownloadError, IntegrityError
 
 log = logging.getLogger("gpt2hub")
@@ -122,7 +122,7 @@ def download(url: str, dest: Path, *, expected_size: int | None = None, expected
     with disk_errors(dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
     show = progress and not progress_disabled()
-    kind = "sha256" if expected_sha256 else "crc32c"
+    kind = kind_for(expected_sha256)
     running = _Digest(kind)
     bar = tqdm(desc=dest.name, unit="B", unit_scale=True, unit_divisor=1024, miniters=1, delay=0.2) if show else None
     try:

@@ -25,7 +25,8 @@ from .cache import (
     atomic_path,
     crc32c_file,
     default_root,
-    digest_kind,
+    kind_for,
+    matches_record,
     offline,
     read_json,
     write_json,
@@ -124,7 +125,7 @@ class Hub:
         if force:  # start afresh; the cached copy is replaced only once the new one is complete and verified
             dest.with_name(dest.name + ".incomplete").unlink(missing_ok=True)
         elif dest.exists():  # present but unrecorded (a crash between rename and record): check it, don't refetch
-            kind = "sha256" if sha_pin else "crc32c"
+            kind = kind_for(sha_pin)
             digest = DIGESTS[kind](dest)
             if (size_pin is None or dest.stat().st_size == size_pin) and sha_pin in (None, digest):
                 return {"size": dest.stat().st_size, kind: digest, "url": None}
@@ -155,7 +156,7 @@ class Hub:
             raise DownloadError(f"could not get {name} of {self.spec.hf_repo} from the Hugging Face Hub "
                                 f"(HF_ENDPOINT={os.environ.get('HF_ENDPOINT', 'default')}): {e}") from e
         pinned = self.spec.expected_sha256("hf").get(name)
-        kind = "sha256" if pinned else "crc32c"
+        kind = kind_for(pinned)
         digest = DIGESTS[kind](path)
         if pinned and digest != pinned:
             _unlink(path)
@@ -290,9 +291,8 @@ def weights_intact(cache: ModelCache, manifest: dict) -> bool:
     if not manifest.get("mapped"):
         return crc32c_file(path) == manifest.get("crc32c")
     if manifest["mapped"] != DATA_FILE:
-        record = cache.files().get(manifest["mapped"], {})
-        kind = digest_kind(record)
-        return kind in record and DIGESTS[kind](path) == record[kind]
+        record = cache.files().get(manifest["mapped"])
+        return record is not None and matches_record(path, record)
     try:
         with TFCheckpoint(cache.raw) as ckpt:
             for name in ckpt.names():
