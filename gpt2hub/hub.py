@@ -112,11 +112,14 @@ class Hub:
                 self._fetch_locked(names, force)
         return {n: self._have(n) for n in names}
 
-    def _fetch_locked(self, names: tuple[str, ...], force: bool) -> None:
+    def _fetch_locked(self, names: tuple[str, ...], force: bool) -> list[str]:
+        """Fetch what is missing; returns the names fetched (their digests were just taken)."""
         self._check_offline(names, force)
-        for name in self._missing(names, force):  # re-read: another process may have fetched them meanwhile
+        fetched = self._missing(names, force)  # re-read: another process may have fetched them meanwhile
+        for name in fetched:
             record = self._fetch_openai(name, force) if self.source == "openai" else self._fetch_hf(name, force)
             self.cache.record_file(name, record)
+        return fetched
 
     def _fetch_openai(self, name: str, force: bool) -> dict:
         dest = self.cache.raw_path(name)
@@ -203,8 +206,8 @@ class Hub:
             self._check_offline(self.raw_names(), force)
             with self.cache.lock(f"converting {self.spec.name} ({self.source}) to {dtype}"):
                 if force or not self._converted_ok(dtype, repair=True):
-                    self._fetch_locked(self.raw_names(), force)
-                    self._convert_locked(dtype)
+                    fetched = self._fetch_locked(self.raw_names(), force)
+                    self._convert_locked(dtype, fetched)
         return read_json(self.cache.converted_manifest(dtype))
 
     def load(self, dtype: str, device: torch.device, force: bool = False) -> GPTModel:
@@ -221,7 +224,7 @@ class Hub:
     def raw_names(self) -> tuple[str, ...]:
         return OPENAI_FILES if self.source == "openai" else HF_FILES
 
-    def _convert_locked(self, dtype: str) -> None:
+    def _convert_locked(self, dtype: str, fetched: list[str]) -> None:
         files = {n: self._have(n) for n in self.raw_names()}
         if self.source == "openai":
             cfg = read_hparams(files["hparams.json"])
@@ -243,7 +246,8 @@ class Hub:
                     raise IntegrityError(f"{e}. The damaged {DATA_FILE} was removed from the cache; run again to "
                                          "download it afresh") from e
             else:
-                if self.mapped(dtype) and not weights_intact(self.cache, {"mapped": "model.safetensors"}):
+                if (self.mapped(dtype) and "model.safetensors" not in fetched  # else hashed a moment ago
+                        and not weights_intact(self.cache, {"mapped": "model.safetensors"})):
                     self._discard("model.safetensors")
                     raise IntegrityError(f"{files['model.safetensors']} differs from the digest recorded when it was "
                                          "downloaded; it was removed, run again to download it afresh")

@@ -372,6 +372,25 @@ def test_hf_file_failing_its_pinned_sha256_goes_with_its_blob(hub_env, server, h
     assert torch.allclose(_logits(model), _logits(from_pretrained("gpt2-tiny")), atol=1e-6)
 
 
+def test_hf_weights_are_hashed_once_cold_and_checked_before_a_later_first_float32_load(hub_env, server, hf_cache,
+                                                                                        monkeypatch):
+    hashed = []
+    real = gpt2hub.cache.DIGESTS["crc32c"]
+    monkeypatch.setitem(gpt2hub.cache.DIGESTS, "crc32c", lambda p: hashed.append(Path(p).name) or real(p))
+    first = _logits(from_pretrained("gpt2-tiny", source="hf"))
+    assert hashed.count("model.safetensors") == 1  # on arrival; the float32 mapping trusts that fresh digest
+    # damaged after download, before float32 first maps it: refused, removed, fetched afresh on the next call
+    hub_env.joinpath("hf/tiny/converted/float32.json").unlink()
+    weights = Path(json.loads((hub_env / "hf/tiny/files.json").read_text())["model.safetensors"]["path"]).resolve()
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="model.safetensors differs from the digest"):
+        from_pretrained("gpt2-tiny", source="hf")
+    assert torch.equal(_logits(from_pretrained("gpt2-tiny", source="hf")), first)
+    assert len(server.served.requests("GET", "model.safetensors")) == 2
+
+
 def test_book_api_fills_models_dir_through_the_cache(hub_env, server, tmp_path, tiny_folder):
     models_dir = tmp_path / "gpt2"
     settings, params = download_and_load_gpt2(model_size="tiny", models_dir=str(models_dir))
