@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gpt2hub.bench import machine_info, machine_label
+from gpt2hub.bench import machine_info, machine_label, stats
 
 D, LAYERS, VOCAB = 768, 12, 50257
 
@@ -56,10 +55,9 @@ def main() -> None:
             nbytes = sum(w.numel() * 4 for w in in_out)
             for layout, weights in layouts.items():
                 for kernel, fn in (("F.linear", F.linear), ("oneDNN", onednn)):
-                    times = _passes(fn, list(zip(weights, biases, strict=True)), xs, args.repeats)
-                    med = statistics.median(times)
-                    rows.append({"part": part, "layout": layout, "kernel": kernel, "median_ms": med * 1e3,
-                                 "min_ms": min(times) * 1e3, "gb_per_s": nbytes / med / 1e9})
+                    s = stats(_passes(fn, list(zip(weights, biases, strict=True)), xs, args.repeats))
+                    rows.append({"part": part, "layout": layout, "kernel": kernel, "median_ms": s["median"] * 1e3,
+                                 "min_ms": s["min"] * 1e3, "gb_per_s": nbytes / s["median"] / 1e9})
     info = machine_info()
     lines = [f"Batch-1 float32 matrix-vector products of gpt2-small, {machine_label(info)}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads, median of {args.repeats}", "",

@@ -501,7 +501,7 @@ def plot(all_results: list[dict[str, Any]], out: Path) -> list[Path]:
     ax.set_xticks(batches, [str(b) for b in batches])
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_major_formatter(plain)
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(v)[0] in "25" else ""))
     ax.set_xlabel("batch size (sequences)")
     ax.set_ylabel("generated tokens per second (log scale)")

@@ -82,14 +82,14 @@ class MultiHeadAttention(nn.Module):
         """W_query, W_key and W_value as one [3 * d_out, d_in] weight (and bias) when they are consecutive column
         blocks of one [d_in, 3 * d_out] matrix, as in OpenAI's c_attn mapped from its checkpoint; else None."""
         layers, d = (self.W_query, self.W_key, self.W_value), self.d_out
-        w, b = self.W_query.weight, self.W_query.bias
         if not _consecutive([m.weight for m in layers], (1, 3 * d), d):
             return None
+        w = self.W_query.weight.as_strided((3 * d, self.W_query.weight.shape[1]), (1, 3 * d))
         if all(m.bias is None for m in layers):
-            return w.as_strided((3 * d, w.shape[1]), (1, 3 * d)), None
+            return w, None
         if not _consecutive([m.bias for m in layers], (1,), d):
             return None
-        return w.as_strided((3 * d, w.shape[1]), (1, 3 * d)), b.as_strided((3 * d,), (1,))
+        return w, self.W_query.bias.as_strided((3 * d,), (1,))
 
     def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
                 start: int | torch.Tensor = 0) -> torch.Tensor:

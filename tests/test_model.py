@@ -43,7 +43,7 @@ def test_onednn_is_there_on_x86():
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(1, 1, 48), (3, 7, 48), (5, 48), "strided"])
 def test_onednn_linear_matches_the_plain_path(layout, bias, shape):
-    g = torch.Generator().manual_seed(hash((layout, bias, str(shape))) % 1000)
+    g = torch.Generator().manual_seed(0)
     lin = Linear(48, 80, bias=bias)
     w = torch.randn(80, 48, generator=g)
     lin.weight = torch.nn.Parameter(w if layout == "out_in" else w.t().contiguous().t(), requires_grad=False)
