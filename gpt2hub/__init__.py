@@ -1,8 +1,7 @@
 """gpt2hub: OpenAI's GPT-2 weights as clean PyTorch models, from a verified cache, fast."""
 
-__version__ = "0.1.0"
-
-from .book import (  # noqa: E402
+from .__version__ import __version__
+from .book import (
     GPT_CONFIG_124M,
     assign,
     download_and_load_gpt2,
@@ -11,8 +10,8 @@ from .book import (  # noqa: E402
     text_to_token_ids,
     token_ids_to_text,
 )
-from .convert import state_dict_from_hf, state_dict_from_params, state_dict_from_tf  # noqa: E402
-from .errors import (  # noqa: E402
+from .convert import state_dict_from_hf, state_dict_from_params, state_dict_from_tf
+from .errors import (
     CacheError,
     CheckpointError,
     ConversionError,
@@ -24,11 +23,11 @@ from .errors import (  # noqa: E402
     OfflineError,
     UnknownModelError,
 )
-from .generate import generate, generate_stream, generate_text, stream_text  # noqa: E402
-from .hub import download_files, from_pretrained, load_tokenizer  # noqa: E402
-from .model import GPTModel, KVCache  # noqa: E402
-from .registry import ModelSpec, register, resolve  # noqa: E402
-from .tf_checkpoint import TFCheckpoint  # noqa: E402
+from .generate import generate, generate_stream, generate_text, stream_text
+from .hub import download_files, from_pretrained, load_tokenizer
+from .model import GPTModel, KVCache
+from .registry import ModelSpec, register, resolve
+from .tf_checkpoint import TFCheckpoint
 
 __all__ = [
     "GPT_CONFIG_124M", "CacheError", "CheckpointError", "ConversionError", "DeviceError", "DownloadError", "GPT2HubError",

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from .errors import ConversionError
 from .hub import download_files
 from .model import GPT_CONFIG_124M
 from .registry import model_configs, resolve
+from .sources import clone_file
 from .tf_checkpoint import TFCheckpoint
 
 __all__ = ["GPT_CONFIG_124M", "assign", "download_and_load_gpt2", "load_weights_into_gpt", "model_configs",
@@ -24,18 +25,23 @@ __all__ = ["GPT_CONFIG_124M", "assign", "download_and_load_gpt2", "load_weights_
 
 
 def _place(src: Path, dst: Path) -> None:
-    """Copy a cached file to `dst` (never a link: editing the notebook's copy must not touch the cache)."""
-    if dst.exists() and dst.stat().st_size == src.stat().st_size:
+    """Copy a cached file to `dst`, a reflink where the filesystem can (never a hard or symbolic link: editing the
+    notebook's copy must not touch the cache). A file already there that the cache adopted is left as it is."""
+    if dst.is_file() and dst.stat().st_size == src.stat().st_size and filecmp.cmp(src, dst, shallow=False):
         return
     with atomic_path(dst) as tmp:
-        shutil.copyfile(src, tmp)
+        clone_file(src, tmp)
 
 
 def download_and_load_gpt2(model_size: str, models_dir: str | os.PathLike) -> tuple[dict, dict]:
-    """(settings, params) as the book returns them, fetched through the cache; `models_dir/model_size` is filled."""
+    """(settings, params) as the book returns them, fetched through the cache; `models_dir/model_size` is filled.
+
+    Files already in `models_dir/<size>` (the book's own download) are adopted into the cache once they pass every
+    check a download would (size, pinned sha256, structure), instead of being downloaded again.
+    """
     spec = resolve(model_size)
-    paths = download_files(spec, source="openai")
     folder = Path(models_dir) / spec.size
+    paths = download_files(spec, source="openai", adopt_from=folder if folder.is_dir() else None)
     folder.mkdir(parents=True, exist_ok=True)
     for name, path in paths.items():
         _place(path, folder / name)

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import shutil
+import os
 import sys
 from pathlib import Path
 
-import filelock
-
-from . import __version__
-from .cache import ModelCache, cached_models, default_root, digest_kind, matches_record, read_json
+from .__version__ import __version__
+from .cache import cached_models, default_root, model_cache, prune
 from .errors import GPT2HubError
 
 
@@ -55,7 +52,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) if path.is_dir() else 0
 
 
 def cmd_cache_list(args: argparse.Namespace) -> int:
@@ -65,51 +62,27 @@ def cmd_cache_list(args: argparse.Namespace) -> int:
         print(f"the cache at {root} is empty")
         return 0
     print(f"cache: {root}")
-    print(f"{'source':8} {'model':8} {'files':>5} {'on disk':>10}  converted")
+    print(f"{'source':8} {'model':8} {'files':>5} {'on disk':>10}  stored dtypes")
     for m in models:
-        files = m.files()
+        files = m.records()
         outside = sum(r["size"] for r in files.values() if "path" in r)  # hf files live in the HF cache
-        dtypes = sorted(p.stem for p in (m.dir / "converted").glob("*.json"))
         note = f" (+{_human(outside)} in the Hugging Face cache)" if outside else ""
-        print(f"{m.source:8} {m.size:8} {len(files):>5} {_human(_dir_bytes(m.dir)):>10}  {', '.join(dtypes) or '-'}{note}")
+        dtypes = ", ".join(m.stored_dtypes()) or "-"
+        print(f"{m.source:8} {m.size:8} {len(files):>5} {_human(_dir_bytes(m.dir)):>10}  {dtypes}{note}")
     return 0
 
 
-def _verify(m: ModelCache) -> list[str]:
-    from .hub import weights_file, weights_intact
-
-    problems = []
-    for name, record in m.files().items():
-        path = m.file_path(name, record)
-        if not path.exists():
-            problems.append(f"{path}: missing")
-        elif not matches_record(path, record):
-            problems.append(f"{path}: size or {digest_kind(record)} differ from {m.files_manifest}")
-    for path in sorted((m.dir / "converted").glob("*.json")):
-        manifest = read_json(path)
-        if not isinstance(manifest, dict) or "dtype" not in manifest:
-            problems.append(f"{path}: unreadable manifest")
-            continue
-        weights = weights_file(m, manifest)
-        if not weights.exists():
-            problems.append(f"{weights}: missing")
-        elif weights.stat().st_size != manifest.get("bytes") or not weights_intact(m, manifest):
-            problems.append(f"{weights}: size or crc32c differ from {path}")
-    return problems
-
-
 def cmd_cache_verify(args: argparse.Namespace) -> int:
-    models = cached_models(default_root())
     bad = 0
-    for m in models:
-        problems = _verify(m)
+    for m in cached_models(default_root()):
+        problems = m.verify()
         bad += len(problems)
-        print(f"{m.source}/{m.size}: {'ok' if not problems else f'{len(problems)} damaged'}")
+        print(f"{m.source}/{m.size}: {'ok' if not problems else f'{len(problems)} problem(s)'}")
         for p in problems:
             print(f"  {p}")
     if bad:
-        print(f"{bad} damaged file(s): run `gpt2hub cache rm MODEL` and download again (converted files are "
-              "rebuilt on the next load)", file=sys.stderr)
+        print(f"{bad} missing or damaged file(s): the next load repairs them, or run `gpt2hub cache rm MODEL`",
+              file=sys.stderr)
     return 1 if bad else 0
 
 
@@ -120,11 +93,11 @@ def cmd_cache_rm(args: argparse.Namespace) -> int:
     sources = [args.source] if args.source else ["openai", "hf"]
     removed = 0
     for source in sources:
-        m = ModelCache(default_root(), source, spec.size)
-        if m.dir.exists():
+        m = model_cache(default_root(), source, spec.size)
+        if os.path.lexists(m.dir):
             with m.lock(f"removing {spec.name}", timeout=args.timeout):
-                shutil.rmtree(m.dir)
-            print(f"removed {m.dir}")
+                freed = m.remove_all()
+            print(f"removed {m.dir} ({_human(freed)} freed)")
             removed += 1
     if not removed:
         print(f"{spec.name} is not in the cache at {default_root()}")
@@ -132,37 +105,10 @@ def cmd_cache_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_prune(args: argparse.Namespace) -> int:
-    root = default_root()
     freed = 0
-    for m in cached_models(root):
-        lock = filelock.FileLock(str(m.lock_path))
-        try:
-            lock.acquire(timeout=0)
-        except filelock.Timeout:
-            print(f"skipping {m.dir}: another process holds {m.lock_path}")
-            continue
-        try:
-            for leftover in [*m.dir.rglob("*.incomplete"), *m.dir.rglob(".*.tmp")]:
-                freed += leftover.stat().st_size
-                leftover.unlink()
-                print(f"removed {leftover}")
-        finally:
-            lock.release()
-    # a lock nobody holds never blocks (the OS drops it with its process); its file is removed only once its model
-    # is gone from the cache, since unlinking a lock file that another process is about to open would split the lock
-    for lock_path in sorted((root / "locks").glob("*.lock")) if (root / "locks").exists() else []:
-        source, _, size = lock_path.stem.partition("--")
-        if (root / source / size).exists():
-            continue
-        lock = filelock.FileLock(str(lock_path))
-        with contextlib.suppress(filelock.Timeout):
-            lock.acquire(timeout=0)
-            try:
-                lock_path.with_suffix(".owner").unlink(missing_ok=True)
-                lock_path.unlink(missing_ok=True)
-                print(f"removed stale lock {lock_path}")
-            finally:
-                lock.release()
+    for p in prune(default_root()):
+        freed += p.bytes
+        print(f"{p.action} {p.path}" + (f": {p.why}" if p.why else "") + (" (stale lock)" if p.path.suffix == ".lock" else ""))
     print(f"freed {_human(freed)}")
     return 0
 

@@ -15,7 +15,6 @@ product reads [in, out] faster (see benchmarks/), so float32 uses "in_out" and i
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,31 +23,47 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import names
 from .errors import ConversionError
 from .tf_checkpoint import TFCheckpoint
 
 Getter = Callable[[str], Any]
 
 
-def config_from_hparams(hparams: Mapping[str, Any]) -> dict:
-    """The book's config dict from OpenAI's hparams.json or Hugging Face's config.json."""
-    pick = {"vocab_size": ("n_vocab", "vocab_size"), "context_length": ("n_ctx", "n_positions"),
+_HPARAMS = {"vocab_size": ("n_vocab", "vocab_size"), "context_length": ("n_ctx", "n_positions"),
             "emb_dim": ("n_embd",), "n_heads": ("n_head",), "n_layers": ("n_layer",)}
+
+
+def config_from_hparams(hparams: Any, where: str = "hyperparameters") -> dict:
+    """The book's config dict from OpenAI's hparams.json or Hugging Face's config.json, checked.
+
+    Every size must be a positive integer (no floats, bools or nulls) and `n_embd` a multiple of `n_head`;
+    anything else raises ConversionError naming `where` (the file) and the bad value.
+    """
+    if not isinstance(hparams, Mapping):
+        raise ConversionError(f"{where} is not a JSON object (got {type(hparams).__name__})")
     cfg: dict[str, Any] = {}
-    for key, names in pick.items():
-        found = [hparams[n] for n in names if n in hparams]
+    for key, keys in _HPARAMS.items():
+        found = [hparams[n] for n in keys if n in hparams]
         if not found:
-            raise ConversionError(f"hyperparameters lack {' or '.join(names)}: {dict(hparams)}")
-        cfg[key] = int(found[0])
+            raise ConversionError(f"{where} lacks {' or '.join(keys)}")
+        value = found[0]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConversionError(f"{where}: {keys[0]} must be a positive integer, got {value!r}")
+        cfg[key] = value
+    if cfg["emb_dim"] % cfg["n_heads"]:
+        raise ConversionError(f"{where}: n_embd {cfg['emb_dim']} is not a multiple of n_head {cfg['n_heads']}")
     return {**cfg, "drop_rate": 0.0, "qkv_bias": True}
 
 
 def read_hparams(path: str | Path) -> dict:
+    """The book's config from a hparams.json or config.json file (see `config_from_hparams`)."""
     path = Path(path)
     try:
-        return config_from_hparams(json.loads(path.read_text()))
+        data = json.loads(path.read_bytes())
     except (OSError, ValueError) as e:
         raise ConversionError(f"cannot read hyperparameters from {path}: {e}") from e
+    return config_from_hparams(data, str(path))
 
 
 def _tensor(value: Any) -> torch.Tensor:
@@ -69,25 +84,13 @@ def default_layout(dtype: torch.dtype) -> str:
 
 def openai_state_dict(get: Getter, cfg: Mapping[str, Any], dtype: torch.dtype = torch.float32,
                       progress: Callable[[], Any] | None = None, layout: str | None = None) -> dict[str, torch.Tensor]:
-    """GPTModel tensors from a getter of OpenAI variable names (without the `model/` prefix).
+    """GPTModel tensors from a getter of OpenAI variable names (without the `model/` prefix), by `names.NAMES`.
 
     `progress` is called once per variable read (for a progress bar); `layout` defaults to `default_layout(dtype)`.
     """
     layout = layout or default_layout(dtype)
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    d, n_layers = cfg["emb_dim"], cfg["n_layers"]
-
-    def fetch(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        try:
-            t = _tensor(get(name))
-        except KeyError:
-            raise ConversionError(f"the weights have no variable {name!r}") from None
-        if progress is not None:
-            progress()
-        if t.numel() != int(np.prod(shape)):
-            raise ConversionError(f"variable {name!r} has shape {tuple(t.shape)}, expected {shape}")
-        return t.reshape(shape)  # drops the leading 1 of Conv1D weights; a view, no copy
 
     def copy(src: torch.Tensor) -> torch.Tensor:
         return torch.empty(src.shape, dtype=dtype, device=src.device).copy_(src)
@@ -96,27 +99,36 @@ def openai_state_dict(get: Getter, cfg: Mapping[str, Any], dtype: torch.dtype = 
         return src if src.dtype == dtype else copy(src)
 
     def matrix(src_in_out: torch.Tensor) -> torch.Tensor:
-        """A Linear weight [out, in] from its [in, out] source, in the chosen layout."""
+        """A Linear weight [out, in] from its Conv1D source [in, out], in the chosen layout."""
         return out(src_in_out).t() if layout == "in_out" else copy(src_in_out.t())
 
-    sd = {"tok_emb.weight": matrix(fetch("wte", (cfg["vocab_size"], d)).t()),
-          "pos_emb.weight": out(fetch("wpe", (cfg["context_length"], d)))}
-    for i in range(n_layers):
-        h, p = f"h{i}/", f"trf_blocks.{i}."
-        w, b = fetch(h + "attn/c_attn/w", (d, 3 * d)), fetch(h + "attn/c_attn/b", (3 * d,))
-        for j, name in enumerate(("W_query", "W_key", "W_value")):
-            sd[f"{p}att.{name}.weight"] = matrix(w[:, j * d:(j + 1) * d])
-            sd[f"{p}att.{name}.bias"] = out(b[j * d:(j + 1) * d])
-        for src, dst, n_in, n_out in (("attn/c_proj", "att.out_proj", d, d), ("mlp/c_fc", "ff.layers.0", d, 4 * d),
-                                      ("mlp/c_proj", "ff.layers.2", 4 * d, d)):
-            sd[f"{p}{dst}.weight"] = matrix(fetch(f"{h}{src}/w", (n_in, n_out)))
-            sd[f"{p}{dst}.bias"] = out(fetch(f"{h}{src}/b", (n_out,)))
-        for src, dst in (("ln_1", "norm1"), ("ln_2", "norm2")):
-            sd[f"{p}{dst}.scale"] = out(fetch(f"{h}{src}/g", (d,)))
-            sd[f"{p}{dst}.shift"] = out(fetch(f"{h}{src}/b", (d,)))
-    sd["final_norm.scale"] = out(fetch("ln_f/g", (d,)))
-    sd["final_norm.shift"] = out(fetch("ln_f/b", (d,)))
+    sd: dict[str, torch.Tensor] = {}
+    for name, targets, transform in names.entries(cfg["n_layers"]):
+        t = _fetch(get, name, names.openai_shape(name, cfg))
+        if progress is not None:
+            progress()
+        if transform == names.CONV1D:
+            sd[targets[0]] = matrix(t)
+        elif transform in (names.QKV, names.QKV_BIAS):
+            d = cfg["emb_dim"]
+            for j, target in enumerate(targets):
+                part = t[..., j * d:(j + 1) * d]
+                sd[target] = matrix(part) if transform == names.QKV else out(part)
+        elif name == "wte":  # the embedding is also the tied head's matrix: laid out like the other matrices
+            sd[targets[0]] = matrix(t.t())
+        else:
+            sd[targets[0]] = out(t)
     return sd
+
+
+def _fetch(get: Getter, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    try:
+        t = _tensor(get(name))
+    except KeyError:
+        raise ConversionError(f"the weights have no variable {name!r}") from None
+    if t.numel() != int(np.prod(shape)):
+        raise ConversionError(f"variable {name!r} has shape {tuple(t.shape)}, expected {shape}")
+    return t.reshape(shape)  # drops the leading 1 of Conv1D weights; a view, no copy
 
 
 def state_dict_from_tf(ckpt: TFCheckpoint | str | Path, cfg: Mapping[str, Any], dtype: torch.dtype = torch.float32,
@@ -138,23 +150,6 @@ def state_dict_from_tf(ckpt: TFCheckpoint | str | Path, cfg: Mapping[str, Any], 
     return openai_state_dict(get, cfg, dtype, progress, layout)
 
 
-_HF_RENAMES = ((re.compile(r"^h\.(\d+)\."), r"h\1/"), (re.compile(r"\.weight$"), "/w"), (re.compile(r"\.bias$"), "/b"))
-
-
-def _hf_name(key: str) -> str | None:
-    key = key.removeprefix("transformer.")
-    if key == "lm_head.weight" or re.fullmatch(r"h\.\d+\.attn\.(masked_)?bias", key):
-        return None  # tied head; causal-mask buffers
-    if key in ("wte.weight", "wpe.weight"):
-        return key.split(".")[0]
-    for pattern, repl in _HF_RENAMES:
-        key = pattern.sub(repl, key)
-    key = key.replace(".", "/")
-    if re.search(r"ln_(\d|f)/", key):
-        key = key.replace("/w", "/g")
-    return key
-
-
 def state_dict_from_hf(tensors: Mapping[str, torch.Tensor], cfg: Mapping[str, Any], dtype: torch.dtype = torch.float32,
                        progress: Callable[[], Any] | None = None, layout: str | None = None, *,
                        device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
@@ -164,7 +159,10 @@ def state_dict_from_hf(tensors: Mapping[str, torch.Tensor], cfg: Mapping[str, An
     """
     by_name = {}
     for key, value in tensors.items():
-        name = _hf_name(key)
+        try:
+            name = names.openai_name(key)
+        except KeyError:
+            raise ConversionError(f"unexpected tensor {key!r}: not a GPT-2 weight") from None
         if name is not None:
             by_name[name] = value if device is None else value.to(device)
     return openai_state_dict(by_name.__getitem__, cfg, dtype, progress, layout)

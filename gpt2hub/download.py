@@ -1,15 +1,27 @@
-"""HTTP downloads into the cache: resume with Range, retries with backoff, size and sha256 or crc32c checks, progress bars."""
+"""HTTP downloads into the cache: resume with Range, retries, validation on arrival, size and sha256 or crc32c.
+
+What can go wrong, and what happens:
+- name resolution fails or the connection is refused: the mirror is down; `MirrorDown` at once, no retry.
+- 404, 403 and other 4xx: `DownloadError` at once, naming the URL.
+- 5xx, 408, 429, a reset or a closed connection mid-body, no byte for GPT2HUB_READ_TIMEOUT seconds: retried with a
+  Range request from the bytes already written, a few times with short backoff, then `DownloadError`.
+- the complete file has the wrong size, the wrong pinned sha256, or fails `validate`: deleted, `IntegrityError`
+  (the caller tries the next mirror). Network errors are never reported as disk errors, nor the reverse.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import logging
 import os
 import re
+import socket
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,20 +29,29 @@ import google_crc32c
 import numpy as np
 from tqdm.auto import tqdm
 
-from .cache import disk_errors, env_flag, fsync_dir, kind_for
+from .cache import disk_errors, env_flag, env_seconds, fsync_dir, ignore_pins, kind_for, regular_file
 from .errors import DownloadError, IntegrityError
 
 log = logging.getLogger("gpt2hub")
 CHUNK = 1 << 20
 USER_AGENT = "gpt2hub (+https://pypi.org/project/gpt2hub)"
+Validator = Callable[[Path], None]
 
 
 def progress_disabled() -> bool:
-    return env_flag("GPT2HUB_DISABLE_PROGRESS_BARS")
+    return env_flag("GPT2HUB_DISABLE_PROGRESS_BARS") or env_flag("HF_HUB_DISABLE_PROGRESS_BARS")
+
+
+class MirrorDown(DownloadError):
+    """The server cannot be reached at all (name resolution failed, connection refused): try the next one."""
 
 
 class _Fatal(Exception):
     """A response that retrying will not fix (404, 403, ...)."""
+
+
+class _Transient(Exception):
+    """A failure that a retry may fix (5xx, a reset, a stall)."""
 
 
 _HASHES = {"sha256": hashlib.sha256, "crc32c": google_crc32c.Checksum}
@@ -59,101 +80,170 @@ class _Digest:
         return digest.decode() if isinstance(digest, bytes) else digest
 
 
-def _attempt(url: str, part: Path, timeout: float, bar: tqdm | None, digest: _Digest) -> int:
-    """Fetch what `part` still lacks; returns the file's total size as the server states it."""
-    offset = part.stat().st_size if part.exists() else 0
+def _unreachable(e: BaseException) -> bool:
+    reason = getattr(e, "reason", e)
+    return isinstance(reason, (socket.gaierror, ConnectionRefusedError)) or (
+        isinstance(reason, OSError) and reason.errno in (111, -2, -3, -5))
+
+
+def _open(url: str, offset: int, timeout: float) -> http.client.HTTPResponse:
     headers = {"User-Agent": USER_AGENT}
     if offset:
         headers["Range"] = f"bytes={offset}-"
     try:
-        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as e:
-        if e.code == 416 and offset:  # asked past the end: what we hold may be the whole file
-            match = re.search(r"/(\d+)", e.headers.get("Content-Range", ""))
-            if match and int(match.group(1)) == offset:
-                return offset
-            part.unlink()
-            raise ConnectionError(f"range {offset}- not satisfiable; starting over") from None
+        if e.code == 416 and offset:
+            raise  # the caller decides: the whole file may already be here
         if e.code in (408, 425, 429) or e.code >= 500:
-            raise ConnectionError(f"HTTP {e.code} from {url}") from None
+            raise _Transient(f"HTTP {e.code}") from None
         raise _Fatal(f"HTTP {e.code} {e.reason} for {url}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
+        if _unreachable(e):
+            raise MirrorDown(f"{url}: cannot connect ({getattr(e, 'reason', e)})") from None
+        if isinstance(e, ValueError):  # urllib's "unknown url type"
+            raise _Fatal(f"{url} is not an http(s) URL: check GPT2HUB_OPENAI_URL") from None
+        raise _Transient(str(getattr(e, "reason", e))) from None
+
+
+def _span(resp: http.client.HTTPResponse, url: str, offset: int) -> tuple[int, int]:
+    """(first byte, total size or -1) of a response to a request for bytes from `offset`."""
+    if resp.status == 206:
+        match = re.match(r"bytes (\d+)-\d+/(\d+)", resp.headers.get("Content-Range", ""))
+        if not match or int(match.group(1)) != offset:
+            raise _Fatal(f"{url} answered a Range request with Content-Range {resp.headers.get('Content-Range')!r}")
+        return offset, int(match.group(2))
+    length = resp.headers.get("Content-Length")  # 200: the server ignored the Range header, start again
+    return 0, int(length) if length is not None and length.isdigit() else -1
+
+
+def _attempt(url: str, part: Path, timeout: float, bar: tqdm | None, digest: _Digest) -> int:
+    """Fetch what `part` still lacks; returns the file's size. Reading errors are network errors, writing ones disk's."""
+    offset = part.stat().st_size if part.exists() else 0
+    try:
+        resp = _open(url, offset, timeout)
+    except urllib.error.HTTPError as e:  # 416: asked past the end, so what we hold may be the whole file
+        match = re.search(r"/(\d+)", e.headers.get("Content-Range", ""))
+        if match and int(match.group(1)) == offset:
+            return offset
+        part.unlink()
+        raise _Transient(f"range {offset}- not satisfiable; starting over") from None
     with resp:
-        if resp.status == 206:
-            match = re.match(r"bytes (\d+)-\d+/(\d+)", resp.headers.get("Content-Range", ""))
-            if not match or int(match.group(1)) != offset:
-                raise _Fatal(f"{url} answered a Range request with Content-Range {resp.headers.get('Content-Range')!r}")
-            total = int(match.group(2))
-        else:  # 200: the server ignored the Range header, so start again from byte 0
-            offset = 0
-            length = resp.headers.get("Content-Length")
-            total = int(length) if length is not None else -1
+        offset, total = _span(resp, url, offset)
         if bar is not None:
             bar.reset(total=total if total >= 0 else None)
             bar.update(offset)
         digest.catch_up(part, offset)
-        buf = np.empty(CHUNK, dtype=np.uint8)  # one buffer for the whole file (google_crc32c takes numpy arrays)
-        with disk_errors(part), open(part, "r+b" if offset else "wb") as f:
+        with disk_errors(part):
+            f = open(part, "r+b" if offset else "wb")
+        with f:
             if offset:
-                f.seek(offset)
-                f.truncate()
-            while n := resp.readinto(memoryview(buf)):
-                chunk = buf[:n]
-                f.write(chunk)
+                with disk_errors(part):
+                    f.seek(offset)
+                    f.truncate()
+            while chunk := _read(resp):
+                with disk_errors(part):
+                    f.write(chunk)
                 digest.update(chunk)
                 if bar is not None:
-                    bar.update(n)
-            f.flush()
-            os.fsync(f.fileno())
+                    bar.update(len(chunk))
+            with disk_errors(part):
+                f.flush()
+                os.fsync(f.fileno())
             got = f.tell()
     if total >= 0 and got != total:
-        raise ConnectionError(f"connection closed at byte {got} of {total}")
+        raise _Transient(f"connection closed at byte {got} of {total}")
     return got
 
 
+def _read(resp: http.client.HTTPResponse) -> bytes:
+    """The bytes that have arrived (one socket read, at most CHUNK), so a stall loses none already received."""
+    try:
+        return resp.read1(CHUNK)
+    except (OSError, http.client.HTTPException) as e:  # reset, timeout (a stall), incomplete read: the network's
+        raise _Transient(f"{type(e).__name__}: {e}") from None
+
+
+def claim_partial(dest: Path) -> Path:
+    """This process's partial file for `dest`, taking over the largest one an earlier process left (by an atomic
+    rename, so two processes never write the same partial file)."""
+    mine = dest.with_name(f"{dest.name}.{os.getpid()}.incomplete")
+    if mine.exists():
+        return mine
+    pattern = re.compile(re.escape(dest.name) + r"\.(\d+\.)?incomplete$")
+    with contextlib.suppress(OSError):
+        leftovers = [p for p in dest.parent.iterdir() if pattern.fullmatch(p.name) and regular_file(p)]
+        for p in sorted(leftovers, key=lambda p: p.stat().st_size, reverse=True):
+            with contextlib.suppress(OSError):
+                os.rename(p, mine)
+                return mine
+    return mine
+
+
 def download(url: str, dest: Path, *, expected_size: int | None = None, expected_sha256: str | None = None,
-             retries: int = 5, timeout: float = 30.0, backoff: float = 0.5, progress: bool = True) -> dict[str, Any]:
+             validate: Validator | None = None, retries: int = 3, timeout: float | None = None,
+             backoff: float = 0.25, progress: bool = True) -> dict[str, Any]:
     """Download `url` to `dest` atomically; returns its record: size and sha256 (when one is expected) or crc32c.
 
-    Bytes go to `dest.incomplete` first, which a later attempt or a later call resumes with a Range request.
-    Dropped connections, timeouts and 5xx are retried with exponential backoff; 4xx fail at once.
-    On a size or hash mismatch the file is deleted and IntegrityError names it.
+    Bytes go to a partial file unique to this process (an earlier process's is claimed and resumed with a Range
+    request). `validate` is called on the complete file before it takes its final name. On a size, hash or
+    validation failure the file is deleted and IntegrityError names it, the URL and what was wrong.
     """
-    part = dest.with_name(dest.name + ".incomplete")
+    timeout = env_seconds("GPT2HUB_READ_TIMEOUT", 60.0) if timeout is None else timeout
     with disk_errors(dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
+    part = claim_partial(dest)
+    running = _Digest(kind_for(expected_sha256))
     show = progress and not progress_disabled()
-    kind = kind_for(expected_sha256)
-    running = _Digest(kind)
-    bar = tqdm(desc=dest.name, unit="B", unit_scale=True, unit_divisor=1024, miniters=1, delay=0.2) if show else None
+    bar = tqdm(desc=dest.name, unit="B", unit_scale=True, unit_divisor=1024, delay=0.5) if show else None
     try:
-        for attempt in range(retries + 1):
-            try:
-                size = _attempt(url, part, timeout, bar, running)
-                break
-            except _Fatal as e:
-                raise DownloadError(str(e)) from None
-            except (ConnectionError, http.client.HTTPException, TimeoutError, urllib.error.URLError) as e:
-                reason = getattr(e, "reason", e)
-                if attempt == retries:
-                    raise DownloadError(f"could not download {url} after {retries + 1} attempts: {reason}. "
-                                        f"{part.name} keeps the bytes received; run again to resume") from None
-                wait = backoff * 2 ** attempt
-                log.warning("download of %s interrupted (%s); resuming in %.1f s", url, reason, wait)
-                time.sleep(wait)
+        size = _fetch(url, part, timeout, bar, running, retries, backoff)
     finally:
         if bar is not None:
             bar.close()
     running.catch_up(part, size)  # a no-op unless the whole file was already there (416)
-    digest = running.hexdigest()
+    return _finish(url, part, dest, size, running, expected_size, expected_sha256, validate)
+
+
+def _fetch(url: str, part: Path, timeout: float, bar: tqdm | None, digest: _Digest, retries: int, backoff: float) -> int:
+    for attempt in range(retries + 1):
+        try:
+            return _attempt(url, part, timeout, bar, digest)
+        except _Fatal as e:
+            raise DownloadError(str(e)) from None
+        except _Transient as e:
+            if attempt == retries:
+                kept = f"; {part.name} keeps {part.stat().st_size} bytes, run again to resume" if part.exists() else ""
+                raise DownloadError(f"{url}: {e} (after {retries + 1} attempts){kept}") from None
+            wait = backoff * 2 ** attempt
+            log.warning("download of %s interrupted (%s); resuming in %.2f s", url, e, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _finish(url: str, part: Path, dest: Path, size: int, digest: _Digest, expected_size: int | None,
+            expected_sha256: str | None, validate: Validator | None) -> dict[str, Any]:
+    kind = kind_for(expected_sha256)
+    value = digest.hexdigest()
     problem = None
     if expected_size is not None and size != expected_size:
         problem = f"is {size} bytes, expected {expected_size}"
-    elif expected_sha256 is not None and digest != expected_sha256:
-        problem = f"has sha256 {digest}, expected {expected_sha256}"
+    elif expected_sha256 is not None and value != expected_sha256:
+        if not ignore_pins():
+            problem = (f"has sha256 {value}, but the published file's is {expected_sha256} (pinned); a server that "
+                       "serves other weights under these names needs GPT2HUB_IGNORE_PINS=1")
+        else:
+            log.warning("%s from %s differs from the published file's pinned sha256; kept because "
+                        "GPT2HUB_IGNORE_PINS is set", dest.name, url)
+    if problem is None and validate is not None:
+        try:
+            validate(part)
+        except IntegrityError as e:
+            problem = str(e)
     if problem:
         part.unlink()
-        raise IntegrityError(f"{dest.name} downloaded from {url} {problem}; the bad file was deleted, run again "
-                             "to download it afresh (if it happens again, the server or a proxy is altering it)")
-    os.replace(part, dest)
+        raise IntegrityError(f"{dest.name} from {url} {problem}")
+    with disk_errors(dest):
+        os.replace(part, dest)
     fsync_dir(dest.parent)
-    return {"size": size, kind: digest}
+    return {"size": size, kind: value}

@@ -10,7 +10,14 @@ class UnknownModelError(GPT2HubError, ValueError):
 
 
 class CheckpointError(GPT2HubError):
-    """A TensorFlow checkpoint that is corrupt, truncated or uses a feature we do not read."""
+    """A TensorFlow checkpoint that is corrupt, truncated or uses a feature we do not read.
+
+    `file` is the file at fault (the index or a data file) where it is known: only that file is fetched again.
+    """
+
+    def __init__(self, message: str, file: object = None):
+        super().__init__(message)
+        self.file = file
 
 
 class ConversionError(GPT2HubError):

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 
 from .errors import UnknownModelError
 
+DATA_FILE = "model.ckpt.data-00000-of-00001"
+INDEX_FILE = "model.ckpt.index"
+HF_WEIGHTS = "model.safetensors"
 OPENAI_FILES = (
     "checkpoint",
     "encoder.json",
@@ -20,6 +23,12 @@ OPENAI_FILES = (
 OPENAI_TOKENIZER_FILES = ("encoder.json", "vocab.bpe")
 HF_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
 HF_TOKENIZER_FILES = ("vocab.json", "merges.txt")
+
+SOURCES = ("openai", "hf")
+SOURCE_FILES = {"openai": OPENAI_FILES, "hf": HF_FILES}  # every file a source may put in the cache
+# every spelling a user may pass -> the dtype's canonical name (storage.py maps names to torch dtypes)
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float16": "float16", "fp16": "float16", "half": "float16"}
 
 # tiktoken pins these (tiktoken_ext/openai_public.py); every size ships the same two files.
 TOKENIZER_SHA256 = {
@@ -80,9 +89,12 @@ class ModelSpec:
     def expected_sizes(self) -> dict[str, int]:
         """Byte sizes of published files we can state exactly (the data file is float32 tensors back to back)."""
         vocab = {n: TOKENIZER_SIZES[n] for n in self.expected_sha256("openai") if n in TOKENIZER_SIZES}
-        return {**vocab, "model.ckpt.data-00000-of-00001": 4 * self.n_params}
+        return {**vocab, DATA_FILE: 4 * self.n_params}
 
-    def expected_sha256(self, source: str) -> dict[str, str]:
+    def expected_sha256(self, source: str, revision: str | None = None) -> dict[str, str]:
+        """Pinned sha256 of this source's files; Hugging Face pins hold for the default revision only."""
+        if source == "hf" and revision not in (None, "main"):
+            return {}
         return self.sha256.get(source, {})
 
 
@@ -110,12 +122,37 @@ def register(spec: ModelSpec, *aliases: str) -> ModelSpec:
 
 
 _OPENAI = {"openai": TOKENIZER_SHA256}
+# OpenAI's 124M files: two public sources agree on the data file; `checkpoint` (77 bytes naming model.ckpt) and
+# `hparams.json` (90 bytes, pretty-printed with a trailing newline) are reproducible from their known content.
+_OPENAI_124M = {**TOKENIZER_SHA256,
+                "checkpoint": "dd1b025d2e155283f5e300ce95bf6d5b6bc0f7fe010db73daa6975eb896ab9cb",
+                "hparams.json": "d9d56e4121c427164e0c55c6f03c08e1daf9002b9b672825112d19097b680318",
+                DATA_FILE: "2060c885360cc0cf41d7a6dbc4d24b5127aae20260c8b5ae521b5a6578407118",
+                INDEX_FILE: "71916f763f9746f9b2a06b12d91996cf1084ae008d0424543d39391c5f2dc687",
+                "model.ckpt.meta": "4668c448fa11531fd6700460487f73e82d3272960cea942252f8744bf225c77b"}
 register(ModelSpec("gpt2-small", "124M", "openai-community/gpt2", 768, 12, 12, sha256={
-    **_OPENAI, "hf": {"model.safetensors": "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707"}}),
+    "openai": _OPENAI_124M, "hf": {"model.safetensors": "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707"}}),
     "gpt2-124M", "small")
 register(ModelSpec("gpt2-medium", "355M", "openai-community/gpt2-medium", 1024, 24, 16, sha256=_OPENAI), "gpt2-355M", "medium")
 register(ModelSpec("gpt2-large", "774M", "openai-community/gpt2-large", 1280, 36, 20, sha256=_OPENAI), "gpt2-774M", "large")
 register(ModelSpec("gpt2-xl", "1558M", "openai-community/gpt2-xl", 1600, 48, 25, sha256=_OPENAI), "gpt2-1558M", "xl", "1.5B")
+
+
+def dtype_name(dtype: object) -> str:
+    """The canonical name ("float32", "bfloat16", "float16") of a dtype given as a name or a torch.dtype; None is float32."""
+    if dtype is None:
+        return "float32"
+    key = str(dtype).removeprefix("torch.")
+    if key not in DTYPE_NAMES:
+        raise ValueError(f"unsupported dtype {dtype!r}: use float32, bfloat16 or float16")
+    return DTYPE_NAMES[key]
+
+
+def check_source(source: object) -> str:
+    """`source` if it is one gpt2hub knows, else a ValueError naming the choices."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}: use one of {', '.join(SOURCES)}")
+    return str(source)
 
 
 def names() -> list[str]:

@@ -3,33 +3,33 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 
+from . import names
+from .convert import config_from_hparams
 from .registry import ModelSpec
-from .tf_checkpoint import write_checkpoint
+from .tf_checkpoint import proto_field, write_checkpoint
 
+META_FILE = proto_field(1, b"gpt2hub synthetic checkpoint: no graph")  # a protobuf message, as MetaGraphDef is
 CHECKPOINT_FILE = 'model_checkpoint_path: "model.ckpt"\nall_model_checkpoint_paths: "model.ckpt"\n'
 
 
 def random_weights(hp: dict, seed: int = 0, scale: float = 0.2) -> dict[str, np.ndarray]:
     """OpenAI variable names and shapes (`model/h0/attn/c_attn/w` is [1, d, 3d]) with random float32 values."""
     rng = np.random.default_rng(seed)
-    d, v, n = hp["n_embd"], hp["n_vocab"], hp["n_ctx"]
-
     def r(*shape: int) -> np.ndarray:
         return rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
 
-    w = {"model/wte": r(v, d), "model/wpe": r(n, d), "model/ln_f/g": 1 + r(d), "model/ln_f/b": r(d)}
-    for i in range(hp["n_layer"]):
-        h = f"model/h{i}/"
-        w.update({h + "ln_1/g": 1 + r(d), h + "ln_1/b": r(d), h + "ln_2/g": 1 + r(d), h + "ln_2/b": r(d),
-                  h + "attn/c_attn/w": r(1, d, 3 * d), h + "attn/c_attn/b": r(3 * d),
-                  h + "attn/c_proj/w": r(1, d, d), h + "attn/c_proj/b": r(d),
-                  h + "mlp/c_fc/w": r(1, d, 4 * d), h + "mlp/c_fc/b": r(4 * d),
-                  h + "mlp/c_proj/w": r(1, 4 * d, d), h + "mlp/c_proj/b": r(d)})
+    cfg = config_from_hparams(hp)
+    w = {}
+    for name in names.openai_names(cfg["n_layers"]):
+        shape = names.openai_shape(name, cfg)
+        value = r(*shape)
+        if name.endswith("/g"):  # layer-norm gains sit around 1
+            value += 1
+        w["model/" + name] = value[None] if name.endswith("/w") else value  # Conv1D weights carry a leading 1
     return w
 
 
@@ -48,8 +48,8 @@ def write_openai_folder(folder: Path, spec: ModelSpec, vocab: tuple[bytes, bytes
     weights = random_weights(spec.hparams(), seed)
     write_checkpoint(folder / "model.ckpt", weights)
     (folder / "checkpoint").write_text(CHECKPOINT_FILE)
-    (folder / "hparams.json").write_text(json.dumps(spec.hparams(), indent=2))
-    (folder / "model.ckpt.meta").write_bytes(b"graph not included: gpt2hub never reads it")
+    (folder / "hparams.json").write_text(json.dumps(spec.hparams(), indent=2) + "\n")  # byte for byte as OpenAI's
+    (folder / "model.ckpt.meta").write_bytes(META_FILE)
     encoder, merges = vocab or placeholder_vocab()
     (folder / "encoder.json").write_bytes(encoder)
     (folder / "vocab.bpe").write_bytes(merges)
@@ -58,12 +58,9 @@ def write_openai_folder(folder: Path, spec: ModelSpec, vocab: tuple[bytes, bytes
 
 def hf_tensors(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The same weights as `openai-community/gpt2*`'s model.safetensors names them (with its mask buffers)."""
-    out = {}
-    for name, value in weights.items():
-        key = re.sub(r"^h(\d+)/", r"h.\1.", name.removeprefix("model/")).replace("/", ".")
-        key = re.sub(r"\.[wg]$", ".weight", re.sub(r"\.b$", ".bias", key))
-        out[key if key not in ("wte", "wpe") else key + ".weight"] = np.ascontiguousarray(
-            value.reshape(value.shape[-2:]) if value.ndim == 3 else value)
+    out = {names.hf_name(name.removeprefix("model/")): np.ascontiguousarray(value.reshape(value.shape[-2:]) if value.ndim == 3
+                                                                             else value)
+           for name, value in weights.items()}
     n_ctx = weights["model/wpe"].shape[0]
     for i in range(sum(1 for k in weights if k.endswith("attn/c_attn/w"))):
         out[f"h.{i}.attn.bias"] = np.tril(np.ones((n_ctx, n_ctx), dtype=np.float32))[None, None]

@@ -8,7 +8,9 @@ BundleHeaderProto and whose other keys are variable names mapping to BundleEntry
 from __future__ import annotations
 
 import mmap
+import os
 import re
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +45,7 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _proto_fields(buf: bytes) -> list[tuple[int, int | bytes]]:
+def proto_fields(buf: bytes) -> list[tuple[int, int | bytes]]:
     """(field number, value) pairs of a protobuf message; varints as ints, length-delimited fields as bytes."""
     fields, pos = [], 0
     while pos < len(buf):
@@ -85,14 +87,14 @@ class TensorEntry:
 
 def _parse_entry(name: str, buf: bytes) -> TensorEntry:
     dtype_code, shape, shard, offset, size, crc, sliced = 0, (), 0, 0, 0, None, False
-    for number, value in _proto_fields(buf):
+    for number, value in proto_fields(buf):
         if number == 1:
             dtype_code = value
         elif number == 2:
             dims = []
-            for n, v in _proto_fields(value):
+            for n, v in proto_fields(value):
                 if n == 2:
-                    dims.append(_int64(dict(_proto_fields(v)).get(1, 0)))
+                    dims.append(_int64(dict(proto_fields(v)).get(1, 0)))
                 elif n == 3 and v:
                     raise ValueError("shape of unknown rank")
             shape = tuple(dims)
@@ -123,10 +125,11 @@ class _SSTable:
         self.path = path
         self.data = path.read_bytes()
         if len(self.data) < _FOOTER_LEN:
-            raise CheckpointError(f"{path} is {len(self.data)} bytes, too short to be a checkpoint index (truncated?)")
+            raise CheckpointError(f"{path} is {len(self.data)} bytes, too short to be a checkpoint index (truncated?)", file=path)
         footer = self.data[-_FOOTER_LEN:]
         if struct.unpack("<Q", footer[-8:])[0] != _TABLE_MAGIC:
-            raise CheckpointError(f"{path} does not end with the table magic number: not a checkpoint index, or truncated")
+            raise CheckpointError(f"{path} does not end with the table magic number: not a checkpoint index, or truncated",
+                                  file=path)
         try:
             pos = 0
             handle = []
@@ -135,33 +138,36 @@ class _SSTable:
                 handle.append(value)
             self.index_handle = (handle[2], handle[3])
         except ValueError as e:
-            raise CheckpointError(f"{path}: unreadable table footer ({e})") from e
+            raise CheckpointError(f"{path}: unreadable table footer ({e})", file=path) from e
 
     def _block(self, offset: int, size: int) -> bytes:
         end = offset + size
         if end + _TRAILER_LEN > len(self.data) - _FOOTER_LEN:
-            raise CheckpointError(f"{self.path}: block at byte {offset} runs past the end of the file (truncated?)")
+            raise CheckpointError(f"{self.path}: block at byte {offset} runs past the end of the file (truncated?)",
+                                  file=self.path)
         contents = self.data[offset:end]
         kind = self.data[end]
         stored = struct.unpack_from("<I", self.data, end + 1)[0]
         if mask_crc(google_crc32c.value(contents + bytes([kind]))) != stored:
-            raise CheckpointError(f"{self.path}: block at byte {offset} fails its crc32c check (the file is corrupt)")
+            raise CheckpointError(f"{self.path}: block at byte {offset} fails its crc32c check (the file is corrupt)",
+                                  file=self.path)
         if kind != 0:
-            raise CheckpointError(f"{self.path}: block at byte {offset} is compressed (type {kind}), which gpt2hub does not read")
+            raise CheckpointError(f"{self.path}: block at byte {offset} is compressed (type {kind}), which gpt2hub does not read",
+                                  file=self.path)
         return contents
 
     def _entries(self, block: bytes) -> list[tuple[bytes, bytes]]:
         n_restarts = struct.unpack_from("<I", block, len(block) - 4)[0]
         limit = len(block) - 4 - 4 * n_restarts
         if limit < 0:
-            raise CheckpointError(f"{self.path}: block restart array is larger than the block (corrupt)")
+            raise CheckpointError(f"{self.path}: block restart array is larger than the block (corrupt)", file=self.path)
         entries, key, pos = [], b"", 0
         while pos < limit:
             shared, pos = _varint(block, pos)
             unshared, pos = _varint(block, pos)
             value_len, pos = _varint(block, pos)
             if shared > len(key) or pos + unshared + value_len > limit:
-                raise CheckpointError(f"{self.path}: malformed block entry at byte {pos} (corrupt)")
+                raise CheckpointError(f"{self.path}: malformed block entry at byte {pos} (corrupt)", file=self.path)
             key = key[:shared] + block[pos:pos + unshared]
             pos += unshared
             entries.append((key, block[pos:pos + value_len]))
@@ -191,6 +197,38 @@ def find_prefix(path: str | Path) -> Path:
     return path.with_suffix("") if path.suffix == ".index" else path
 
 
+def _require_regular(path: Path) -> None:
+    """Refuse a FIFO, device or folder without opening it (reading a FIFO would wait forever)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise CheckpointError(f"{path} is not a regular file (a FIFO, device or folder): replace it with the real file",
+                              file=path)
+
+
+def read_index(index_path: Path) -> tuple[dict[str, TensorEntry], int]:
+    """(variable name -> entry, number of data shards) of a tensor-bundle index file, every block's crc32c checked."""
+    if not index_path.exists():
+        raise CheckpointError(f"no checkpoint index at {index_path}", file=index_path)
+    _require_regular(index_path)
+    entries: dict[str, TensorEntry] = {}
+    header = None
+    try:
+        for key, value in _SSTable(index_path).items():
+            if key == b"":
+                header = dict(proto_fields(value))
+            else:
+                entries[key.decode()] = _parse_entry(key.decode(), value)
+    except CheckpointError as e:
+        e.file = e.file or index_path
+        raise
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index_path}: unreadable entry ({e}); the file is corrupt", file=index_path) from e
+    if header is None:
+        raise CheckpointError(f"{index_path} has no bundle header: not a tensor-bundle index", file=index_path)
+    if header.get(2, 0) != 0:
+        raise CheckpointError(f"{index_path} holds big-endian tensors, which gpt2hub does not read", file=index_path)
+    return entries, int(header.get(1, 1))
+
+
 class TFCheckpoint:
     """Variables of a TensorFlow V2 checkpoint. `read` returns arrays mapped copy-on-write from the data files
     (writing to one never reaches the file)."""
@@ -198,23 +236,7 @@ class TFCheckpoint:
     def __init__(self, path: str | Path):
         self.prefix = find_prefix(path)
         self.index_path = Path(f"{self.prefix}.index")
-        if not self.index_path.exists():
-            raise CheckpointError(f"no checkpoint index at {self.index_path}")
-        self.entries: dict[str, TensorEntry] = {}
-        header = None
-        try:
-            for key, value in _SSTable(self.index_path).items():
-                if key == b"":
-                    header = dict(_proto_fields(value))
-                else:
-                    self.entries[key.decode()] = _parse_entry(key.decode(), value)
-        except ValueError as e:
-            raise CheckpointError(f"{self.index_path}: unreadable entry ({e}); the file is corrupt") from e
-        if header is None:
-            raise CheckpointError(f"{self.index_path} has no bundle header: not a tensor-bundle index")
-        if header.get(2, 0) != 0:
-            raise CheckpointError(f"{self.index_path} holds big-endian tensors, which gpt2hub does not read")
-        self.num_shards = header.get(1, 1)
+        self.entries, self.num_shards = read_index(self.index_path)
         self._maps: dict[int, mmap.mmap] = {}
 
     def data_path(self, shard: int) -> Path:
@@ -223,11 +245,13 @@ class TFCheckpoint:
     def _map(self, shard: int) -> mmap.mmap:
         if shard not in self._maps:
             path = self.data_path(shard)
+            if path.exists():
+                _require_regular(path)
             try:
                 with open(path, "rb") as f:
                     self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if path.stat().st_size else b""
             except FileNotFoundError:
-                raise CheckpointError(f"checkpoint data file {path} is missing") from None
+                raise CheckpointError(f"checkpoint data file {path} is missing", file=path) from None
         return self._maps[shard]
 
     def names(self) -> list[str]:
@@ -238,19 +262,21 @@ class TFCheckpoint:
         try:
             e = self.entries[name]
         except KeyError:
-            raise CheckpointError(f"{self.index_path} has no variable {name!r}") from None
+            raise CheckpointError(f"{self.index_path} has no variable {name!r}", file=self.index_path) from None
         count = int(np.prod(e.shape, dtype=np.int64))
         if count * e.dtype.itemsize != e.size:
-            raise CheckpointError(f"{self.index_path}: variable {name!r} of shape {e.shape} claims {e.size} bytes")
+            raise CheckpointError(f"{self.index_path}: variable {name!r} of shape {e.shape} claims {e.size} bytes",
+                                  file=self.index_path)
         buf = self._map(e.shard)
         if e.offset + e.size > len(buf):
             raise CheckpointError(
                 f"{self.data_path(e.shard)} ends at byte {len(buf)} but variable {name!r} needs bytes up to "
-                f"{e.offset + e.size}: the file is truncated")
+                f"{e.offset + e.size}: the file is truncated", file=self.data_path(e.shard))
         raw = np.frombuffer(buf, dtype=np.uint8, count=e.size, offset=e.offset)
         if verify and e.crc32c is not None and mask_crc(google_crc32c.value(raw)) != e.crc32c:
             raise CheckpointError(
-                f"{self.data_path(e.shard)}: variable {name!r} fails its crc32c check: the file is corrupt")
+                f"{self.data_path(e.shard)}: variable {name!r} fails its crc32c check: the file is corrupt",
+                    file=self.data_path(e.shard))
         return raw.view(e.dtype).reshape(e.shape)
 
     def close(self) -> None:
@@ -279,7 +305,7 @@ def _put_varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _field(number: int, value: int | bytes) -> bytes:
+def proto_field(number: int, value: int | bytes) -> bytes:
     if isinstance(value, bytes):
         return _put_varint(number << 3 | 2) + _put_varint(len(value)) + value
     return _put_varint(number << 3) + _put_varint(value)
@@ -304,7 +330,7 @@ def _block(entries: list[tuple[bytes, bytes]], restart_interval: int) -> bytes:
 def write_checkpoint(prefix: str | Path, tensors: dict[str, np.ndarray]) -> None:
     """Write a single-shard V2 checkpoint (PREFIX.index, PREFIX.data-00000-of-00001) that TensorFlow reads."""
     prefix = Path(prefix)
-    entries = [(b"", _field(1, 1) + _field(3, _field(1, 1)))]  # header: one shard, little endian, producer 1
+    entries = [(b"", proto_field(1, 1) + proto_field(3, proto_field(1, 1)))]  # header: one shard, little endian, producer 1
     offset = 0
     with open(f"{prefix}.data-00000-of-00001", "wb") as data:
         for name in sorted(tensors):
@@ -312,8 +338,9 @@ def write_checkpoint(prefix: str | Path, tensors: dict[str, np.ndarray]) -> None
             array = array.astype(array.dtype.newbyteorder("<"), copy=False)
             raw = array.view(np.uint8).reshape(-1)
             data.write(raw.data)
-            shape = b"".join(_field(2, _field(1, d)) for d in array.shape)
-            entry = (_field(1, _DTYPE_CODES[array.dtype]) + _field(2, shape) + _field(4, offset) + _field(5, raw.size)
+            shape = b"".join(proto_field(2, proto_field(1, d)) for d in array.shape)
+            entry = (proto_field(1, _DTYPE_CODES[array.dtype]) + proto_field(2, shape) + proto_field(4, offset)
+                     + proto_field(5, raw.size)
                      + _put_varint(6 << 3 | 5) + struct.pack("<I", mask_crc(google_crc32c.value(raw))))
             entries.append((name.encode(), entry))
             offset += raw.size

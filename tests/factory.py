@@ -42,7 +42,7 @@ def write_openai_folder(folder: Path, hp: dict, seed: int = 0) -> dict[str, np.n
     weights = random_weights(hp, seed)
     write_tf_checkpoint(folder / "model.ckpt", weights)
     (folder / "checkpoint").write_text(CHECKPOINT_FILE)  # OpenAI's: relative, not this machine's absolute path
-    (folder / "hparams.json").write_text(json.dumps(hp, indent=2))
+    (folder / "hparams.json").write_text(json.dumps(hp, indent=2) + "\n")
     for name in VOCAB_FILES:
         shutil.copyfile(DATA / name, folder / name)
     return weights

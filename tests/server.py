@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -14,13 +16,19 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 @dataclass
 class Fault:
-    """What to do to the next matching request. kinds: status, drop, corrupt, slow, ignore_range."""
+    """What to do to the next matching request.
+
+    kinds: status, drop (close after `after` bytes), reset (a TCP reset after `after` bytes), stall (send `after`
+    bytes, then nothing for `delay` seconds, then close), corrupt, slow (`delay` seconds per 64 KiB), ignore_range,
+    body (serve `body` instead of the file: an HTML page, a truncated file).
+    """
 
     kind: str
     status: int = 503
-    after: int = 0  # drop: bytes sent before the connection is cut
-    delay: float = 0.0  # slow: seconds per 64 KiB
+    after: int = 0
+    delay: float = 0.0
     times: int = 1  # how many requests it applies to
+    body: bytes = b""
 
 
 @dataclass
@@ -95,6 +103,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.end_headers()
                 return
         body = data[start:]
+        if fault and fault.kind == "body":
+            body = fault.body[start:]
         if fault and fault.kind == "corrupt":
             body = bytes([body[0] ^ 0xFF]) + body[1:]
         self.send_response(206 if partial else 200)
@@ -111,10 +121,16 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if head:
             return
-        if fault and fault.kind == "drop":
+        if fault and fault.kind in ("drop", "reset", "stall"):
             self.wfile.write(body[:fault.after])
             self.wfile.flush()
             self.close_connection = True
+            if fault.kind == "stall":
+                time.sleep(fault.delay)  # bounded: the test sets the client's read timeout below it
+            if fault.kind == "reset":  # SO_LINGER 0: close() sends RST, the client sees "connection reset by peer"
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
+                return
             self.connection.shutdown(2)
             return
         for i in range(0, len(body), 1 << 16):

@@ -45,7 +45,7 @@ def test_verify_finds_damage_and_exits_nonzero(hub_env, server, capsys, damaged,
     data[len(data) // 2] ^= 1  # same size: only the digest can tell
     path.write_bytes(bytes(data))
     code, out, err = run(capsys, "cache", "verify")
-    assert code == 1 and f"{path}: size or {digest} differ" in out and "damaged" in err
+    assert code == 1 and f"{path}: {digest} differs" in out and "damaged" in err
 
 
 def test_rm_and_prune(hub_env, server, capsys):

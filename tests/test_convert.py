@@ -131,7 +131,7 @@ def test_wrong_shapes_are_named():
 
 
 def test_layouts_hold_the_same_values_and_round_trip_through_the_cache_format(small_folder, tmp_path):
-    from gpt2hub.hub import load_converted, save_state_dict
+    from gpt2hub.storage import load_safetensors, save_state_dict
 
     cfg = config_from_hparams(SMALL_HP)
     ckpt = TFCheckpoint(small_folder[0])
@@ -146,7 +146,7 @@ def test_layouts_hold_the_same_values_and_round_trip_through_the_cache_format(sm
     for k in out_in:
         assert torch.equal(in_out[k], out_in[k]), k
     save_state_dict(in_out, tmp_path / "w.safetensors")
-    model = load_converted(tmp_path / "w.safetensors", cfg)
+    model = GPTModel.from_state_dict(cfg, load_safetensors(tmp_path / "w.safetensors"))
     assert model.tied and all(p.is_contiguous() for p in model.parameters())  # stored in nn.Linear's layout
     assert model.trf_blocks[0].att.fused_qkv() is None  # as three matrices
     ref, views = GPTModel.from_state_dict(cfg, out_in), GPTModel.from_state_dict(cfg, in_out)

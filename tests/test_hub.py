@@ -1,6 +1,7 @@
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from gpt2hub import (
     from_pretrained,
     load_tokenizer,
 )
-from gpt2hub.cache import ModelCache, crc32c_file
+from gpt2hub.cache import ModelCache, crc32c_file, model_cache
 from gpt2hub.registry import OPENAI_FILES
 
 DATA = "model.ckpt.data-00000-of-00001"
@@ -43,6 +44,12 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
         return model(torch.arange(12)[None])
 
 
+def _weights_file(cache: Path, source: str) -> Path:
+    """The published weights file that float32 maps (in Hugging Face's cache for source="hf")."""
+    m = model_cache(cache, source, "tiny")
+    return m.file_path(m.manifest("float32").weights).resolve()
+
+
 def _gets(server, name: str) -> list:
     return server.served.requests("GET", f"/{TINY.size}/{name}")
 
@@ -58,7 +65,8 @@ def test_from_pretrained_downloads_converts_and_matches_the_folder(hub_env, serv
     assert files["encoder.json"]["sha256"] == gpt2hub.registry.TOKENIZER_SHA256["encoder.json"]
     assert "sha256" not in files[DATA] and files[DATA]["crc32c"] == crc32c_file(tiny_folder[0] / DATA)  # none pinned
     manifest = json.loads((hub_env / "openai" / "tiny" / "converted" / "float32.json").read_text())
-    assert manifest["format"] == 1 and manifest["source"] == "openai" and manifest["raw"][DATA]["size"] > 0
+    assert manifest["format"] == 2 and manifest["source"] == "openai" and manifest["kind"] == "mapped"
+    assert manifest["weights"] == DATA and manifest["bytes"] == (tiny_folder[0] / DATA).stat().st_size
     assert not list(hub_env.rglob("*.incomplete")) and not list(hub_env.rglob("*.tmp"))
 
 
@@ -76,7 +84,7 @@ def test_warm_cache_makes_no_request_and_survives_a_dead_server(hub_env, server)
 def test_dtypes_are_converted_once_each(hub_env, server):
     for dtype in ("bfloat16", torch.float16, "float32"):
         model = from_pretrained("gpt2-tiny", dtype=dtype)
-        assert model.tok_emb.weight.dtype == gpt2hub.hub.DTYPES[str(dtype).removeprefix("torch.")]
+        assert model.tok_emb.weight.dtype == gpt2hub.storage.TORCH_DTYPES[str(dtype).removeprefix("torch.")]
     converted = hub_env / "openai/tiny/converted"
     assert sorted(p.name for p in converted.glob("*")) == ["bfloat16.json", "bfloat16.safetensors", "float16.json",
                                                            "float16.safetensors", "float32.json"]
@@ -89,8 +97,8 @@ def test_float32_maps_the_published_weights_file(hub_env, server, request, sourc
         request.getfixturevalue("hf_cache")
     model = from_pretrained("gpt2-tiny", source=source)
     manifest = json.loads((hub_env / source / "tiny/converted/float32.json").read_text())
-    weights = gpt2hub.hub.weights_file(ModelCache(hub_env, source, "tiny"), manifest).resolve()
-    assert manifest["mapped"] == weights.name or source == "hf"  # Hugging Face's blobs are named by their hash
+    weights = _weights_file(hub_env, source)
+    assert manifest["weights"] == weights.name or source == "hf"  # Hugging Face's blobs are named by their hash
     assert manifest["bytes"] == weights.stat().st_size and not list((hub_env / source).rglob("*.safetensors"))
     before = weights.read_bytes()
     # every weight is a view of the file's bytes: c_attn is one matrix, W_query/W_key/W_value its column blocks
@@ -163,15 +171,14 @@ def test_404_fails_at_once_naming_the_url(hub_env, server):
 
 
 def test_persistent_5xx_gives_up_keeping_partial_bytes(hub_env, server, monkeypatch):
-    monkeypatch.setattr(gpt2hub.download, "download", _fast_backoff(gpt2hub.download.download))
-    monkeypatch.setattr(gpt2hub.hub, "download", _fast_backoff(gpt2hub.download.download))
+    monkeypatch.setattr(gpt2hub.sources, "download", _fast_backoff(gpt2hub.download.download))
     server.served.fault(f"/tiny/{DATA}", Fault("drop", after=700_000))
-    server.served.fault(f"/tiny/{DATA}", Fault("status", status=502, times=10))
+    server.served.fault(f"/tiny/{DATA}", Fault("status", status=502, times=4))  # every retry of this call
     with pytest.raises(DownloadError, match="resume"):
         from_pretrained("gpt2-tiny")
-    part = hub_env / "openai/tiny/raw" / f"{DATA}.incomplete"
+    [part] = (hub_env / "openai/tiny/raw").glob(f"{DATA}.*.incomplete")
     assert part.stat().st_size == 700_000
-    from_pretrained("gpt2-tiny")  # a later call resumes from byte 700000
+    from_pretrained("gpt2-tiny")  # a later call claims the partial file and resumes from byte 700000
     assert _gets(server, DATA)[-1][2] == "bytes=700000-"
 
 
@@ -182,23 +189,30 @@ def _fast_backoff(fn):
 
 
 def test_corrupted_pinned_file_is_an_error_and_is_gone(hub_env, server):
-    server.served.fault("/tiny/encoder.json", Fault("corrupt"))
+    server.served.fault("/tiny/encoder.json", Fault("corrupt", times=2))  # fetched once more, bad again
     with pytest.raises(IntegrityError, match="encoder.json.*sha256"):
         from_pretrained("gpt2-tiny")
     raw = hub_env / "openai/tiny/raw"
-    assert not (raw / "encoder.json").exists() and not (raw / "encoder.json.incomplete").exists()
+    assert not (raw / "encoder.json").exists() and not list(raw.glob("encoder.json*"))
     from_pretrained("gpt2-tiny")  # the next call fetches it afresh
 
 
-def test_corrupted_checkpoint_bytes_caught_by_crc_and_removed(hub_env, server):
+def test_corrupted_checkpoint_bytes_caught_by_crc_and_fetched_again_once(hub_env, server, caplog):
     server.served.fault(f"/tiny/{DATA}", Fault("corrupt"))  # same size, one flipped byte: only crc32c can tell
-    with pytest.raises(IntegrityError, match=rf"{DATA}.*model/h0/attn/c_attn/b.*crc32c"):
+    with caplog.at_level(logging.WARNING, logger="gpt2hub"):
+        model = from_pretrained("gpt2-tiny")  # the bad data file is fetched again in the same call
+    assert re.search(rf"{DATA}.*model/h0/attn/c_attn/b.*crc32c", caplog.text)
+    assert len(_gets(server, DATA)) == 2 and len(_gets(server, "model.ckpt.index")) == 1
+    assert model.tok_emb.weight.shape[0] == TINY.vocab_size
+
+
+def test_a_file_damaged_again_after_one_refetch_is_a_final_error_naming_it_and_its_mirror(hub_env, server):
+    server.served.fault(f"/tiny/{DATA}", Fault("corrupt", times=5))
+    with pytest.raises(IntegrityError, match=rf"{DATA} of gpt2-tiny is damaged again.*{server.url}/tiny/{DATA}"):
         from_pretrained("gpt2-tiny")
+    assert len(_gets(server, DATA)) == 2  # once, then once more: never forever
     assert not (hub_env / "openai/tiny/raw" / DATA).exists()
     assert DATA not in json.loads((hub_env / "openai/tiny/files.json").read_text())
-    assert not (hub_env / "openai/tiny/converted/float32.safetensors").exists()
-    from_pretrained("gpt2-tiny")
-    assert len(_gets(server, DATA)) == 2
 
 
 def test_damaged_converted_file_is_rebuilt_without_network(hub_env, server, caplog):
@@ -220,8 +234,7 @@ def test_damaged_mapped_weights_are_caught_and_fetched_again(hub_env, server, re
     if source == "hf":
         request.getfixturevalue("hf_cache")
     first = _logits(from_pretrained("gpt2-tiny", source=source))
-    manifest = json.loads((hub_env / source / "tiny/converted/float32.json").read_text())
-    weights = gpt2hub.hub.weights_file(ModelCache(hub_env, source, "tiny"), manifest).resolve()
+    weights = _weights_file(hub_env, source)
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size; the timestamp moves, so the next load checks it in full
     weights.write_bytes(bytes(data))
@@ -236,16 +249,15 @@ def test_damaged_mapped_weights_are_caught_and_fetched_again(hub_env, server, re
 def test_weights_copied_elsewhere_are_verified_once(hub_env, server, caplog, monkeypatch, dtype):
     from_pretrained("gpt2-tiny", dtype=dtype)
     weights = hub_env / "openai/tiny" / ("raw/" + DATA if dtype == "float32" else f"converted/{dtype}.safetensors")
-    manifest = hub_env / f"openai/tiny/converted/{dtype}.json"
     os.utime(weights, ns=(1, 1_000_000_000))  # a copy with a new timestamp, same bytes
-    calls = []
-    real = gpt2hub.hub.weights_intact
-    monkeypatch.setattr(gpt2hub.hub, "weights_intact", lambda *a: calls.append(a[1]["dtype"]) or real(*a))
+    hashed = []
+    real = gpt2hub.cache.DIGESTS["crc32c"]
+    monkeypatch.setitem(gpt2hub.cache.DIGESTS, "crc32c", lambda p: hashed.append(Path(p).name) or real(p))
+    monkeypatch.setattr(gpt2hub.cache, "crc32c_file", gpt2hub.cache.DIGESTS["crc32c"])
     with caplog.at_level(logging.WARNING, logger="gpt2hub"):
         from_pretrained("gpt2-tiny", dtype=dtype)
         from_pretrained("gpt2-tiny", dtype=dtype)
-    assert calls == [dtype] and "damaged" not in caplog.text  # checked in full once, then trusted
-    assert json.loads(manifest.read_text())["mtime_ns"] == 1_000_000_000
+    assert hashed == [weights.name] and "differs" not in caplog.text  # checked in full once, then trusted
 
 
 def test_mirror_fallback(hub_env, server, monkeypatch):
@@ -256,7 +268,6 @@ def test_mirror_fallback(hub_env, server, monkeypatch):
     port = dead.getsockname()[1]
     dead.close()  # nothing listens there: connection refused
     monkeypatch.setenv("GPT2HUB_OPENAI_URL", f"http://127.0.0.1:{port}, {server.url}")
-    monkeypatch.setattr(gpt2hub.hub, "download", _fast_backoff(gpt2hub.download.download))
     from_pretrained("gpt2-tiny")
     assert len(_gets(server, DATA)) == 1
 
@@ -264,7 +275,7 @@ def test_mirror_fallback(hub_env, server, monkeypatch):
 def test_killed_mid_download_resumes_in_a_later_call(hub_env, server):
     server.served.fault(f"/tiny/{DATA}", Fault("slow", delay=0.05))
     proc = subprocess.Popen([sys.executable, WORKER, "download"], env=os.environ.copy())
-    part = hub_env / "openai/tiny/raw" / f"{DATA}.incomplete"
+    part = hub_env / "openai/tiny/raw" / f"{DATA}.{proc.pid}.incomplete"
     deadline = time.monotonic() + 60
     while not (part.exists() and part.stat().st_size > 500_000):
         assert time.monotonic() < deadline and proc.poll() is None
@@ -329,7 +340,7 @@ def test_bad_names_sources_dtypes_and_unwritable_cache(hub_env, server, monkeypa
 def test_disk_full_is_a_clear_error_and_leaves_no_final_file(hub_env, server):
     raw = hub_env / "openai/tiny/raw"
     raw.mkdir(parents=True)
-    (raw / "encoder.json.incomplete").symlink_to("/dev/full")  # every write there fails with ENOSPC
+    (raw / f"encoder.json.{os.getpid()}.incomplete").symlink_to("/dev/full")  # every write there fails with ENOSPC
     with pytest.raises(CacheError, match="no space left.*GPT2HUB_CACHE"):
         load_tokenizer("gpt2-tiny")
     assert not (raw / "encoder.json").exists()
@@ -373,7 +384,7 @@ def test_hf_file_failing_its_pinned_sha256_goes_with_its_blob(hub_env, server, h
 
 
 def test_hf_weights_are_hashed_once_cold_and_checked_before_a_later_first_float32_load(hub_env, server, hf_cache,
-                                                                                        monkeypatch):
+                                                                                        monkeypatch, caplog):
     hashed = []
     real = gpt2hub.cache.DIGESTS["crc32c"]
     monkeypatch.setitem(gpt2hub.cache.DIGESTS, "crc32c", lambda p: hashed.append(Path(p).name) or real(p))
@@ -385,9 +396,9 @@ def test_hf_weights_are_hashed_once_cold_and_checked_before_a_later_first_float3
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(IntegrityError, match="model.safetensors differs from the digest"):
-        from_pretrained("gpt2-tiny", source="hf")
-    assert torch.equal(_logits(from_pretrained("gpt2-tiny", source="hf")), first)
+    with caplog.at_level(logging.WARNING, logger="gpt2hub"):  # noticed, removed with its blob, fetched afresh
+        assert torch.equal(_logits(from_pretrained("gpt2-tiny", source="hf")), first)
+    assert "differs" in caplog.text
     assert len(server.served.requests("GET", "model.safetensors")) == 2
 
 

@@ -1,0 +1,495 @@
+"""Where published files come from, and how each is trusted the moment it arrives.
+
+A source knows its file list, fetches one file into the cache (validated before it is recorded), reads the model's
+config, and hands out the weights by OpenAI's variable names. Three sources:
+- `OpenAISource`: OpenAI's bucket and its mirrors, tried in order (a dead mirror is skipped for the rest of the call).
+- `HFSource`: `openai-community/gpt2*` through `huggingface_hub` (its own cache holds the files).
+- `FolderSource`: a local folder of OpenAI's or Hugging Face's files, read in place; also used to adopt files a user
+  already has (the book's `models_dir`) instead of downloading them again.
+
+What each file must be on arrival (else it is deleted, never recorded, and the next mirror is tried):
+hparams.json / config.json a JSON object of positive integers matching the model; `checkpoint` names model.ckpt;
+model.ckpt.index a whole tensor-bundle index (magic, every block's crc32c) holding exactly the tensors the model's
+n_layer implies, inside the data file's size; model.safetensors a header with exactly those tensors; vocabulary files
+well-formed; every file its exact size where known and its pinned sha256.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from . import names
+from .cache import DIGESTS, ModelCache, atomic_path, ignore_pins, kind_for, regular_file
+from .convert import config_from_hparams
+from .download import MirrorDown, download, progress_disabled
+from .errors import CheckpointError, ConversionError, DownloadError, IntegrityError, OfflineError
+from .registry import (
+    DATA_FILE,
+    HF_FILES,
+    HF_TOKENIZER_FILES,
+    HF_WEIGHTS,
+    INDEX_FILE,
+    OPENAI_FILES,
+    OPENAI_TOKENIZER_FILES,
+    ModelSpec,
+)
+from .tf_checkpoint import TFCheckpoint, proto_fields, read_index
+
+log = logging.getLogger("gpt2hub")
+DEFAULT_OPENAI_URLS = ("https://openaipublic.blob.core.windows.net/gpt-2/models",
+                       "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2")
+Getter = Callable[[str], Any]
+
+
+def openai_bases() -> list[str]:
+    """Base URLs tried in order: GPT2HUB_OPENAI_URL (several may be given, separated by spaces or commas)."""
+    env = os.environ.get("GPT2HUB_OPENAI_URL", "").replace(",", " ").split()
+    bad = [b for b in env if not re.match(r"https?://[^/\s]+", b)]
+    if bad:
+        raise ValueError(f"GPT2HUB_OPENAI_URL holds {bad[0][:100]!r}, not an http(s) URL: set it to base URLs such as "
+                         f"{DEFAULT_OPENAI_URLS[0]}")
+    return [b.rstrip("/") for b in env] or list(DEFAULT_OPENAI_URLS)
+
+
+class Source(Protocol):
+    key: str
+    pins: dict[str, str]
+    files: tuple[str, ...]
+    tokenizer_files: tuple[str, ...]
+    weights_file: str
+
+    def fetch(self, cache: ModelCache, name: str, force: bool) -> dict: ...
+    def validate(self, name: str, path: Path) -> None: ...
+    def config(self, paths: dict[str, Path]) -> dict: ...
+    def tensors(self, paths: dict[str, Path], verify: bool) -> Getter: ...
+
+
+# validation on arrival --------------------------------------------------------------------------------------------
+def _bad(name: str, why: str) -> IntegrityError:
+    return IntegrityError(f"is not a valid {name}: {why}")
+
+
+def _json(path: Path, name: str) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _bad(name, f"not JSON ({str(e)[:80]}; an HTML error page or a cut-off body?)") from None
+
+
+def check_config(data: Any, spec: ModelSpec | None, name: str) -> dict:
+    """The book's config from hyperparameters, which must match `spec` when one is given."""
+    try:
+        cfg = config_from_hparams(data, name)
+    except ConversionError as e:
+        raise IntegrityError(str(e)) from None
+    if spec is not None:
+        want = spec.config()
+        if any(cfg[k] != want[k] for k in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")):
+            raise _bad(name, f"it describes {cfg}, not {spec.name} ({want})")
+    return cfg
+
+
+def check_index(path: Path, cfg: dict, data_size: int | None) -> None:
+    """A tensor-bundle index must hold exactly the float32 variables an n_layer model has, inside the data file."""
+    try:
+        entries, shards = read_index(path)  # parses it whole, checking every block's crc32c
+    except CheckpointError as e:
+        raise _bad(INDEX_FILE, str(e).replace(str(path), "the file")) from None
+    want = {"model/" + n: names.openai_shape(n, cfg) for n in names.openai_names(cfg["n_layers"])}
+    have = set(entries)
+    if shards != 1:
+        raise _bad(INDEX_FILE, f"it spreads the weights over {shards} data files; GPT-2 has one")
+    if have != set(want):
+        extra, missing = sorted(have - set(want))[:3], sorted(set(want) - have)[:3]
+        raise _bad(INDEX_FILE, f"its variables do not fit n_layer={cfg['n_layers']} (unexpected {extra}, missing {missing})")
+    for key, e in entries.items():
+        end = e.offset + e.size
+        if int(np.prod(e.shape)) != int(np.prod(want[key])) or e.dtype != np.dtype("<f4") or e.shard != 0:
+            raise _bad(INDEX_FILE, f"variable {key} is {e.dtype} {e.shape}, expected float32 {want[key]}")
+        if data_size is not None and end > data_size:
+            raise _bad(INDEX_FILE, f"variable {key} ends at byte {end}, past the data file's {data_size} bytes")
+
+
+def check_safetensors(path: Path, cfg: dict) -> None:
+    """A safetensors file must have a readable header holding exactly a GPT-2's tensors, each inside the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= min(size - 8, 100 << 20):
+            raise _bad(HF_WEIGHTS, "no safetensors header (truncated, or an HTML page?)")
+        header = _header(f.read(n))
+    want = {names.hf_name(n): names.openai_shape(n, cfg) for n in names.openai_names(cfg["n_layers"])}
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    weights = {k.removeprefix("transformer."): v for k, v in tensors.items() if _maps_to_weight(k)}
+    if set(weights) != set(want):
+        raise _bad(HF_WEIGHTS, f"its tensors do not fit n_layer={cfg['n_layers']} "
+                               f"(missing {sorted(set(want) - set(weights))[:3]})")
+    for key, info in tensors.items():
+        if not isinstance(info, dict) or not isinstance(info.get("data_offsets"), list) or len(info["data_offsets"]) != 2:
+            raise _bad(HF_WEIGHTS, f"tensor {key} has no data offsets")
+        if not all(isinstance(o, int) and 0 <= o <= size - 8 - n for o in info["data_offsets"]):
+            raise _bad(HF_WEIGHTS, f"tensor {key} lies outside the file (truncated?)")
+
+
+def _header(raw: bytes) -> dict:
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise _bad(HF_WEIGHTS, "its header is not JSON (damaged or truncated)") from None
+    if not isinstance(header, dict):
+        raise _bad(HF_WEIGHTS, "its header is not a JSON object")
+    return header
+
+
+def _maps_to_weight(key: str) -> bool:
+    try:
+        return names.openai_name(key) is not None
+    except KeyError:
+        raise _bad(HF_WEIGHTS, f"it holds {key[:80]!r}, which is not a GPT-2 tensor") from None
+
+
+def check_vocab(name: str, path: Path) -> None:
+    """encoder.json / vocab.json: a JSON object of token -> id; vocab.bpe / merges.txt: a header, then pairs."""
+    if name.endswith(".json"):
+        data = _json(path, name)
+        if not isinstance(data, dict) or not all(isinstance(v, int) for v in data.values()):
+            raise _bad(name, "not a JSON object of token ids")
+        return
+    try:
+        lines = path.read_bytes().decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        raise _bad(name, "not UTF-8 text") from None
+    if not lines[0].startswith("#version") or any(len(ln.split()) != 2 for ln in lines[1:] if ln.strip()):
+        raise _bad(name, "not a BPE merges file (a '#version' line, then two tokens a line)")
+
+
+def check_protobuf(path: Path, name: str) -> None:
+    """model.ckpt.meta is a serialized MetaGraphDef: it must at least parse as protobuf fields (an HTML page fails)."""
+    try:
+        fields = proto_fields(path.read_bytes()[: 1 << 20]) if path.stat().st_size <= 1 << 20 else [(1, b"")]
+    except (ValueError, IndexError, struct.error):
+        raise _bad(name, "not a protobuf message (an HTML page or a cut-off body?)") from None
+    if not fields:
+        raise _bad(name, "empty")
+
+
+def check_checkpoint_file(path: Path) -> None:
+    """TensorFlow's `checkpoint` state file: whole `key: "value"` lines, naming the checkpoint model.ckpt."""
+    text = path.read_bytes()[:4096].decode("utf-8", "replace")
+    whole = text.endswith("\n") and all(re.fullmatch(r'\w+:\s*"[^"]*"', ln) for ln in text.splitlines() if ln)
+    match = re.search(r'^model_checkpoint_path:\s*"([^"]+)"', text, re.M)
+    if not whole:
+        raise _bad("checkpoint", "not whole 'key: \"value\"' lines (cut off, or an HTML page?)")
+    if not match or match.group(1) != "model.ckpt":
+        raise _bad("checkpoint", 'it does not name the checkpoint model.ckpt (model_checkpoint_path: "model.ckpt")')
+
+
+# OpenAI ---------------------------------------------------------------------------------------------------------
+class OpenAISource:
+    """OpenAI's seven published files from `{base}/{size}/{file}`, bases tried in order."""
+
+    key = "openai"
+    files = OPENAI_FILES
+    tokenizer_files = OPENAI_TOKENIZER_FILES
+    weights_file = DATA_FILE
+
+    def __init__(self, spec: ModelSpec, progress: bool = True, adopt_from: Path | None = None,
+                 bases: list[str] | None = None):
+        self.spec, self.progress, self.adopt_from = spec, progress and not progress_disabled(), adopt_from
+        self.bases = bases if bases is not None else openai_bases()
+        self.dead: dict[str, str] = {}  # mirrors that failed for this whole call, with why
+        self.pins = spec.expected_sha256("openai")
+        # a pinned file's size is part of its pin; the data file's follows from the architecture and always holds
+        self.sizes = {n: v for n, v in spec.expected_sizes().items() if n == DATA_FILE or not ignore_pins()}
+
+    def validate(self, name: str, path: Path) -> None:
+        """Raise IntegrityError unless `path` is a plausible `name` for this model (see the module docstring)."""
+        if name == "hparams.json":
+            check_config(_json(path, name), self.spec, name)
+        elif name == "checkpoint":
+            check_checkpoint_file(path)
+        elif name == INDEX_FILE:
+            check_index(path, self.spec.config(), self.sizes.get(DATA_FILE))
+        elif name in self.tokenizer_files:
+            check_vocab(name, path)
+        elif name == "model.ckpt.meta":
+            check_protobuf(path, name)
+
+    def _accept(self, name: str, path: Path) -> dict | None:
+        """The record of a local file that passes every arrival check (size, pin, validation), else None."""
+        st = _regular(path)
+        if st is None or (name in self.sizes and st.st_size != self.sizes[name]):
+            return None
+        pin = self.pins.get(name)
+        kind = kind_for(pin)
+        digest = DIGESTS[kind](path)
+        if pin and digest != pin and not _pins_ignored(name, path):
+            return None
+        try:
+            self.validate(name, path)
+        except IntegrityError as e:
+            log.warning("%s %s; not used", path, e)
+            return None
+        return {"size": st.st_size, kind: digest}
+
+    def fetch(self, cache: ModelCache, name: str, force: bool) -> dict:
+        """Put `name` into the cache, validated: an unrecorded complete copy, the adopt folder's copy, or a mirror's."""
+        dest = cache.raw_path(name)
+        if not force and regular_file(dest) and (record := self._accept(name, dest)) is not None:
+            return {**record, "url": None}  # complete but unrecorded (a crash between rename and record)
+        if os.path.lexists(dest):
+            cache.discard(name)
+        if self.adopt_from is not None and not force and (record := self._adopt(name, dest)) is not None:
+            return record
+        return self._download(cache, name, dest)
+
+    def _adopt(self, name: str, dest: Path) -> dict | None:
+        src = self.adopt_from / name  # type: ignore[operator]
+        record = self._accept(name, src) if src.is_file() else None  # the user's own file: a link to one is fine
+        if record is None:
+            return None
+        with atomic_path(dest) as tmp:
+            clone_file(src, tmp)
+        log.info("adopted %s from %s", name, src)
+        return {**record, "url": f"file://{src.resolve()}"}
+
+    def _download(self, cache: ModelCache, name: str, dest: Path) -> dict:
+        """Each mirror in turn; a file failing its checks is fetched once more from the same mirror, then the next
+        mirror is tried. A mirror that cannot be reached, or keeps answering 5xx, is skipped for the rest of the call."""
+        reasons, integrity = [], 0
+        for base in self.bases:
+            if base in self.dead:
+                reasons.append(f"{base}: {self.dead[base]}")
+                continue
+            url = f"{base}/{self.spec.size}/{name}"
+            for attempt in range(2):
+                try:
+                    record = download(url, dest, expected_size=self.sizes.get(name),
+                                      expected_sha256=self.pins.get(name), validate=lambda p: self.validate(name, p),
+                                      progress=self.progress)
+                    return {**record, "url": url}
+                except IntegrityError as e:
+                    reason, bad_file = str(e), True
+                    if attempt == 0:
+                        log.warning("%s; fetching it once more", e)
+                        continue
+                except DownloadError as e:  # unreachable, 4xx, repeated 5xx: this mirror failed this file
+                    reason, bad_file = str(e), False
+                    if isinstance(e, MirrorDown) or "HTTP 5" in reason or "attempts" in reason:
+                        self.dead[base] = reason.removeprefix(url + ": ")
+                break
+            reasons.append(reason)
+            integrity += bad_file
+            if len(self.bases) > 1:
+                log.warning("%s; trying the next mirror", reason)
+        error = IntegrityError if integrity == len(reasons) else DownloadError  # every mirror served a bad file
+        raise error(
+            f"could not download {name} of {self.spec.name} ({len(self.bases)} mirror(s) tried): "
+            + " | ".join(reasons) + f". Cache folder: {cache.dir}. Check the network; GPT2HUB_OFFLINE=1 loads models "
+            "already cached; GPT2HUB_OPENAI_URL picks another mirror; --source hf (with HF_ENDPOINT) uses the "
+            "Hugging Face Hub")
+
+    def config(self, paths: dict[str, Path]) -> dict:
+        return check_config(_json(paths["hparams.json"], "hparams.json"), self.spec, str(paths["hparams.json"]))
+
+    def tensors(self, paths: dict[str, Path], verify: bool) -> Getter:
+        ckpt = TFCheckpoint(paths[INDEX_FILE].with_suffix(""))  # model.ckpt, never a prefix read from disk
+
+        def get(name: str) -> Any:
+            if f"model/{name}" not in ckpt.entries:
+                raise KeyError(name)
+            return ckpt.read(f"model/{name}", verify)
+
+        return get
+
+
+def _regular(path: Path) -> os.stat_result | None:
+    """stat of a regular file (following a link, for the user's own folders), else None; a FIFO is never opened."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None
+
+
+def _pins_ignored(name: str, path: Path) -> bool:
+    if ignore_pins():
+        log.warning("%s differs from the published %s's pinned sha256; used because GPT2HUB_IGNORE_PINS is set",
+                    path, name)
+        return True
+    return False
+
+
+def clone_file(src: Path, dst: Path) -> None:
+    """Copy `src` to `dst` as cheaply as the filesystem allows: a reflink (btrfs, XFS), else copy_file_range, else
+    a plain copy. A reflink shares the blocks until either file is written, so it costs no disk space."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        with contextlib.suppress(OSError, ImportError):
+            import fcntl
+
+            fcntl.ioctl(fout.fileno(), 0x40049409, fin.fileno())  # FICLONE
+            return
+        size, offset = os.fstat(fin.fileno()).st_size, 0
+        try:
+            while offset < size:
+                n = os.copy_file_range(fin.fileno(), fout.fileno(), size - offset)
+                if n == 0:
+                    break
+                offset += n
+        except (OSError, AttributeError):
+            fin.seek(0)
+            fout.seek(0)
+            fout.truncate()
+            shutil.copyfileobj(fin, fout, 1 << 20)
+
+
+# Hugging Face ---------------------------------------------------------------------------------------------------
+class HFSource:
+    """`openai-community/gpt2*` through huggingface_hub; files stay in Hugging Face's cache, recorded by path."""
+
+    key = "hf"
+    files = HF_FILES
+    tokenizer_files = HF_TOKENIZER_FILES
+    weights_file = HF_WEIGHTS
+
+    def __init__(self, spec: ModelSpec, revision: str | None = None, offline: bool = False, progress: bool = True):
+        self.spec, self.revision, self.offline, self.progress = spec, revision, offline, progress
+        self.pins = spec.expected_sha256("hf", revision)
+
+    def validate(self, name: str, path: Path) -> None:
+        if name == "config.json":
+            check_config(_json(path, name), self.spec, name)
+        elif name == HF_WEIGHTS:
+            check_safetensors(path, self.spec.config())
+        elif name in self.tokenizer_files:
+            check_vocab(name, path)
+
+    def fetch(self, cache: ModelCache, name: str, force: bool) -> dict:
+        path = self._hf_download(name, force)
+        pin = self.pins.get(name)
+        kind = kind_for(pin)
+        digest = DIGESTS[kind](path)
+        problem = None
+        if pin and digest != pin and not _pins_ignored(name, path):
+            problem = (f"has sha256 {digest}, but the published file's is {pin} (pinned); a server that serves other "
+                       "weights under these names needs GPT2HUB_IGNORE_PINS=1")
+        else:
+            try:
+                self.validate(name, path)
+            except IntegrityError as e:
+                problem = str(e)
+        if problem:
+            cache.record_file(name, {"size": path.stat().st_size, kind: digest, "path": str(path)})
+            cache.discard(name)  # the link and its blob, else Hugging Face's cache would hand the bad file back
+            raise IntegrityError(f"{name} of {self.spec.hf_repo} ({path}) {problem}; it was deleted, run again to "
+                                 "download it afresh")
+        return {"size": path.stat().st_size, kind: digest, "path": str(path), "revision": self.revision or "main"}
+
+    def _hf_download(self, name: str, force: bool) -> Path:
+        from huggingface_hub import hf_hub_download
+
+        endpoint = os.environ.get("HF_ENDPOINT") or None
+        try:
+            return Path(hf_hub_download(self.spec.hf_repo, name, revision=self.revision, endpoint=endpoint,
+                                        force_download=force, local_files_only=self.offline))
+        except Exception as e:  # huggingface_hub raises many kinds; all mean the same to our caller
+            if self.offline:
+                raise OfflineError(f"{name} of {self.spec.hf_repo} is not in the Hugging Face cache and network access "
+                                   "is off (GPT2HUB_OFFLINE/HF_HUB_OFFLINE or local_files_only)") from None
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise DownloadError(f"could not get {name} of {self.spec.hf_repo} (revision {self.revision or 'main'}) "
+                                f"from the Hugging Face Hub at {endpoint or 'huggingface.co'}: {first}. Check the "
+                                "network, HF_ENDPOINT and --revision, or use --source openai") from None
+
+    def config(self, paths: dict[str, Path]) -> dict:
+        return check_config(_json(paths["config.json"], "config.json"), self.spec, str(paths["config.json"]))
+
+    def tensors(self, paths: dict[str, Path], verify: bool) -> Getter:
+        return hf_getter(paths[HF_WEIGHTS])
+
+
+def hf_getter(path: Path) -> Getter:
+    """OpenAI variable name -> tensor of a Hugging Face model.safetensors (mapped, not read)."""
+    import safetensors.torch
+
+    by_name = {}
+    for key, value in safetensors.torch.load_file(str(path)).items():
+        try:
+            name = names.openai_name(key)
+        except KeyError:
+            raise ConversionError(f"{path} holds {key[:80]!r}, which is not a GPT-2 tensor") from None
+        if name is not None:
+            by_name[name] = value
+    return by_name.__getitem__
+
+
+# a local folder -----------------------------------------------------------------------------------------------------
+class FolderSource:
+    """A folder holding OpenAI's files (hparams.json) or Hugging Face's (config.json), read in place, checked."""
+
+    key = "folder"
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.layout = "openai" if (folder / "hparams.json").exists() else "hf"
+        hf = self.layout == "hf"
+        self.files = HF_FILES if hf else OPENAI_FILES
+        self.tokenizer_files = HF_TOKENIZER_FILES if hf else OPENAI_TOKENIZER_FILES
+        self.weights_file = HF_WEIGHTS if hf else DATA_FILE
+
+    @staticmethod
+    def holds_model(name: object) -> bool:
+        """Whether `name` is a folder holding OpenAI's (hparams.json) or Hugging Face's (config.json) files."""
+        if not isinstance(name, (str, os.PathLike)) or len(os.fspath(name)) > 4096 or not Path(name).is_dir():
+            return False
+        return (Path(name) / "hparams.json").exists() or (Path(name) / "config.json").exists()
+
+    def paths(self, names_: tuple[str, ...]) -> dict[str, Path]:
+        """The folder's files, each required to be a regular file (a FIFO or folder is refused without opening)."""
+        out = {}
+        for name in names_:
+            path = self.folder / name
+            try:
+                mode = os.stat(path).st_mode
+            except OSError:
+                raise DownloadError(f"{path} is missing: the folder {self.folder} must hold {', '.join(names_)}") from None
+            if not stat.S_ISREG(mode):
+                raise DownloadError(f"{path} is not a regular file (a FIFO, device or folder): replace it with the file")
+            out[name] = path
+        return out
+
+    def weight_paths(self) -> dict[str, Path]:
+        needed = ("config.json", HF_WEIGHTS) if self.layout == "hf" else ("hparams.json", INDEX_FILE, DATA_FILE)
+        return self.paths(needed)
+
+    def config(self, paths: dict[str, Path]) -> dict:
+        """The folder's config, checked against its weights' tensors (exactly those n_layer implies)."""
+        name = "config.json" if self.layout == "hf" else "hparams.json"
+        checked = INDEX_FILE if self.layout == "openai" else HF_WEIGHTS
+        try:
+            cfg = check_config(_json(paths[name], name), None, name)
+            if self.layout == "openai":
+                check_index(paths[INDEX_FILE], cfg, paths[DATA_FILE].stat().st_size)
+            else:
+                check_safetensors(paths[HF_WEIGHTS], cfg)
+        except IntegrityError as e:
+            raise IntegrityError(f"{self.folder}: {e} (checked {name} against {checked})") from None
+        return cfg
+
+    def tensors(self, paths: dict[str, Path], verify: bool) -> Getter:
+        if self.layout == "hf":
+            return hf_getter(paths[HF_WEIGHTS])
+        return OpenAISource.tensors(self, paths, verify)  # type: ignore[arg-type]
