@@ -424,3 +424,20 @@ def test_force_download_fetches_again_and_replaces_atomically(hub_env, server):
     for name in OPENAI_FILES:
         assert len(_gets(server, name)) == 2, name
     assert torch.equal(_logits(again), first)
+
+
+def test_book_download_adopts_files_already_in_models_dir_instead_of_downloading(hub_env, server, tmp_path, tiny_folder):
+    import shutil
+
+    models_dir = tmp_path / "gpt2"
+    shutil.copytree(tiny_folder[0], models_dir / "tiny")  # the book's own download, made before gpt2hub
+    (models_dir / "tiny" / "vocab.bpe").write_bytes(b"<html>not the vocabulary</html>")  # one bad file
+    settings, params = download_and_load_gpt2("tiny", str(models_dir))
+    fetched = sorted(p for _, p, _ in server.served.requests("GET"))
+    assert fetched == ["/tiny/vocab.bpe"]  # every good file adopted, the bad one downloaded (and replaced)
+    files = json.loads((hub_env / "openai/tiny/files.json").read_text())
+    assert files[DATA]["url"].startswith("file://") and files["vocab.bpe"]["url"].startswith(server.url)
+    for name in OPENAI_FILES:
+        assert (models_dir / "tiny" / name).read_bytes() == (tiny_folder[0] / name).read_bytes()
+        assert (hub_env / "openai/tiny/raw" / name).read_bytes() == (tiny_folder[0] / name).read_bytes()
+    assert settings == TINY.hparams() and len(params["blocks"]) == 2
