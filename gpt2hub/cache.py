@@ -258,7 +258,90 @@ class Manifest:
                 "config": self.config, "bytes": self.bytes, "mtime_ns": self.mtime_ns, "crc32c": self.crc32c}
 
 
-class ModelCache:
+class CacheChecks:
+    """What can be wrong with one model's files in the cache; `ModelCache` adds the layout, records and deletion."""
+
+    names: tuple[str, ...]
+    files_manifest: Path
+
+    def records(self) -> dict[str, dict]: ...
+    def file_path(self, name: str, record: dict | None = None) -> Path: ...
+    def raw_path(self, name: str) -> Path: ...
+    def manifest_path(self, dtype: str) -> Path: ...
+    def converted_path(self, dtype: str) -> Path: ...
+    def record_file(self, name: str, record: dict) -> None: ...
+
+    # checks ---------------------------------------------------------------------------------------------------
+    def check_file(self, name: str, record: dict | None, quick: bool = False) -> Problem | None:
+        """What is wrong with one published file, or None. `quick` trusts a file whose size and mtime are unchanged."""
+        if record is None:
+            return Problem(self.raw_path(name), "not downloaded", "it is downloaded on the next load", name)
+        path = self.file_path(name, record)
+        st = regular_file(path) if "path" not in record else _stat(path)
+        if st is None or not stat.S_ISREG(st.st_mode):
+            what = "missing" if not os.path.lexists(path) else "not a regular file (a link, folder or FIFO)"
+            return Problem(path, what, "it is removed and downloaded again", name)
+        if st.st_size != record["size"]:
+            return Problem(path, f"{st.st_size} bytes, recorded {record['size']}", "it is removed and downloaded again", name)
+        if quick and st.st_mtime_ns == record.get("mtime_ns"):
+            return None
+        if not matches_record(path, record):
+            return Problem(path, f"{digest_kind(record)} differs from {self.files_manifest.name}",
+                           "it is removed and downloaded again", name)
+        if st.st_mtime_ns != record.get("mtime_ns"):  # whole but touched (copied from another machine): remember it
+            with contextlib.suppress(CacheError):
+                self.record_file(name, record)
+        return None
+
+    def manifest(self, dtype: str) -> Manifest | None:
+        return Manifest.parse(read_json(self.manifest_path(dtype)), self.source, dtype)
+
+    def check_weights(self, dtype: str, quick: bool = False) -> Problem | None:
+        """What is wrong with the stored weights of one dtype (its manifest and, if converted, its file), or None."""
+        path = self.manifest_path(dtype)
+        m = self.manifest(dtype)
+        if m is None:
+            what = "missing" if not os.path.lexists(path) else "unreadable or from another gpt2hub version"
+            return Problem(path, what, "the weights are prepared again on the next load", dtype=dtype)
+        if m.kind == "mapped":
+            return None  # the mapped file is a published file: check_file covers it
+        weights = self.converted_path(dtype)
+        st = regular_file(weights)
+        if st is None or st.st_size != m.bytes:
+            return Problem(weights, "missing or of the wrong size", "it is converted again on the next load", dtype=dtype)
+        if quick and st.st_mtime_ns == m.mtime_ns:
+            return None
+        if crc32c_file(weights) != m.crc32c:
+            return Problem(weights, f"crc32c differs from {path.name}", "it is converted again on the next load",
+                           dtype=dtype)
+        if st.st_mtime_ns != m.mtime_ns:  # whole but touched: remember, so the next load need not read it again
+            with contextlib.suppress(CacheError):
+                write_json(path, {**m.to_json(), "mtime_ns": st.st_mtime_ns})
+        return None
+
+    def stored_dtypes(self) -> list[str]:
+        folder = self.dir / "converted"
+        found = {p.stem for p in folder.glob("*.json")} if folder.is_dir() else set()
+        return sorted(found & set(DTYPE_NAMES.values()))
+
+    def verify(self, names: tuple[str, ...] | None = None, dtypes: tuple[str, ...] | None = None,
+               quick: bool = False) -> list[Problem]:
+        """Every problem of the given published files (default: all) and stored dtypes (default: those present).
+
+        The one check behind `gpt2hub cache verify` and behind repair on load, so the two cannot drift.
+        """
+        records = self.records()
+        problems = [p for n in (self.names if names is None else names)
+                    if (p := self.check_file(n, records.get(n), quick)) is not None]
+        for dtype in self.stored_dtypes() if dtypes is None else dtypes:
+            problem = self.check_weights(dtype, quick)
+            if problem is not None:
+                problems.append(problem)
+        return problems
+
+
+
+class ModelCache(CacheChecks):
     """One model of one source in the cache: its files, records, manifests, lock, checks and deletions."""
 
     def __init__(self, root: Path, source: str, size: str, external_root: Path | None = None):
@@ -342,74 +425,6 @@ class ModelCache:
             return None
         return path if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == record["size"] else None
 
-    # checks ---------------------------------------------------------------------------------------------------
-    def check_file(self, name: str, record: dict | None, quick: bool = False) -> Problem | None:
-        """What is wrong with one published file, or None. `quick` trusts a file whose size and mtime are unchanged."""
-        if record is None:
-            return Problem(self.raw_path(name), "not downloaded", "it is downloaded on the next load", name)
-        path = self.file_path(name, record)
-        st = regular_file(path) if "path" not in record else _stat(path)
-        if st is None or not stat.S_ISREG(st.st_mode):
-            what = "missing" if not os.path.lexists(path) else "not a regular file (a link, folder or FIFO)"
-            return Problem(path, what, "it is removed and downloaded again", name)
-        if st.st_size != record["size"]:
-            return Problem(path, f"{st.st_size} bytes, recorded {record['size']}", "it is removed and downloaded again", name)
-        if quick and st.st_mtime_ns == record.get("mtime_ns"):
-            return None
-        if not matches_record(path, record):
-            return Problem(path, f"{digest_kind(record)} differs from {self.files_manifest.name}",
-                           "it is removed and downloaded again", name)
-        if st.st_mtime_ns != record.get("mtime_ns"):  # whole but touched (copied from another machine): remember it
-            with contextlib.suppress(CacheError):
-                self.record_file(name, record)
-        return None
-
-    def manifest(self, dtype: str) -> Manifest | None:
-        return Manifest.parse(read_json(self.manifest_path(dtype)), self.source, dtype)
-
-    def check_weights(self, dtype: str, quick: bool = False) -> Problem | None:
-        """What is wrong with the stored weights of one dtype (its manifest and, if converted, its file), or None."""
-        path = self.manifest_path(dtype)
-        m = self.manifest(dtype)
-        if m is None:
-            what = "missing" if not os.path.lexists(path) else "unreadable or from another gpt2hub version"
-            return Problem(path, what, "the weights are prepared again on the next load", dtype=dtype)
-        if m.kind == "mapped":
-            return None  # the mapped file is a published file: check_file covers it
-        weights = self.converted_path(dtype)
-        st = regular_file(weights)
-        if st is None or st.st_size != m.bytes:
-            return Problem(weights, "missing or of the wrong size", "it is converted again on the next load", dtype=dtype)
-        if quick and st.st_mtime_ns == m.mtime_ns:
-            return None
-        if crc32c_file(weights) != m.crc32c:
-            return Problem(weights, f"crc32c differs from {path.name}", "it is converted again on the next load",
-                           dtype=dtype)
-        if st.st_mtime_ns != m.mtime_ns:  # whole but touched: remember, so the next load need not read it again
-            with contextlib.suppress(CacheError):
-                write_json(path, {**m.to_json(), "mtime_ns": st.st_mtime_ns})
-        return None
-
-    def stored_dtypes(self) -> list[str]:
-        folder = self.dir / "converted"
-        found = {p.stem for p in folder.glob("*.json")} if folder.is_dir() else set()
-        return sorted(found & set(DTYPE_NAMES.values()))
-
-    def verify(self, names: tuple[str, ...] | None = None, dtypes: tuple[str, ...] | None = None,
-               quick: bool = False) -> list[Problem]:
-        """Every problem of the given published files (default: all) and stored dtypes (default: those present).
-
-        The one check behind `gpt2hub cache verify` and behind repair on load, so the two cannot drift.
-        """
-        records = self.records()
-        problems = [p for n in (self.names if names is None else names)
-                    if (p := self.check_file(n, records.get(n), quick)) is not None]
-        for dtype in self.stored_dtypes() if dtypes is None else dtypes:
-            problem = self.check_weights(dtype, quick)
-            if problem is not None:
-                problems.append(problem)
-        return problems
-
     # deletion -------------------------------------------------------------------------------------------------
     def discard(self, name: str) -> None:
         """Delete a published file and its record: raw/{name} (a link there is unlinked, not followed), or for the
@@ -449,49 +464,56 @@ class ModelCache:
         return _remove_tree(self.dir)
 
     # lock -----------------------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def lock(self, why: str, timeout: float | None = None) -> Iterator[None]:
-        """Hold this model's lock; a waiting process says who holds it and for what.
+    def lock(self, why: str, timeout: float | None = None) -> contextlib.AbstractContextManager[None]:
+        """Hold this model's lock (see `hold_lock`)."""
+        return hold_lock(self.lock_path, why, timeout)
 
-        GPT2HUB_LOCK_TIMEOUT (seconds, default 600; 0 gives up at once) bounds the wait.
-        """
-        if timeout is None:
-            timeout = env_seconds("GPT2HUB_LOCK_TIMEOUT", 600.0)
-        with disk_errors(self.lock_path):
-            self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        lock = filelock.FileLock(str(self.lock_path))
-        owner = self.lock_path.with_suffix(".owner")
-        try:
-            self._acquire(lock, owner, why, timeout)
-        except OSError as e:
-            raise _disk_error(self.lock_path, e) from e
-        try:
-            with contextlib.suppress(OSError):
-                owner.write_text(f"pid {os.getpid()} {why}\n")
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                owner.unlink()
-            lock.release()
 
-    def _acquire(self, lock: filelock.FileLock, owner: Path, why: str, timeout: float) -> None:
-        try:
-            lock.acquire(timeout=0)
-            return
-        except filelock.Timeout:
-            pass
-        holder = "another process"
+@contextlib.contextmanager
+def hold_lock(lock_path: Path, why: str, timeout: float | None = None) -> Iterator[None]:
+    """Hold a model's lock; a waiting process says who holds it and for what.
+
+    GPT2HUB_LOCK_TIMEOUT (seconds, default 600; 0 gives up at once) bounds the wait. The lock only avoids duplicated
+    work: cache correctness does not depend on it.
+    """
+    if timeout is None:
+        timeout = env_seconds("GPT2HUB_LOCK_TIMEOUT", 600.0)
+    with disk_errors(lock_path):
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(lock_path))
+    owner = lock_path.with_suffix(".owner")
+    try:
+        _acquire(lock, lock_path, owner, why, timeout)
+    except OSError as e:
+        raise _disk_error(lock_path, e) from e
+    try:
         with contextlib.suppress(OSError):
-            holder = owner.read_text()[:200].strip() or holder
-        log.warning("waiting for %s (held by %s) before %s", self.lock_path, holder, why)
-        start = time.monotonic()
-        try:
-            lock.acquire(timeout=timeout)
-        except filelock.Timeout:
-            raise LockTimeoutError(
-                f"gave up after {timeout:.0f} s waiting for {self.lock_path}, held by {holder}; if no other "
-                "gpt2hub process is running, run `gpt2hub cache prune`, or raise GPT2HUB_LOCK_TIMEOUT") from None
-        log.info("got %s after %.1f s", self.lock_path, time.monotonic() - start)
+            owner.write_text(f"pid {os.getpid()} {why}\n")
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            owner.unlink()
+        lock.release()
+
+
+def _acquire(lock: filelock.FileLock, lock_path: Path, owner: Path, why: str, timeout: float) -> None:
+    try:
+        lock.acquire(timeout=0)
+        return
+    except filelock.Timeout:
+        pass
+    holder = "another process"
+    with contextlib.suppress(OSError):
+        holder = owner.read_text()[:200].strip() or holder
+    log.warning("waiting for %s (held by %s) before %s", lock_path, holder, why)
+    start = time.monotonic()
+    try:
+        lock.acquire(timeout=timeout)
+    except filelock.Timeout:
+        raise LockTimeoutError(
+            f"gave up after {timeout:.0f} s waiting for {lock_path}, held by {holder}; if no other "
+            "gpt2hub process is running, run `gpt2hub cache prune`, or raise GPT2HUB_LOCK_TIMEOUT") from None
+    log.info("got %s after %.1f s", lock_path, time.monotonic() - start)
 
 
 def _stat(path: Path) -> os.stat_result | None:

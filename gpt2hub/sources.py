@@ -17,24 +17,19 @@ well-formed; every file its exact size where known and its pinned sha256.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
 import shutil
 import stat
-import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
-
 from . import names
 from .cache import DIGESTS, ModelCache, atomic_path, ignore_pins, kind_for, regular_file
-from .convert import config_from_hparams
 from .download import MirrorDown, download, progress_disabled
-from .errors import CheckpointError, ConversionError, DownloadError, IntegrityError, OfflineError
+from .errors import ConversionError, DownloadError, IntegrityError, OfflineError
 from .registry import (
     DATA_FILE,
     HF_FILES,
@@ -45,7 +40,16 @@ from .registry import (
     OPENAI_TOKENIZER_FILES,
     ModelSpec,
 )
-from .tf_checkpoint import TFCheckpoint, proto_fields, read_index
+from .tf_checkpoint import TFCheckpoint
+from .validate import (
+    check_checkpoint_file,
+    check_config,
+    check_index,
+    check_protobuf,
+    check_safetensors,
+    check_vocab,
+    read_json_file,
+)
 
 log = logging.getLogger("gpt2hub")
 DEFAULT_OPENAI_URLS = ("https://openaipublic.blob.core.windows.net/gpt-2/models",
@@ -76,127 +80,6 @@ class Source(Protocol):
     def tensors(self, paths: dict[str, Path], verify: bool) -> Getter: ...
 
 
-# validation on arrival --------------------------------------------------------------------------------------------
-def _bad(name: str, why: str) -> IntegrityError:
-    return IntegrityError(f"is not a valid {name}: {why}")
-
-
-def _json(path: Path, name: str) -> Any:
-    try:
-        return json.loads(path.read_bytes())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise _bad(name, f"not JSON ({str(e)[:80]}; an HTML error page or a cut-off body?)") from None
-
-
-def check_config(data: Any, spec: ModelSpec | None, name: str) -> dict:
-    """The book's config from hyperparameters, which must match `spec` when one is given."""
-    try:
-        cfg = config_from_hparams(data, name)
-    except ConversionError as e:
-        raise IntegrityError(str(e)) from None
-    if spec is not None:
-        want = spec.config()
-        if any(cfg[k] != want[k] for k in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")):
-            raise _bad(name, f"it describes {cfg}, not {spec.name} ({want})")
-    return cfg
-
-
-def check_index(path: Path, cfg: dict, data_size: int | None) -> None:
-    """A tensor-bundle index must hold exactly the float32 variables an n_layer model has, inside the data file."""
-    try:
-        entries, shards = read_index(path)  # parses it whole, checking every block's crc32c
-    except CheckpointError as e:
-        raise _bad(INDEX_FILE, str(e).replace(str(path), "the file")) from None
-    want = {"model/" + n: names.openai_shape(n, cfg) for n in names.openai_names(cfg["n_layers"])}
-    have = set(entries)
-    if shards != 1:
-        raise _bad(INDEX_FILE, f"it spreads the weights over {shards} data files; GPT-2 has one")
-    if have != set(want):
-        extra, missing = sorted(have - set(want))[:3], sorted(set(want) - have)[:3]
-        raise _bad(INDEX_FILE, f"its variables do not fit n_layer={cfg['n_layers']} (unexpected {extra}, missing {missing})")
-    for key, e in entries.items():
-        end = e.offset + e.size
-        if int(np.prod(e.shape)) != int(np.prod(want[key])) or e.dtype != np.dtype("<f4") or e.shard != 0:
-            raise _bad(INDEX_FILE, f"variable {key} is {e.dtype} {e.shape}, expected float32 {want[key]}")
-        if data_size is not None and end > data_size:
-            raise _bad(INDEX_FILE, f"variable {key} ends at byte {end}, past the data file's {data_size} bytes")
-
-
-def check_safetensors(path: Path, cfg: dict) -> None:
-    """A safetensors file must have a readable header holding exactly a GPT-2's tensors, each inside the file."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 0 < n <= min(size - 8, 100 << 20):
-            raise _bad(HF_WEIGHTS, "no safetensors header (truncated, or an HTML page?)")
-        header = _header(f.read(n))
-    want = {names.hf_name(n): names.openai_shape(n, cfg) for n in names.openai_names(cfg["n_layers"])}
-    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-    weights = {k.removeprefix("transformer."): v for k, v in tensors.items() if _maps_to_weight(k)}
-    if set(weights) != set(want):
-        raise _bad(HF_WEIGHTS, f"its tensors do not fit n_layer={cfg['n_layers']} "
-                               f"(missing {sorted(set(want) - set(weights))[:3]})")
-    for key, info in tensors.items():
-        if not isinstance(info, dict) or not isinstance(info.get("data_offsets"), list) or len(info["data_offsets"]) != 2:
-            raise _bad(HF_WEIGHTS, f"tensor {key} has no data offsets")
-        if not all(isinstance(o, int) and 0 <= o <= size - 8 - n for o in info["data_offsets"]):
-            raise _bad(HF_WEIGHTS, f"tensor {key} lies outside the file (truncated?)")
-
-
-def _header(raw: bytes) -> dict:
-    try:
-        header = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise _bad(HF_WEIGHTS, "its header is not JSON (damaged or truncated)") from None
-    if not isinstance(header, dict):
-        raise _bad(HF_WEIGHTS, "its header is not a JSON object")
-    return header
-
-
-def _maps_to_weight(key: str) -> bool:
-    try:
-        return names.openai_name(key) is not None
-    except KeyError:
-        raise _bad(HF_WEIGHTS, f"it holds {key[:80]!r}, which is not a GPT-2 tensor") from None
-
-
-def check_vocab(name: str, path: Path) -> None:
-    """encoder.json / vocab.json: a JSON object of token -> id; vocab.bpe / merges.txt: a header, then pairs."""
-    if name.endswith(".json"):
-        data = _json(path, name)
-        if not isinstance(data, dict) or not all(isinstance(v, int) for v in data.values()):
-            raise _bad(name, "not a JSON object of token ids")
-        return
-    try:
-        lines = path.read_bytes().decode("utf-8").split("\n")
-    except UnicodeDecodeError:
-        raise _bad(name, "not UTF-8 text") from None
-    if not lines[0].startswith("#version") or any(len(ln.split()) != 2 for ln in lines[1:] if ln.strip()):
-        raise _bad(name, "not a BPE merges file (a '#version' line, then two tokens a line)")
-
-
-def check_protobuf(path: Path, name: str) -> None:
-    """model.ckpt.meta is a serialized MetaGraphDef: it must at least parse as protobuf fields (an HTML page fails)."""
-    try:
-        fields = proto_fields(path.read_bytes()[: 1 << 20]) if path.stat().st_size <= 1 << 20 else [(1, b"")]
-    except (ValueError, IndexError, struct.error):
-        raise _bad(name, "not a protobuf message (an HTML page or a cut-off body?)") from None
-    if not fields:
-        raise _bad(name, "empty")
-
-
-def check_checkpoint_file(path: Path) -> None:
-    """TensorFlow's `checkpoint` state file: whole `key: "value"` lines, naming the checkpoint model.ckpt."""
-    text = path.read_bytes()[:4096].decode("utf-8", "replace")
-    whole = text.endswith("\n") and all(re.fullmatch(r'\w+:\s*"[^"]*"', ln) for ln in text.splitlines() if ln)
-    match = re.search(r'^model_checkpoint_path:\s*"([^"]+)"', text, re.M)
-    if not whole:
-        raise _bad("checkpoint", "not whole 'key: \"value\"' lines (cut off, or an HTML page?)")
-    if not match or match.group(1) != "model.ckpt":
-        raise _bad("checkpoint", 'it does not name the checkpoint model.ckpt (model_checkpoint_path: "model.ckpt")')
-
-
 # OpenAI ---------------------------------------------------------------------------------------------------------
 class OpenAISource:
     """OpenAI's seven published files from `{base}/{size}/{file}`, bases tried in order."""
@@ -218,7 +101,7 @@ class OpenAISource:
     def validate(self, name: str, path: Path) -> None:
         """Raise IntegrityError unless `path` is a plausible `name` for this model (see the module docstring)."""
         if name == "hparams.json":
-            check_config(_json(path, name), self.spec, name)
+            check_config(read_json_file(path, name), self.spec, name)
         elif name == "checkpoint":
             check_checkpoint_file(path)
         elif name == INDEX_FILE:
@@ -303,7 +186,7 @@ class OpenAISource:
             "Hugging Face Hub")
 
     def config(self, paths: dict[str, Path]) -> dict:
-        return check_config(_json(paths["hparams.json"], "hparams.json"), self.spec, str(paths["hparams.json"]))
+        return check_config(read_json_file(paths["hparams.json"], "hparams.json"), self.spec, str(paths["hparams.json"]))
 
     def tensors(self, paths: dict[str, Path], verify: bool) -> Getter:
         ckpt = TFCheckpoint(paths[INDEX_FILE].with_suffix(""))  # model.ckpt, never a prefix read from disk
@@ -371,7 +254,7 @@ class HFSource:
 
     def validate(self, name: str, path: Path) -> None:
         if name == "config.json":
-            check_config(_json(path, name), self.spec, name)
+            check_config(read_json_file(path, name), self.spec, name)
         elif name == HF_WEIGHTS:
             check_safetensors(path, self.spec.config())
         elif name in self.tokenizer_files:
@@ -415,7 +298,7 @@ class HFSource:
                                 "network, HF_ENDPOINT and --revision, or use --source openai") from None
 
     def config(self, paths: dict[str, Path]) -> dict:
-        return check_config(_json(paths["config.json"], "config.json"), self.spec, str(paths["config.json"]))
+        return check_config(read_json_file(paths["config.json"], "config.json"), self.spec, str(paths["config.json"]))
 
     def tensors(self, paths: dict[str, Path], verify: bool) -> Getter:
         return hf_getter(paths[HF_WEIGHTS])
@@ -480,7 +363,7 @@ class FolderSource:
         name = "config.json" if self.layout == "hf" else "hparams.json"
         checked = INDEX_FILE if self.layout == "openai" else HF_WEIGHTS
         try:
-            cfg = check_config(_json(paths[name], name), None, name)
+            cfg = check_config(read_json_file(paths[name], name), None, name)
             if self.layout == "openai":
                 check_index(paths[INDEX_FILE], cfg, paths[DATA_FILE].stat().st_size)
             else:
