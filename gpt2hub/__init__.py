@@ -10,6 +10,7 @@ from .book import (
     text_to_token_ids,
     token_ids_to_text,
 )
+from .cache import CachedModel, CacheInfo, scan_cache
 from .convert import state_dict_from_hf, state_dict_from_params, state_dict_from_tf
 from .errors import (
     CacheError,
@@ -30,7 +31,7 @@ from .registry import ModelSpec, register, resolve
 from .tf_checkpoint import TFCheckpoint
 
 __all__ = [
-    "GPT_CONFIG_124M", "CacheError", "CheckpointError", "ConversionError", "DeviceError", "DownloadError", "GPT2HubError",
+    "GPT_CONFIG_124M", "CacheError", "CacheInfo", "CachedModel", "scan_cache", "CheckpointError", "ConversionError", "DeviceError", "DownloadError", "GPT2HubError",
     "GPTModel", "IntegrityError", "KVCache", "LockTimeoutError", "ModelSpec", "OfflineError", "TFCheckpoint",
     "UnknownModelError", "__version__", "assign", "download_and_load_gpt2", "download_files", "from_pretrained",
     "generate", "generate_stream", "generate_text", "load_tokenizer", "load_weights_into_gpt", "model_configs",

@@ -1,16 +1,59 @@
-"""The `gpt2hub` command: download, generate, and look after the cache."""
+"""The `gpt2hub` command: it parses arguments, calls the library, and prints. Nothing else lives here."""
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import logging
-import os
+import math
 import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from .__version__ import __version__
-from .cache import cached_models, default_root, model_cache, prune
 from .errors import GPT2HubError
+
+log = logging.getLogger("gpt2hub")
+
+
+# argument types: each bad value is a one-line usage error naming the option, the value and the accepted range ------
+def _number(kind: Callable[[str], Any], low: float, high: float | None, what: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not {what}") from None
+        if (isinstance(value, float) and not math.isfinite(value)) or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not {what}")
+        return value
+
+    return parse
+
+
+TOKENS = _number(int, 0, 1_000_000, "a whole number of tokens from 0 to 1000000")
+TEMPERATURE = _number(float, 0.0, 100.0, "a temperature from 0 (greedy) to 100")
+TOP_K = _number(int, 0, 10**9, "a whole number >= 0 (0 turns top-k off)")
+SEED = _number(int, 0, 2**63 - 1, "a seed from 0 to 2**63-1")
+POSITIVE = _number(int, 1, 1_000_000, "a whole number from 1 to 1000000")
+SECONDS = _number(float, 0.0, None, "a number of seconds >= 0")
+
+
+def TOP_P(text: str) -> float:  # noqa: N802 - an argparse type, named like the others
+    value = _number(float, 0.0, 1.0, "a probability in (0, 1] (1 turns top-p off)")(text)
+    if value == 0.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a probability in (0, 1] (1 turns top-p off)")
+    return value
+
+
+def MODEL(text: str) -> str:  # noqa: N802
+    if not text.strip() or len(text) > 4096:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r}{'...' if len(text) > 40 else ''} is not a model name or folder "
+                                         "(try gpt2-small, 355M or openai-community/gpt2-xl)")
+    return text
 
 
 def _human(n: float) -> str:
@@ -21,10 +64,16 @@ def _human(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+def _when(t: float | None) -> str:
+    return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M") if t else "-"
+
+
+# commands ----------------------------------------------------------------------------------------------------------
 def cmd_download(args: argparse.Namespace) -> int:
     from .hub import download_files
 
-    paths = download_files(args.name, source=args.source, force_download=args.force)
+    paths = download_files(args.name, source=args.source, revision=args.revision, cache_dir=args.cache_dir,
+                           force_download=args.force)
     for name, path in paths.items():
         print(f"{name}\t{path}")
     return 0
@@ -36,45 +85,51 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import stream_text
     from .hub import from_pretrained, load_tokenizer
 
-    model = from_pretrained(args.model, device=args.device, dtype=args.dtype, source=args.source)
-    tokenizer = load_tokenizer(args.model, source=args.source)
+    if not args.prompt:
+        raise ValueError("the prompt is empty: give some text to continue, e.g. gpt2hub generate \"Every effort\"")
+    model = from_pretrained(args.model, device=args.device, dtype=args.dtype, source=args.source,
+                            revision=args.revision, cache_dir=args.cache_dir)
+    tokenizer = load_tokenizer(args.model, source=args.source, revision=args.revision, cache_dir=args.cache_dir)
     generator = None
     if args.seed is not None:
         generator = torch.Generator(device=model.tok_emb.weight.device).manual_seed(args.seed)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     for piece in stream_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                             top_k=args.top_k, top_p=args.top_p, generator=generator):
+                             top_k=args.top_k or None, top_p=args.top_p, generator=generator):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) if path.is_dir() else 0
-
-
 def cmd_cache_list(args: argparse.Namespace) -> int:
-    root = default_root()
-    models = cached_models(root)
-    if not models:
-        print(f"the cache at {root} is empty")
+    from .cache import scan_cache
+
+    info = scan_cache(args.cache_dir)
+    if args.json:
+        print(json.dumps({"root": str(info.root), "total_bytes": info.total_bytes,
+                          "models": [{**asdict(m), "path": str(m.path), "status": m.status} for m in info.models]},
+                         indent=2))
         return 0
-    print(f"cache: {root}")
-    print(f"{'source':8} {'model':8} {'files':>5} {'on disk':>10}  stored dtypes")
-    for m in models:
-        files = m.records()
-        outside = sum(r["size"] for r in files.values() if "path" in r)  # hf files live in the HF cache
-        note = f" (+{_human(outside)} in the Hugging Face cache)" if outside else ""
-        dtypes = ", ".join(m.stored_dtypes()) or "-"
-        print(f"{m.source:8} {m.size:8} {len(files):>5} {_human(_dir_bytes(m.dir)):>10}  {dtypes}{note}")
+    if not info.models:
+        print(f"the cache at {info.root} is empty")
+        return 0
+    print(f"cache: {info.root}")
+    print(f"{'model':14} {'source':6} {'size':8} {'status':8} {'on disk':>10}  {'dtypes':24} {'modified':16}  last used")
+    for m in info.models:
+        extra = f" (+{_human(m.bytes_elsewhere)} in the Hugging Face cache)" if m.bytes_elsewhere else ""
+        print(f"{m.name:14} {m.source:6} {m.size:8} {m.status:8} {_human(m.bytes_on_disk):>10}  "
+              f"{', '.join(m.dtypes) or '-':24} {_when(m.last_modified):16}  {_when(m.last_used)}{extra}")
+    print(f"total: {_human(info.total_bytes)} in {len(info.models)} model folder(s)")
     return 0
 
 
 def cmd_cache_verify(args: argparse.Namespace) -> int:
+    from .cache import cached_models, default_root
+
     bad = 0
-    for m in cached_models(default_root()):
+    for m in cached_models(Path(args.cache_dir) if args.cache_dir else default_root()):
         problems = m.verify()
         bad += len(problems)
         print(f"{m.source}/{m.size}: {'ok' if not problems else f'{len(problems)} problem(s)'}")
@@ -87,125 +142,202 @@ def cmd_cache_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_rm(args: argparse.Namespace) -> int:
-    from .registry import resolve
+    from .cache import plan_removal, remove
 
-    spec = resolve(args.name)
-    sources = [args.source] if args.source else ["openai", "hf"]
-    removed = 0
-    for source in sources:
-        m = model_cache(default_root(), source, spec.size)
-        if os.path.lexists(m.dir):
-            with m.lock(f"removing {spec.name}", timeout=args.timeout):
-                freed = m.remove_all()
-            print(f"removed {m.dir} ({_human(freed)} freed)")
-            removed += 1
-    if not removed:
-        print(f"{spec.name} is not in the cache at {default_root()}")
+    if not args.name and not args.all:
+        raise ValueError("name a model to remove (gpt2hub cache rm gpt2-small) or pass --all")
+    plan = plan_removal(args.cache_dir, None if args.all else args.name, args.source, args.dtype, args.include_hf)
+    if not plan:
+        print(f"nothing to remove: {args.name or 'no model'} is not in the cache")
+        return 0
+    for item in plan:
+        print(f"{'would remove' if args.dry_run else 'remove'} {item.what} ({_human(item.bytes)})")
+    if args.dry_run:
+        print(f"would free {_human(sum(i.bytes for i in plan))}")
+        return 0
+    if not args.yes and sys.stdin.isatty() and input("proceed? [y/N] ").strip().lower() not in ("y", "yes"):
+        print("nothing removed")
+        return 1
+    print(f"freed {_human(remove(plan, timeout=args.timeout))}")
     return 0
 
 
 def cmd_cache_prune(args: argparse.Namespace) -> int:
+    from .cache import default_root, prune
+
     freed = 0
-    for p in prune(default_root()):
+    for p in prune(Path(args.cache_dir) if args.cache_dir else default_root()):
         freed += p.bytes
-        print(f"{p.action} {p.path}" + (f": {p.why}" if p.why else "") + (" (stale lock)" if p.path.suffix == ".lock" else ""))
+        stale = " (stale lock)" if p.path.suffix == ".lock" else ""
+        print(f"{p.action} {p.path}" + (f": {p.why}" if p.why else "") + stale)
     print(f"freed {_human(freed)}")
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import BenchConfig, compare, markdown, run
-    from .errors import DeviceError
+    from .hub import check_device
 
     out = Path(args.out)
     if args.bench_command == "compare":
         print(compare([Path(f) for f in args.files], out), end="")
         print(f"wrote {out / 'compare.md'} and plots in {out}")
         return 0
-    import torch
-
-    if any(d.startswith("cuda") for d in args.device) and not torch.cuda.is_available():
-        raise DeviceError(f"--device cuda was asked for, but this PyTorch ({torch.__version__}) sees no CUDA GPU; "
-                          "use --device cpu")
+    for device in args.device:
+        check_device(device)
     cfg = BenchConfig(model=args.model, devices=args.device, dtypes=args.dtype, batch_sizes=args.batch_sizes,
                       prompt_lengths=args.prompt_lengths, new_tokens=args.new_tokens, repeats=args.repeats,
                       real_cache=args.real_cache, transformers=not args.no_transformers, notebook=not args.no_notebook,
                       plots=not args.no_plots)
     results = run(cfg, out)
     print(markdown([results]), end="")
-    print(f"wrote {out / 'results.json'}, {out / 'results.md'} and plots in {out}")
+    plots = "" if args.no_plots else " and plots"
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}{plots} in {out}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gpt2hub", description="OpenAI's GPT-2 weights as PyTorch models, cached.")
-    p.add_argument("--version", action="version", version=f"gpt2hub {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="log what happens (locks, retries)")
-    sub = p.add_subparsers(dest="command", required=True)
+# the parser --------------------------------------------------------------------------------------------------------
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown beside each option; the examples in each command's epilog kept as written."""
 
-    d = sub.add_parser("download", help="fetch a model's published files into the cache")
-    d.add_argument("name")
-    d.add_argument("--source", default="openai", choices=["openai", "hf"])
-    d.add_argument("--force", action="store_true", help="download again even if cached")
-    d.set_defaults(func=cmd_download)
 
-    g = sub.add_parser("generate", help="continue a prompt, streaming the text")
-    g.add_argument("prompt")
-    g.add_argument("--model", default="gpt2-small")
-    g.add_argument("--source", default="openai", choices=["openai", "hf"])
-    g.add_argument("--max-new-tokens", type=int, default=50)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+class Parser(argparse.ArgumentParser):
+    """Usage errors are one line, `gpt2hub: error: ...`, exit status 2."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.exit(2, f"gpt2hub: error: {self.prog.removeprefix('gpt2hub').strip() or 'usage'}: {message} "
+                     f"(see `{self.prog} --help`)\n")
+
+
+def _common(p: argparse.ArgumentParser, source: bool = True) -> None:
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="cache folder (default: GPT2HUB_CACHE, else the platform's user cache folder)")
+    if source:
+        p.add_argument("--source", default="openai", choices=["openai", "hf"],
+                       help="OpenAI's published files, or openai-community/* on the Hugging Face Hub")
+        p.add_argument("--revision", default=None, help="Hugging Face revision (branch, tag or commit; --source hf)")
+
+
+def _sub(sub: Any, name: str, helptext: str, examples: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=helptext, description=helptext, formatter_class=_Formatter,
+                          epilog="examples:\n" + examples)
+
+
+def _generate_parser(sub: Any) -> None:
+    g = _sub(sub, "generate", "continue a prompt, streaming the text",
+             '  gpt2hub generate "Every effort moves you"\n'
+             '  gpt2hub generate --model gpt2-medium --temperature 0.8 --top-k 50 --seed 1 "Once upon a time"')
+    g.add_argument("prompt", help="the text to continue")
+    g.add_argument("--model", type=MODEL, default="gpt2-small", help="a model name, size, Hugging Face id or folder")
+    _common(g)
+    g.add_argument("--max-new-tokens", type=TOKENS, default=50, help="tokens to generate")
+    g.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="sampling temperature; 0 is greedy")
+    g.add_argument("--top-k", type=TOP_K, default=0, help="sample among the k most likely tokens; 0 is off")
+    g.add_argument("--top-p", type=TOP_P, default=1.0, help="sample from the smallest set with this much mass; 1 is off")
+    g.add_argument("--seed", type=SEED, default=None, help="seed for sampling (same seed, same text)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights' dtype")
     g.set_defaults(func=cmd_generate)
 
-    b = sub.add_parser("bench", help="time loading and generation on this machine, beside transformers")
-    b.add_argument("--model", default="gpt2-small")
+
+def _bench_parser(sub: Any) -> None:
+    b = _sub(sub, "bench", "time loading and generation on this machine, beside transformers",
+             "  gpt2hub bench --dtype float32 bfloat16 --out results/\n"
+             "  gpt2hub bench compare cpu/results.json gpu/results.json --out compare/")
+    b.add_argument("--model", type=MODEL, default="gpt2-small", help="model whose size to time")
     b.add_argument("--device", nargs="+", default=["cpu"], help="one or more devices, e.g. cpu cuda")
-    b.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"])
-    b.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
-    b.add_argument("--prompt-lengths", nargs="+", type=int, default=[16, 512])
-    b.add_argument("--new-tokens", type=int, default=32)
-    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"],
+                   help="one or more dtypes")
+    b.add_argument("--batch-sizes", nargs="+", type=POSITIVE, default=[1, 4], help="batch sizes for generation")
+    b.add_argument("--prompt-lengths", nargs="+", type=POSITIVE, default=[16, 512], help="prompt lengths in tokens")
+    b.add_argument("--new-tokens", type=POSITIVE, default=32, help="tokens generated per timing")
+    b.add_argument("--repeats", type=POSITIVE, default=3, help="timings per measurement (medians are reported)")
     b.add_argument("--real-cache", action="store_true", help="use your cached real weights, skip the cold load")
     b.add_argument("--no-transformers", action="store_true", help="do not time transformers beside gpt2hub")
     b.add_argument("--no-notebook", action="store_true", help="do not time the notebook path (TensorFlow)")
     b.add_argument("--no-plots", action="store_true", help="write no PNG plots (make them later with `bench compare`)")
     b.add_argument("--out", default="gpt2hub-bench", help="folder for results.json, results.md and plots")
     bsub = b.add_subparsers(dest="bench_command")
-    cmp_ = bsub.add_parser("compare", help="merge results.json files of several machines into one table and plot")
-    cmp_.add_argument("files", nargs="+")
-    cmp_.add_argument("--out", default="gpt2hub-compare")
+    cmp_ = bsub.add_parser("compare", help="merge results.json files of several machines into one table and plot",
+                           formatter_class=_Formatter)
+    cmp_.add_argument("files", nargs="+", help="results.json files")
+    cmp_.add_argument("--out", default="gpt2hub-compare", help="folder for compare.md and plots")
     b.set_defaults(func=cmd_bench)
 
-    c = sub.add_parser("cache", help="inspect and tidy the cache").add_subparsers(dest="cache_command", required=True)
-    c.add_parser("list", help="models, files, bytes on disk, converted dtypes").set_defaults(func=cmd_cache_list)
-    c.add_parser("verify", help="re-hash every file; exit 1 on damage").set_defaults(func=cmd_cache_verify)
-    rm = c.add_parser("rm", help="delete a model from the cache")
-    rm.add_argument("name")
-    rm.add_argument("--source", choices=["openai", "hf"])
-    rm.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a process using it")
+
+def _cache_parser(sub: Any) -> None:
+    c = _sub(sub, "cache", "inspect and tidy the cache",
+             "  gpt2hub cache list --json\n  gpt2hub cache rm gpt2-xl --dry-run\n  gpt2hub cache verify")
+    csub = c.add_subparsers(dest="cache_command", required=True, metavar="{list,verify,rm,prune}")
+    ls = _sub(csub, "list", "models, sources, dtypes, bytes on disk, status and dates", "  gpt2hub cache list --json")
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ls.set_defaults(func=cmd_cache_list)
+    v = _sub(csub, "verify", "re-hash every file; one line per missing or damaged file; exit 1 on any",
+             "  gpt2hub cache verify")
+    v.set_defaults(func=cmd_cache_verify)
+    rm = _sub(csub, "rm", "delete models (or one dtype's weights) from the cache, reporting the bytes freed",
+              "  gpt2hub cache rm gpt2-small\n  gpt2hub cache rm --all --dry-run\n  gpt2hub cache rm 124M --dtype bfloat16 -y")
+    rm.add_argument("name", nargs="?", type=MODEL, help="model name or size folder (as `cache list` shows it)")
+    rm.add_argument("--all", action="store_true", help="every model in the cache")
+    rm.add_argument("--source", choices=["openai", "hf"], default=None, help="only this source (default: both)")
+    rm.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="only the prepared weights of this dtype (the published files stay)")
+    rm.add_argument("--include-hf", action="store_true", help="also delete the files in the Hugging Face cache")
+    rm.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+    rm.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation on a terminal")
+    rm.add_argument("--timeout", type=SECONDS, default=60.0, help="seconds to wait for a process using the model")
     rm.set_defaults(func=cmd_cache_rm)
-    c.add_parser("prune", help="delete partial downloads, temp files and stale locks").set_defaults(func=cmd_cache_prune)
+    pr = _sub(csub, "prune", "delete partial downloads, temporary files and stale locks", "  gpt2hub cache prune")
+    pr.set_defaults(func=cmd_cache_prune)
+    for p in (ls, v, rm, pr):
+        _common(p, source=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="gpt2hub", description="OpenAI's GPT-2 weights as PyTorch models, cached and verified.",
+               formatter_class=_Formatter, epilog="examples:\n  gpt2hub download gpt2-small\n"
+               '  gpt2hub generate "Every effort moves you"\n  gpt2hub cache list')
+    p.add_argument("--version", action="version", version=f"gpt2hub {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="log where models come from, each stage's time, locks and retries; tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{download,generate,cache,bench}")
+    d = _sub(sub, "download", "fetch a model's published files into the cache",
+             "  gpt2hub download gpt2-small\n  gpt2hub download gpt2-xl --source hf --revision main")
+    d.add_argument("name", type=MODEL, help="a model name, size or Hugging Face id")
+    _common(d)
+    d.add_argument("--force", action="store_true", help="download again even if cached")
+    d.set_defaults(func=cmd_download)
+    _generate_parser(sub)
+    _bench_parser(sub)
+    _cache_parser(sub)
     return p
+
+
+def _log_setup(verbose: bool) -> None:
+    """gpt2hub's records once, on stderr, prefixed; other libraries' loggers (huggingface_hub) left as they are."""
+    logger = logging.getLogger("gpt2hub")
+    logger.handlers = [h for h in logger.handlers if not getattr(h, "_gpt2hub_cli", False)]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("gpt2hub: %(message)s"))
+    handler._gpt2hub_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    logger.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="gpt2hub: %(message)s")
+    _log_setup(args.verbose)
     try:
         return args.func(args)
-    except GPT2HubError as e:
-        print(f"gpt2hub: error: {e}", file=sys.stderr)
-        return 1
-    except ValueError as e:  # bad arguments that reached the library (a dtype, a source)
-        print(f"gpt2hub: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("gpt2hub: interrupted; partial downloads are kept and resume on the next run", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
+    except (GPT2HubError, ValueError, OSError) as e:
+        if args.verbose:
+            traceback.print_exc()
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"gpt2hub: error: {message}", file=sys.stderr)
+        return 2 if isinstance(e, ValueError) and not isinstance(e, GPT2HubError) else 1

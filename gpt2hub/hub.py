@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import storage
-from .cache import Manifest, ModelCache, default_root, ignore_pins, model_cache, offline
+from .cache import Manifest, ModelCache, check_settings, default_root, ignore_pins, model_cache, offline, touch_used
 from .convert import openai_state_dict
 from .download import progress_disabled
 from .errors import CheckpointError, DeviceError, IntegrityError, OfflineError
@@ -142,6 +142,7 @@ class Hub:
         ready = time.perf_counter()
         sd = storage.state_dict(self.source, self._paths(self.source.files), manifest, self.cache, device)
         model = GPTModel.from_state_dict(manifest.config, sd)
+        touch_used(self.cache, dtype)
         log.info("loaded %s from %s (source %s, %s %s) in %.3f s: %.3f s checking the cache, %.3f s building the model",
                  self.spec.name, self.cache.dir, self.source.key, dtype, manifest.kind, time.perf_counter() - start,
                  ready - start, time.perf_counter() - ready)
@@ -159,7 +160,8 @@ def _why_offline() -> str:
     return "GPT2HUB_OFFLINE/HF_HUB_OFFLINE is set" if offline() else "local_files_only=True"
 
 
-def _device(device: str | torch.device | None) -> torch.device:
+def check_device(device: str | torch.device | None) -> torch.device:
+    """`device` as a torch.device this machine has (cpu, or cuda when PyTorch sees a GPU), else DeviceError."""
     try:
         dev = torch.device(device or "cpu")
     except (RuntimeError, TypeError):
@@ -176,6 +178,7 @@ def open_hub(name: str | ModelSpec, source: str = "openai", revision: str | None
              cache_dir: str | Path | None = None, local_files_only: bool = False, progress: bool = True,
              adopt_from: Path | None = None) -> Hub:
     """The Hub of one model of one source in the cache (nothing is fetched until asked)."""
+    check_settings()
     spec = resolve(name)
     offline_ = local_files_only or offline()
     src = make_source(spec, source, revision, offline_, progress, adopt_from)
@@ -205,7 +208,7 @@ def from_pretrained(name: str | ModelSpec = "gpt2-small", *, device: str | torch
     `out_head`; `tie_weights=False` gives the head its own copy, as the book's `load_weights_into_gpt` does, and
     reproduces the book's fine-tuning numbers exactly.
     """
-    dev, dt = _device(device), dtype_name(dtype)
+    dev, dt = check_device(device), dtype_name(dtype)
     if FolderSource.holds_model(name):
         model = from_folder(Path(name), dt, dev)  # type: ignore[arg-type]
         return model if tie_weights else untie(model)

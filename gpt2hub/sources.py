@@ -133,7 +133,7 @@ class OpenAISource:
         dest = cache.raw_path(name)
         if not force and regular_file(dest) and (record := self._accept(name, dest)) is not None:
             return {**record, "url": None}  # complete but unrecorded (a crash between rename and record)
-        if os.path.lexists(dest):
+        if os.path.lexists(dest) and not regular_file(dest):  # a link or a FIFO: removed, never followed
             cache.discard(name)
         if self.adopt_from is not None and not force and (record := self._adopt(name, dest)) is not None:
             return record
