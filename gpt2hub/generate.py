@@ -86,7 +86,7 @@ class GenerationConfig:
     stop: str | Sequence[str] | None = None
 
     def __post_init__(self) -> None:
-        v = self
+        v = self  # short, so that each rule fits on a line
         rules = [
             ("max_new_tokens", v.max_new_tokens, _is_int(v.max_new_tokens) and v.max_new_tokens >= 0, "an int >= 0"),
             ("context_size", v.context_size, v.context_size is None or _is_int(v.context_size) and v.context_size > 0,
@@ -125,7 +125,7 @@ class GenerationConfig:
         if low < 0 or (vocab is not None and high >= vocab):
             raise ValueError(f"idx must hold token ids in [0, {vocab if vocab is not None else 'vocab'}), "
                              f"got ids from {low} to {high}")
-        pad = _left_padding(idx, attention_mask)
+        idx, pad = idx.long(), _left_padding(idx, attention_mask)  # embeddings take int64 (the book's cat makes it so)
         n = self.num_return_sequences
         if n > 1:
             idx, pad = idx.repeat_interleave(n, dim=0), None if pad is None else pad.repeat_interleave(n)
@@ -365,8 +365,8 @@ def _start(model: Any, idx: Any, attention_mask: Any, cfg: GenerationConfig) -> 
     target = _target(model, cfg)
     prompt = cfg.prompt(idx, attention_mask, target.vocab)
     if prompt.pad is not None and not target.native:
-        raise ValueError(f"attention_mask with padding needs gpt2hub's GPTModel (positions per row), not a "
-                         f"{type(target.model).__name__}; generate each prompt alone")
+        raise ValueError(f"prompts of different lengths (attention_mask with padding) need gpt2hub's GPTModel, "
+                         f"not a {type(target.model).__name__}; generate each prompt alone")
     return prompt.ids, _columns(target, prompt, cfg)
 
 
@@ -379,8 +379,9 @@ def generate_stream(model: Any, idx: torch.Tensor, max_new_tokens: int, context_
     """Yield each new column of token ids [batch] as it is generated.
 
     `model` is gpt2hub's GPTModel (KV cache) or any module mapping ids [batch, tokens] to logits [batch, tokens,
-    vocab], or to an object with `.logits` (the book's loop: crop to the context, full forward, last logits). The context length is `context_size`,
-    capped by the model's (cfg["context_length"] or a `pos_emb` embedding's size); a model with neither needs it.
+    vocab], or to an object with `.logits` (the book's loop: crop to the context, full forward, last logits). The
+    context length is `context_size`, capped by the model's (cfg["context_length"] or a `pos_emb` embedding's size);
+    a model with neither needs it.
 
     `decode` picks how each cached step runs: "eager" (attention over the filled part of the cache), "static"
     (fixed shapes, the whole cache under a mask), "cuda_graph" (static, captured once and replayed) or "auto"

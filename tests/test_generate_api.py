@@ -141,6 +141,15 @@ def test_bad_prompts_are_refused(pair, idx, mask, name):
         assert "\n" not in str(err.value)
 
 
+def test_any_integer_prompt_dtype_works(pair, book):
+    idx = prompt(2, 5, seed=3)
+    for model in (pair[0], book):
+        expected = generate(model, idx, 6)
+        for dtype in (torch.int32, torch.int16):
+            out = generate(model, idx.to(dtype), 6)
+            assert out.dtype == torch.long and torch.equal(out, expected)
+
+
 @pytest.mark.parametrize("stop", ["", [""], [3], 5])
 def test_bad_stop_strings_are_refused(pair, stop):
     for fn in (generate_text, stream_text):
