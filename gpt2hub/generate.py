@@ -1,20 +1,34 @@
-"""Text generation: the book's `generate` semantics with top-p, batches, per-row stops and a preallocated KV cache."""
+"""Text generation: the book's `generate` semantics with top-p, batches, per-row stops and a preallocated KV cache.
+
+Any model that maps token ids [batch, tokens] to logits [batch, tokens, vocab] works (the book's own GPTModel, a
+torch.compile'd one, a wrapper); gpt2hub's GPTModel gets the KV cache, the others the book's loop.
+"""
 
 from __future__ import annotations
 
 import codecs
+import itertools
 import logging
-from collections.abc import Iterator
+import math
+import numbers
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn as nn
 
 from .model import GPTModel, KVCache
+
+log = logging.getLogger("gpt2hub")
+DECODES = ("auto", "eager", "static", "cuda_graph")
+FIRST_ROOM = 256  # new-token columns allocated up front; the buffer doubles when they are used up
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token ids [batch] from last-position logits [batch, vocab]; temperature 0 is greedy."""
-    if top_k is not None:
+    """Next token ids [batch] from last-position logits [batch, vocab]; temperature 0 is greedy, top_k 0 is off."""
+    if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if temperature <= 0.0:
@@ -28,19 +42,220 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-log = logging.getLogger("gpt2hub")
-DECODES = ("auto", "eager", "static", "cuda_graph")
+def seen_tokens(ids: torch.Tensor, vocab: int, real: torch.Tensor | None = None) -> torch.Tensor:
+    """[batch, vocab] bool: which token ids occur in each row of `ids` (only where `real` is True, if given)."""
+    if real is not None:
+        ids = ids.masked_fill(~real, vocab)  # padding lands in an extra column, dropped below
+    seen = torch.zeros(ids.shape[0], vocab + 1, dtype=torch.bool, device=ids.device)
+    return seen.scatter_(1, ids, True)[:, :vocab]
+
+
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' repetition penalty: logits of `seen` ids are divided by `penalty` (multiplied where negative)."""
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+# -- arguments: every public function checks them here ------------------------------------------------------------------
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class GenerationConfig:
+    """The options of `generate`, `generate_stream`, `generate_text` and `stream_text`, checked once on creation.
+
+    Each bad value is a ValueError naming the argument, the value and what is accepted. `top_k=0` and `top_p=1.0`
+    mean off (stored as None); `stop` becomes a tuple of strings.
+    """
+
+    max_new_tokens: int
+    context_size: int | None = None
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    eos_id: int | None = None
+    generator: torch.Generator | None = None
+    use_cache: bool = True
+    decode: str = "auto"
+    repetition_penalty: float = 1.0
+    num_return_sequences: int = 1
+    stop: str | Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        v = self  # short, so that each rule fits on a line
+        rules = [
+            ("max_new_tokens", v.max_new_tokens, _is_int(v.max_new_tokens) and v.max_new_tokens >= 0, "an int >= 0"),
+            ("context_size", v.context_size, v.context_size is None or _is_int(v.context_size) and v.context_size > 0,
+             "None or an int >= 1"),
+            ("temperature", v.temperature, _is_real(v.temperature) and v.temperature >= 0, "a finite number >= 0"),
+            ("top_k", v.top_k, v.top_k is None or _is_int(v.top_k) and v.top_k >= 0, "None or an int >= 0 (0: off)"),
+            ("top_p", v.top_p, v.top_p is None or _is_real(v.top_p) and 0 < v.top_p <= 1,
+             "None or a number in (0, 1] (1: off)"),
+            ("eos_id", v.eos_id, v.eos_id is None or _is_int(v.eos_id) and v.eos_id >= 0, "None or a token id >= 0"),
+            ("generator", v.generator, v.generator is None or isinstance(v.generator, torch.Generator),
+             "None or a torch.Generator"),
+            ("use_cache", v.use_cache, isinstance(v.use_cache, bool), "True or False"),
+            ("decode", v.decode, v.decode in DECODES, f"one of {DECODES}"),
+            ("repetition_penalty", v.repetition_penalty, _is_real(v.repetition_penalty) and v.repetition_penalty > 0,
+             "a finite number > 0 (1: off)"),
+            ("num_return_sequences", v.num_return_sequences, _is_int(v.num_return_sequences)
+             and v.num_return_sequences >= 1, "an int >= 1"),
+        ]
+        for name, value, ok, accepted in rules:
+            if not ok:
+                raise ValueError(f"{name} must be {accepted}, got {value!r}")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if stop is not None and (not isinstance(stop, Sequence) or not all(isinstance(s, str) and s for s in stop)):
+            raise ValueError(f"stop must be None, a non-empty str or a list of them, got {self.stop!r}")
+        self.stop = tuple(stop or ())
+        self.top_k = self.top_k or None
+        self.top_p = None if self.top_p == 1 else self.top_p
+
+    def prompt(self, idx: Any, attention_mask: Any, vocab: int | None) -> _Prompt:
+        """`idx` checked (a 2-D integer tensor, ids in [0, vocab)), with its left padding, rows repeated."""
+        if (not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.numel() == 0 or idx.dtype == torch.bool
+                or idx.dtype.is_floating_point or idx.dtype.is_complex):
+            got = f"shape {tuple(idx.shape)}, {idx.dtype}" if isinstance(idx, torch.Tensor) else repr(idx)
+            raise ValueError(f"idx must be a 2-D integer tensor [batch, tokens] with at least one token, got {got}")
+        low, high = (int(x) for x in torch.aminmax(idx))
+        if low < 0 or (vocab is not None and high >= vocab):
+            raise ValueError(f"idx must hold token ids in [0, {vocab if vocab is not None else 'vocab'}), "
+                             f"got ids from {low} to {high}")
+        idx, pad = idx.long(), _left_padding(idx, attention_mask)  # embeddings take int64 (the book's cat makes it so)
+        n = self.num_return_sequences
+        if n > 1:
+            idx, pad = idx.repeat_interleave(n, dim=0), None if pad is None else pad.repeat_interleave(n)
+        return _Prompt(idx, pad)
+
+
+def _left_padding(idx: torch.Tensor, attention_mask: Any) -> torch.Tensor | None:
+    """Per row, how many leading tokens `attention_mask` marks as padding; None when there is none."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != idx.shape:
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else repr(attention_mask)
+        raise ValueError(f"attention_mask must be a tensor shaped like idx {tuple(idx.shape)}, got {got}")
+    mask = attention_mask.to(idx.device)
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError(f"attention_mask must hold only 0 (padding) and 1 (tokens), got values {mask.unique().tolist()}")
+    mask = mask.bool()
+    if bool((mask[:, 1:] < mask[:, :-1]).any()) or not bool(mask[:, -1].all()):
+        row = int(((mask[:, 1:] < mask[:, :-1]).any(1) | ~mask[:, -1]).nonzero()[0, 0])
+        raise ValueError(f"attention_mask must be left padding (0s, then at least one 1, per row), got row {row} = "
+                         f"{mask[row].int().tolist()}")
+    pad = (~mask).sum(dim=1)
+    return pad if bool(pad.any()) else None
+
+
+# -- the model: gpt2hub's GPTModel (KV cache) or any ids -> logits module (the book's loop) ---------------------------
+@dataclass
+class _Prompt:
+    ids: torch.Tensor  # [batch, tokens]
+    pad: torch.Tensor | None  # [batch] leading padding tokens, None when there is none
+
+    def window(self, start: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position ids and key mask [batch, width] of the columns start..: positions count from each row's first
+        real token inside the window, as if the row had been cropped there alone."""
+        cols = torch.arange(start, start + width, device=self.ids.device)
+        first = self.pad.clamp(min=start)[:, None]
+        return (cols - first).clamp(min=0), cols >= self.pad[:, None]
+
+
+@dataclass
+class _Target:
+    model: Callable[..., Any]
+    ctx: int  # tokens each step reads at most
+    vocab: int | None
+    native: bool  # gpt2hub's GPTModel: forward takes a cache, positions and a key mask
+
+
+def _named_embedding(model: Any, name: str) -> nn.Embedding | None:
+    """The nn.Embedding called `name` in `model` or a submodule (a wrapper's, torch.compile's `_orig_mod`)."""
+    if not isinstance(model, nn.Module):
+        return None
+    return next((m for path, m in model.named_modules() if path.rsplit(".", 1)[-1] == name
+                 and isinstance(m, nn.Embedding)), None)
+
+
+def _target(model: Any, cfg: GenerationConfig) -> _Target:
+    """How to run `model`: its context length (from cfg, pos_emb, or context_size) and vocabulary, if known."""
+    config = getattr(model, "cfg", None)
+    config = config if isinstance(config, dict) else {}
+    limit, vocab = config.get("context_length"), config.get("vocab_size")
+    if limit is None and (emb := _named_embedding(model, "pos_emb")) is not None:
+        limit = emb.num_embeddings
+    if vocab is None and (emb := _named_embedding(model, "tok_emb")) is not None:
+        vocab = emb.num_embeddings
+    if limit is None and cfg.context_size is None:
+        raise ValueError(f"context_size must be given for a {type(model).__name__}: it has no cfg['context_length'] "
+                         "and no pos_emb embedding to read the context length from")
+    ctx = min(cfg.context_size or limit, limit or cfg.context_size)
+    return _Target(model, ctx, vocab, isinstance(model, GPTModel))
+
+
+def _logits(out: Any, idx: torch.Tensor) -> torch.Tensor:
+    out = getattr(out, "logits", out)  # a transformers-style output object
+    if not isinstance(out, torch.Tensor) or out.dim() != 3 or out.shape[:2] != idx.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"model must map ids {tuple(idx.shape)} to logits [batch, tokens, vocab], got {got}")
+    return out
+
+
+class _Tokens:
+    """Token ids [batch, n] in a buffer that doubles when full: memory follows the tokens made, not max_new_tokens."""
+
+    def __init__(self, ids: torch.Tensor, room: int):
+        b, self.n = ids.shape
+        self.buf = ids.new_empty(b, self.n + min(room, FIRST_ROOM))
+        self.buf[:, :self.n] = ids
+
+    def append(self, column: torch.Tensor) -> None:
+        if self.n == self.buf.shape[1]:
+            bigger = self.buf.new_empty(self.buf.shape[0], 2 * self.n)
+            bigger[:, :self.n] = self.buf
+            self.buf = bigger
+        self.buf[:, self.n] = column
+        self.n += 1
+
+    def last(self, k: int) -> tuple[int, torch.Tensor]:
+        """(first column, ids) of the last `k` tokens."""
+        start = max(0, self.n - k)
+        return start, self.buf[:, start:self.n]
+
+
+class _Window:
+    """The book's loop: each step re-reads the last `ctx` tokens in full."""
+
+    def __init__(self, target: _Target, prompt: _Prompt):
+        self.target, self.prompt = target, prompt
+
+    def __call__(self, seq: _Tokens) -> torch.Tensor:
+        start, x = seq.last(self.target.ctx)
+        if not self.target.native:
+            return _logits(self.target.model(x), x)[:, -1]
+        if self.prompt.pad is None:
+            return self.target.model(x, last_only=True)[:, -1]
+        positions, keys = self.prompt.window(start, x.shape[1])
+        return self.target.model(x, positions=positions, key_mask=keys, last_only=True)[:, -1]
+
+    first = next = __call__
 
 
 class _StaticDecoder:
     """One token per row per call at a given position, with static shapes; optionally replayed as a CUDA graph.
 
     The graph is captured before the prompt is read: its warm-up writes only position 0, which prefill overwrites.
+    `padding`: the cache columns' position ids and key mask [batch, max_len] of a left-padded batch.
     """
 
-    def __init__(self, model: GPTModel, cache: KVCache, batch: int, graph: bool):
+    def __init__(self, model: GPTModel, cache: KVCache, batch: int, graph: bool,
+                 padding: tuple[torch.Tensor, torch.Tensor] | None = None):
         device = cache.k.device
-        self.model, self.cache = model, cache
+        self.model, self.cache, self.padding = model, cache, padding
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros((), dtype=torch.long, device=device)
         self.graph = None
@@ -58,7 +273,11 @@ class _StaticDecoder:
                 self.logits = self._step()
 
     def _step(self) -> torch.Tensor:
-        return self.model(self.tok, self.cache, self.pos)[:, -1]
+        if self.padding is None:
+            return self.model(self.tok, self.cache, self.pos)[:, -1]
+        positions, keys = self.padding
+        return self.model(self.tok, self.cache, self.pos, positions=positions.index_select(1, self.pos.view(1)),
+                          key_mask=keys)[:, -1]
 
     def __call__(self, tok: torch.Tensor, pos: int) -> torch.Tensor:
         self.tok.copy_(tok)
@@ -69,91 +288,228 @@ class _StaticDecoder:
         return self.logits
 
 
+class _Cached:
+    """gpt2hub's GPTModel with a KV cache: prefill, then one position per step; past the window, the book's loop."""
+
+    def __init__(self, target: _Target, prompt: _Prompt, cfg: GenerationConfig):
+        model, (b, t) = target.model, prompt.ids.shape
+        self.model, self.window = model, _Window(target, prompt)
+        param = model.tok_emb.weight
+        decode = cfg.decode
+        if decode == "auto":
+            decode = "cuda_graph" if param.device.type == "cuda" else "eager"
+        self.filled = min(t, target.ctx)  # tokens held in the cache
+        # only as many positions as this call can fill: zeroing a 1024-position cache costs more than short prompts
+        self.cache = KVCache(model.cfg, b, min(target.ctx, t + cfg.max_new_tokens), param.dtype, param.device)
+        self.padding = None if prompt.pad is None else prompt.window(t - self.filled, self.cache.max_len)
+        self.decoder = None
+        if decode != "eager":
+            try:
+                self.decoder = _StaticDecoder(model, self.cache, b, decode == "cuda_graph", self.padding)
+            except RuntimeError as e:  # a capture this PyTorch or driver refuses: same tokens, without the graph
+                log.warning("CUDA graph capture failed (%s); decoding without it", e)
+                self.decoder = _StaticDecoder(model, self.cache, b, False, self.padding)
+
+    def _run(self, x: torch.Tensor, start: int, **kwargs: Any) -> torch.Tensor:
+        if self.padding is None:
+            return self.model(x, self.cache, start, **kwargs)[:, -1]
+        positions, keys = self.padding
+        return self.model(x, self.cache, start, positions=positions[:, start:start + x.shape[1]], key_mask=keys,
+                          **kwargs)[:, -1]
+
+    def first(self, seq: _Tokens) -> torch.Tensor:
+        return self._run(seq.last(self.filled)[1], 0, last_only=True)
+
+    def next(self, seq: _Tokens) -> torch.Tensor:
+        if self.filled == self.cache.max_len:
+            return self.window(seq)
+        pos, x = self.filled, seq.buf[:, seq.n - 1:seq.n]
+        self.filled += 1
+        return self._run(x, pos) if self.decoder is None else self.decoder(x, pos)
+
+
 @torch.inference_mode()
-def generate_stream(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, context_size: int | None = None,
+def _columns(target: _Target, prompt: _Prompt, cfg: GenerationConfig) -> Iterator[torch.Tensor]:
+    """The generation loop: one new column of ids [batch] per step (see `generate_stream`)."""
+    if cfg.max_new_tokens == 0:
+        return
+    ids = prompt.ids
+    seq = _Tokens(ids, cfg.max_new_tokens)
+    steps = _Cached(target, prompt, cfg) if target.native and cfg.use_cache else _Window(target, prompt)
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    logits = steps.first(seq)
+    seen = None
+    if cfg.repetition_penalty != 1:
+        real = None if prompt.pad is None else prompt.window(0, ids.shape[1])[1]
+        seen = seen_tokens(ids, logits.shape[-1], real)
+    for step in range(cfg.max_new_tokens):
+        if seen is not None:
+            logits = penalize_repeats(logits, seen, cfg.repetition_penalty)
+        nxt = sample_next(logits, cfg.temperature, cfg.top_k, cfg.top_p, cfg.generator)
+        if cfg.eos_id is not None:
+            nxt = nxt.masked_fill(finished, cfg.eos_id)
+            finished |= nxt == cfg.eos_id
+            if bool(finished.all()):
+                return
+        seq.append(nxt)
+        if seen is not None:
+            seen.scatter_(1, nxt[:, None], True)
+        yield nxt
+        if step + 1 == cfg.max_new_tokens:
+            return
+        logits = steps.next(seq)
+
+
+def _start(model: Any, idx: Any, attention_mask: Any, cfg: GenerationConfig) -> tuple[torch.Tensor, Iterator[torch.Tensor]]:
+    """Check everything now (not at the first step): the prompt rows as generated and the column iterator."""
+    target = _target(model, cfg)
+    prompt = cfg.prompt(idx, attention_mask, target.vocab)
+    if prompt.pad is not None and not target.native:
+        raise ValueError(f"prompts of different lengths (attention_mask with padding) need gpt2hub's GPTModel, "
+                         f"not a {type(target.model).__name__}; generate each prompt alone")
+    return prompt.ids, _columns(target, prompt, cfg)
+
+
+# -- the public functions ------------------------------------------------------------------------------------------------
+def generate_stream(model: Any, idx: torch.Tensor, max_new_tokens: int, context_size: int | None = None,
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     eos_id: int | None = None, generator: torch.Generator | None = None,
-                    use_cache: bool = True, decode: str = "auto") -> Iterator[torch.Tensor]:
+                    use_cache: bool = True, decode: str = "auto", *, attention_mask: torch.Tensor | None = None,
+                    repetition_penalty: float = 1.0, num_return_sequences: int = 1) -> Iterator[torch.Tensor]:
     """Yield each new column of token ids [batch] as it is generated.
+
+    `model` is gpt2hub's GPTModel (KV cache) or any module mapping ids [batch, tokens] to logits [batch, tokens,
+    vocab], or to an object with `.logits` (the book's loop: crop to the context, full forward, last logits). The
+    context length is `context_size`, capped by the model's (cfg["context_length"] or a `pos_emb` embedding's size);
+    a model with neither needs it.
 
     `decode` picks how each cached step runs: "eager" (attention over the filled part of the cache), "static"
     (fixed shapes, the whole cache under a mask), "cuda_graph" (static, captured once and replayed) or "auto"
     (cuda_graph on CUDA, eager elsewhere). All give the same tokens.
 
+    `attention_mask` [batch, tokens] (1: token, 0: left padding) lets prompts of different lengths share a batch:
+    each row is generated as it would be alone (GPTModel only). `num_return_sequences` repeats each row (row i
+    becomes rows i*n..i*n+n-1), each sampled on its own; `repetition_penalty` is transformers' (every id already in
+    the row, prompt included, has its logit divided by it, or multiplied where negative); `top_k=0` and `top_p=1.0`
+    are off. Bad arguments raise ValueError at the call, naming the argument (see GenerationConfig).
+
     A row that produced `eos_id` is finished and gets `eos_id` from then on; the step at which every row has
     finished is not yielded (so with batch 1 the stop token is left out, as in the book). Prompts longer than
-    `context_size` are cropped to its last `context_size` tokens; once the window is full, each step re-reads the
-    last `context_size` tokens, exactly as without the cache.
+    the context are cropped to its last tokens; once the window is full, each step re-reads the last context's
+    worth of tokens, exactly as without the cache.
     """
-    if idx.dim() != 2 or idx.shape[1] == 0:
-        raise ValueError(f"idx must be [batch, tokens] with at least one token, got shape {tuple(idx.shape)}")
-    limit = model.cfg["context_length"]
-    ctx = min(context_size or limit, limit)
-    b, t = idx.shape
-    seq = torch.empty(b, t + max_new_tokens, dtype=torch.long, device=idx.device)
-    seq[:, :t] = idx
-    finished = torch.zeros(b, dtype=torch.bool, device=idx.device)
-    if decode not in DECODES:
-        raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
-    param = model.tok_emb.weight
-    if decode == "auto":
-        decode = "cuda_graph" if param.device.type == "cuda" else "eager"
-    cache = decoder = None
-    if use_cache:
-        # only as many positions as this call can fill: zeroing a 1024-position cache costs more than short prompts
-        cache = KVCache(model.cfg, b, min(ctx, t + max_new_tokens), param.dtype, param.device)
-        if decode != "eager":
-            try:
-                decoder = _StaticDecoder(model, cache, b, graph=decode == "cuda_graph")
-            except RuntimeError as e:  # a capture this PyTorch or driver refuses: same tokens, without the graph
-                log.warning("CUDA graph capture failed (%s); decoding without it", e)
-                decoder = _StaticDecoder(model, cache, b, graph=False)
-    pos = min(t, ctx)  # tokens held in the cache
-    logits = model(seq[:, t - pos:t], cache, 0, last_only=True)[:, -1]
-    for step in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)
-        if eos_id is not None:
-            nxt = nxt.masked_fill(finished, eos_id)
-            finished |= nxt == eos_id
-            if bool(finished.all()):
-                return
-        n = t + step
-        seq[:, n] = nxt
-        yield nxt
-        if step + 1 == max_new_tokens:
-            return
-        if cache is not None and pos < cache.max_len:
-            logits = model(seq[:, n:n + 1], cache, pos)[:, -1] if decoder is None else decoder(seq[:, n:n + 1], pos)
-            pos += 1
-        else:
-            logits = model(seq[:, max(0, n + 1 - ctx):n + 1], last_only=True)[:, -1]
+    cfg = GenerationConfig(max_new_tokens, context_size, temperature, top_k, top_p, eos_id, generator, use_cache,
+                           decode, repetition_penalty, num_return_sequences)
+    return _start(model, idx, attention_mask, cfg)[1]
 
 
-def generate(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, context_size: int | None = None,
+def generate(model: Any, idx: torch.Tensor, max_new_tokens: int, context_size: int | None = None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_id: int | None = None, generator: torch.Generator | None = None,
-             use_cache: bool = True, decode: str = "auto") -> torch.Tensor:
-    """The book's `generate`: `idx` [batch, tokens] with the new tokens appended (see `generate_stream`)."""
-    new = list(generate_stream(model, idx, max_new_tokens, context_size, temperature, top_k, top_p, eos_id,
-                               generator, use_cache, decode))
-    return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx.clone()
+             use_cache: bool = True, decode: str = "auto", *, attention_mask: torch.Tensor | None = None,
+             repetition_penalty: float = 1.0, num_return_sequences: int = 1) -> torch.Tensor:
+    """The book's `generate`: `idx` [batch, tokens] with the new tokens appended (see `generate_stream`).
+
+    With `num_return_sequences` n the result has batch * n rows (each prompt row repeated n times, in order);
+    left padding stays in the result.
+    """
+    cfg = GenerationConfig(max_new_tokens, context_size, temperature, top_k, top_p, eos_id, generator, use_cache,
+                           decode, repetition_penalty, num_return_sequences)
+    ids, columns = _start(model, idx, attention_mask, cfg)
+    new = list(columns)
+    return torch.cat([ids, torch.stack(new, dim=1)], dim=1) if new else ids.clone()
 
 
-def stream_text(model: GPTModel, tokenizer, prompt: str, max_new_tokens: int = 50, **kwargs) -> Iterator[str]:
-    """Yield the continuation of `prompt` as text, piece by piece (multi-byte characters are never split)."""
-    device = model.tok_emb.weight.device
-    idx = torch.tensor([tokenizer.encode(prompt, allowed_special={"<|endoftext|>"})], device=device)
-    kwargs.setdefault("eos_id", tokenizer.eot_token)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for column in generate_stream(model, idx, max_new_tokens, **kwargs):
-        piece = decoder.decode(tokenizer.decode_single_token_bytes(int(column[0])))
+# -- text ----------------------------------------------------------------------------------------------------------------
+class _TextRow:
+    """One row's continuation as text: bytes in, whole characters out, cut before the first stop string."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stops, self.held, self.done = stops, "", False
+
+    def feed(self, data: bytes, final: bool = False) -> str:
+        """The text now certain to be output; a suffix that may begin a stop string is held back."""
+        text = self.held + self.decoder.decode(data, final=final)
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.done, self.held = True, ""
+            return text[:cut]
+        keep = 0 if final else max((k for s in self.stops for k in range(1, min(len(s), len(text) + 1))
+                                    if text.endswith(s[:k])), default=0)
+        self.held = text[len(text) - keep:]
+        self.done = final
+        return text[:len(text) - keep]
+
+
+def _device(model: Any) -> torch.device:
+    first = next(itertools.chain(model.parameters(), model.buffers()), None) if isinstance(model, nn.Module) else None
+    return torch.device("cpu") if first is None else first.device
+
+
+def _text_pieces(model: Any, tokenizer: Any, prompts: list[str], cfg: GenerationConfig) -> Iterator[tuple[int, str]]:
+    """(row, text) pieces of each prompt's continuation, rows as `generate` orders them; ends when every row has."""
+    encoded = [tokenizer.encode(p, allowed_special={"<|endoftext|>"}) for p in prompts]
+    if not all(encoded):
+        raise ValueError(f"prompt must encode to at least one token, got {prompts[encoded.index([])]!r}")
+    width = max(len(e) for e in encoded)
+    device = _device(model)
+    idx = torch.tensor([[0] * (width - len(e)) + e for e in encoded], device=device)
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
+    _, columns = _start(model, idx, mask, cfg)
+    rows = [_TextRow(cfg.stop) for _ in range(len(prompts) * cfg.num_return_sequences)]
+    for column in columns:
+        for i, tok in enumerate(column.tolist()):
+            if rows[i].done:
+                continue
+            eos = tok == cfg.eos_id
+            piece = rows[i].feed(b"" if eos else tokenizer.decode_single_token_bytes(tok), final=eos)
+            if piece:
+                yield i, piece
+        if all(row.done for row in rows):
+            return
+    for i, row in enumerate(rows):
+        piece = "" if row.done else row.feed(b"", final=True)
         if piece:
-            yield piece
-    tail = decoder.decode(b"", final=True)
-    if tail:
-        yield tail
+            yield i, piece
 
 
-def generate_text(model: GPTModel, tokenizer, prompt: str, max_new_tokens: int = 50, **kwargs) -> str:
-    """`prompt` followed by its generated continuation."""
-    return prompt + "".join(stream_text(model, tokenizer, prompt, max_new_tokens, **kwargs))
+def _text_config(tokenizer: Any, max_new_tokens: int, stop: str | Sequence[str] | None,
+                 kwargs: dict[str, Any]) -> GenerationConfig:
+    kwargs.setdefault("eos_id", tokenizer.eot_token)
+    return GenerationConfig(max_new_tokens=max_new_tokens, stop=stop, **kwargs)
+
+
+def stream_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 50, *,
+                stop: str | Sequence[str] | None = None, **kwargs: Any) -> Iterator[str]:
+    """Yield the continuation of `prompt` as text, piece by piece (multi-byte characters are never split).
+
+    Generation ends at the tokenizer's end-of-text token (`eos_id`, by default) or once the text contains one of
+    the `stop` strings; nothing from the stop string on is yielded. `kwargs` are `generate`'s.
+    """
+    cfg = _text_config(tokenizer, max_new_tokens, stop, kwargs)
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a str (generate_text takes a list), got {type(prompt).__name__}")
+    if cfg.num_return_sequences != 1:
+        raise ValueError(f"num_return_sequences must be 1 in stream_text (use generate_text for more), "
+                         f"got {cfg.num_return_sequences!r}")
+    return (piece for _, piece in _text_pieces(model, tokenizer, [prompt], cfg))
+
+
+def generate_text(model: Any, tokenizer: Any, prompt: str | Sequence[str], max_new_tokens: int = 50, *,
+                  stop: str | Sequence[str] | None = None, **kwargs: Any) -> str | list[str]:
+    """`prompt` followed by its generated continuation, cut before the first `stop` string (see `stream_text`).
+
+    A list of prompts is generated as one left-padded batch, each as it would be alone, and gives a list; so does
+    `num_return_sequences` n > 1 (n texts per prompt, in order). A single str otherwise gives a str.
+    """
+    cfg = _text_config(tokenizer, max_new_tokens, stop, kwargs)
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, Sequence) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompt must be a str or a non-empty list of str, got {prompt!r}")
+    n = cfg.num_return_sequences
+    parts: list[list[str]] = [[prompts[i // n]] for i in range(len(prompts) * n)]
+    for i, piece in _text_pieces(model, tokenizer, list(prompts), cfg):
+        parts[i].append(piece)
+    texts = ["".join(p) for p in parts]
+    return texts[0] if isinstance(prompt, str) and n == 1 else texts

@@ -92,7 +92,8 @@ class MultiHeadAttention(nn.Module):
         return w, self.W_query.bias.as_strided((3 * d,), (1,))
 
     def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-                start: int | torch.Tensor = 0) -> torch.Tensor:
+                start: int | torch.Tensor = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention over `x` (and the cached keys before `start`); `mask` (True: may attend) replaces the causal one."""
         b, t, _ = x.shape
         fused = None if torch.is_grad_enabled() else self.fused_qkv()
         if fused is not None:  # one matrix product reads c_attn once instead of three strided thirds
@@ -100,8 +101,7 @@ class MultiHeadAttention(nn.Module):
         else:
             q, k, v = (w(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
                        for w in (self.W_query, self.W_key, self.W_value))
-        is_causal = t > 1
-        mask = None
+        is_causal = t > 1 and mask is None
         if cache is not None and isinstance(start, torch.Tensor):
             # static shapes for CUDA graphs: write at positions start.., attend over the whole cache under a mask
             k_cache, v_cache = cache
@@ -109,14 +109,15 @@ class MultiHeadAttention(nn.Module):
             k_cache.index_copy_(2, pos, k)
             v_cache.index_copy_(2, pos, v)
             k, v = k_cache, v_cache
-            mask = pos[:, None] >= torch.arange(k_cache.shape[2], device=x.device)
+            if mask is None:
+                mask = pos[:, None] >= torch.arange(k_cache.shape[2], device=x.device)
             is_causal = False
         elif cache is not None:
             k_cache, v_cache = cache
             k_cache[:b, :, start:start + t] = k
             v_cache[:b, :, start:start + t] = v
             k, v = k_cache[:b, :, :start + t], v_cache[:b, :, :start + t]
-            if start > 0 and t > 1:
+            if mask is None and start > 0 and t > 1:
                 # queries sit at start..start+t-1 and see every key up to their own position
                 mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
                 is_causal = False
@@ -164,8 +165,9 @@ class TransformerBlock(nn.Module):
         self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
 
     def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-                start: int | torch.Tensor = 0) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x), cache, start))
+                start: int | torch.Tensor = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One pre-norm block: attention (see MultiHeadAttention.forward), then the feed-forward, each with a shortcut."""
+        x = x + self.drop_shortcut(self.att(self.norm1(x), cache, start, mask))
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
 
 
@@ -216,11 +218,16 @@ class GPTModel(nn.Module):
         return self.out_head.weight is self.tok_emb.weight
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, start: int | torch.Tensor = 0, *,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, positions: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [batch, tokens, vocab] for token ids `idx`; with `cache`, `idx` sits at positions start..
 
         `start` as a 0-dim tensor selects the static-shape path that CUDA graphs replay (no host values read).
         `last_only` computes the logits of the last position alone ([batch, 1, vocab]), as generation needs.
+        For left-padded batches: `positions` [batch, tokens] are each row's position ids (default start.. for every
+        row) and `key_mask` [batch, keys] (bool, False for padding) the keys each row may attend to, on top of the
+        causal mask; its columns are the cache's (idx's own without a cache), and it may be longer than needed. A
+        padding query attends to itself alone, so its values stay finite.
         """
         t = idx.shape[1]
         if isinstance(start, torch.Tensor):
@@ -229,10 +236,23 @@ class GPTModel(nn.Module):
             raise ValueError(f"{start + t} positions exceed the context length {self.cfg['context_length']}")
         else:
             pos = torch.arange(start, start + t, device=idx.device)
-        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))
+        mask = None
+        if key_mask is not None:
+            if cache is None:
+                mask = _padding_mask(torch.arange(t, device=idx.device), key_mask[:, :t])
+            else:
+                mask = _padding_mask(pos, key_mask[:, :cache.max_len if isinstance(start, torch.Tensor) else start + t])
+        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos if positions is None else positions))
         for i, block in enumerate(self.trf_blocks):
-            x = block(x, None if cache is None else (cache.k[i], cache.v[i]), start)
+            x = block(x, None if cache is None else (cache.k[i], cache.v[i]), start, mask)
         return self.out_head(self.final_norm(x[:, -1:] if last_only else x))
+
+
+def _padding_mask(query_cols: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """[batch, 1, queries, keys]: causal, padded keys hidden, and every query sees its own column."""
+    keys = torch.arange(key_mask.shape[1], device=key_mask.device)
+    own = keys == query_cols[:, None]
+    return ((key_mask[:, None, :] & (keys <= query_cols[:, None])) | own)[:, None]
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -199,10 +199,10 @@ def test_cuda_graph_needs_cuda_and_a_refused_capture_falls_back(pair, monkeypatc
         generate(model, idx, 3, decode="cuda_graph")
 
     class RefusedCapture(g._StaticDecoder):
-        def __init__(self, model, cache, batch, graph):
+        def __init__(self, model, cache, batch, graph, padding=None):
             if graph:
                 raise RuntimeError("operation not permitted when stream is capturing")
-            super().__init__(model, cache, batch, graph)
+            super().__init__(model, cache, batch, graph, padding)
 
     monkeypatch.setattr(g, "_StaticDecoder", RefusedCapture)
     with caplog.at_level(logging.WARNING, logger="gpt2hub"):
