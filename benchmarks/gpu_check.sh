@@ -19,7 +19,7 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 GPT2HUB_D
 export GPT2HUB_CACHE=/tmp/gpt2hub-cache
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 status=0
-timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py 2>&1 | tee "$OUT/cuda-tests.log" || status=1
+timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py tests/test_cuda_generate.py 2>&1 | tee "$OUT/cuda-tests.log" || status=1
 timeout 200 python3 -m gpt2hub bench --model gpt2-small --device cuda --dtype float32 bfloat16 \
     --batch-sizes 1 2 4 8 16 32 64 --prompt-lengths 16 --new-tokens 128 --repeats 3 --no-notebook --no-plots \
     --out "$OUT/small" 2>&1 | tail -40 | tee "$OUT/bench-small.log" || status=1
