@@ -40,6 +40,8 @@ TOP_K = _number(int, 0, 10**9, "a whole number >= 0 (0 turns top-k off)")
 SEED = _number(int, 0, 2**63 - 1, "a seed from 0 to 2**63-1")
 POSITIVE = _number(int, 1, 1_000_000, "a whole number from 1 to 1000000")
 SECONDS = _number(float, 0.0, None, "a number of seconds >= 0")
+PENALTY = _number(float, 0.01, 100.0, "a penalty from 0.01 to 100 (1 is off)")
+POSITIVE_SMALL = _number(int, 1, 64, "a whole number from 1 to 64")
 
 
 def TOP_P(text: str) -> float:  # noqa: N802 - an argparse type, named like the others
@@ -82,7 +84,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .generate import stream_text
+    from .generate import generate_text, stream_text
     from .hub import from_pretrained, load_tokenizer
 
     if not args.prompt:
@@ -93,10 +95,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     generator = None
     if args.seed is not None:
         generator = torch.Generator(device=model.tok_emb.weight.device).manual_seed(args.seed)
+    options = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "generator": generator,
+               "repetition_penalty": args.repetition_penalty, "stop": args.stop or None}
+    if args.num_return_sequences > 1:
+        texts = generate_text(model, tokenizer, args.prompt, args.max_new_tokens,
+                              num_return_sequences=args.num_return_sequences, **options)
+        for i, text in enumerate(texts, start=1):
+            print(f"--- {i} ---\n{text}")
+        return 0
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
-    for piece in stream_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                             top_k=args.top_k or None, top_p=args.top_p, generator=generator):
+    for piece in stream_text(model, tokenizer, args.prompt, args.max_new_tokens, **options):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -235,6 +244,11 @@ def _generate_parser(sub: Any) -> None:
     g.add_argument("--top-k", type=TOP_K, default=0, help="sample among the k most likely tokens; 0 is off")
     g.add_argument("--top-p", type=TOP_P, default=1.0, help="sample from the smallest set with this much mass; 1 is off")
     g.add_argument("--seed", type=SEED, default=None, help="seed for sampling (same seed, same text)")
+    g.add_argument("--repetition-penalty", type=PENALTY, default=1.0,
+                   help="divide the scores of tokens already in the text by this (transformers' rule); 1 is off")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop once the text contains TEXT (may be given several times); TEXT is not printed")
+    g.add_argument("--num-return-sequences", type=POSITIVE_SMALL, default=1, help="continuations to sample and print")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights' dtype")
     g.set_defaults(func=cmd_generate)

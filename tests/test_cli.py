@@ -26,6 +26,15 @@ def test_download_generate_and_cache_commands(hub_env, server, capsys):
     seeded = [run(capsys, "generate", "--model", "gpt2-tiny", "--temperature", "1.0", "--top-k", "40", "--top-p", "0.9",
                   "--seed", "3", "--max-new-tokens", "8", "Hello")[1] for _ in range(2)]
     assert seeded[0] == seeded[1]
+    code, out, _ = run(capsys, "generate", "--model", "gpt2-tiny", "--temperature", "1.0", "--seed", "3",
+                       "--num-return-sequences", "3", "--repetition-penalty", "1.3", "--max-new-tokens", "6", "Hello")
+    assert code == 0 and [out.count(f"--- {i} ---") for i in (1, 2, 3)] == [1, 1, 1] and out.count("Hello") >= 3
+    greedy = run(capsys, "generate", "--model", "gpt2-tiny", "--max-new-tokens", "8", "Every effort moves you")[1]
+    cut = greedy.removeprefix("Every effort moves you")[3:6]
+    if cut.strip():  # stop at a piece of the greedy continuation: nothing from it on is printed
+        stopped = run(capsys, "generate", "--model", "gpt2-tiny", "--max-new-tokens", "8", "--stop", cut,
+                      "Every effort moves you")[1]
+        assert cut not in stopped.removeprefix("Every effort moves you") and greedy.startswith(stopped.rstrip("\n"))
     code, out, _ = run(capsys, "cache", "list")
     assert code == 0 and "openai" in out and "tiny" in out and "float32" in out and "MiB" in out
     code, out, _ = run(capsys, "cache", "verify")
