@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from .book import (  # noqa: E402
     GPT_CONFIG_124M,
     assign,
+    book_state_dict,
     download_and_load_gpt2,
     load_weights_into_gpt,
     model_configs,
@@ -37,4 +38,5 @@ __all__ = [
     "generate", "generate_stream", "generate_text", "load_tokenizer", "load_weights_into_gpt", "model_configs",
     "register", "resolve", "state_dict_from_hf", "state_dict_from_params", "state_dict_from_tf", "stream_text",
     "text_to_token_ids", "token_ids_to_text",
+    "book_state_dict",
 ]

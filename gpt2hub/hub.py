@@ -210,16 +210,16 @@ class Hub:
                     self._convert_locked(dtype, fetched)
         return read_json(self.cache.converted_manifest(dtype))
 
-    def load(self, dtype: str, device: torch.device, force: bool = False) -> GPTModel:
+    def load(self, dtype: str, device: torch.device, force: bool = False, tie_weights: bool = True) -> GPTModel:
         manifest = self.converted(dtype, force)
         cfg = manifest["config"]
         if not manifest.get("mapped"):
-            return load_converted(self.cache.converted_path(dtype), cfg, device)
+            return load_converted(self.cache.converted_path(dtype), cfg, device, tie_weights)
         if self.source == "openai":
             sd = state_dict_from_tf(TFCheckpoint(self.cache.raw), cfg, verify=False, device=device)
         else:
             sd = state_dict_from_hf(safetensors.torch.load_file(weights_file(self.cache, manifest)), cfg, device=device)
-        return GPTModel.from_state_dict(cfg, sd)
+        return GPTModel.from_state_dict(cfg, sd, tie_weights=tie_weights)
 
     def raw_names(self) -> tuple[str, ...]:
         return OPENAI_FILES if self.source == "openai" else HF_FILES
@@ -329,11 +329,11 @@ def save_state_dict(sd: dict[str, torch.Tensor], path: Path) -> str:
     return f"{crc:08x}"
 
 
-def load_converted(path: Path, cfg: dict, device: str | torch.device = "cpu") -> GPTModel:
+def load_converted(path: Path, cfg: dict, device: str | torch.device = "cpu", tie_weights: bool = True) -> GPTModel:
     """A GPTModel built on the meta device and given the stored tensors, mapped: no random init, no second copy."""
     with safetensors.safe_open(str(path), framework="pt", device=str(torch.device(device))) as f:
         sd = {k: f.get_tensor(k) for k in f.keys()}
-    return GPTModel.from_state_dict(cfg, sd)
+    return GPTModel.from_state_dict(cfg, sd, tie_weights=tie_weights)
 
 
 def _model_folder(name: object) -> Path | None:
@@ -345,13 +345,14 @@ def _model_folder(name: object) -> Path | None:
     return None
 
 
-def _from_folder(folder: Path, device: torch.device, dtype: str) -> GPTModel:
+def _from_folder(folder: Path, device: torch.device, dtype: str, tie_weights: bool = True) -> GPTModel:
     if (folder / "hparams.json").exists():  # float32 on CPU: views of the mapped checkpoint
         cfg = read_hparams(folder / "hparams.json")
-        return GPTModel.from_state_dict(cfg, state_dict_from_tf(TFCheckpoint(folder), cfg, DTYPES[dtype], device=device))
+        sd = state_dict_from_tf(TFCheckpoint(folder), cfg, DTYPES[dtype], device=device)
+        return GPTModel.from_state_dict(cfg, sd, tie_weights=tie_weights)
     cfg = config_from_hparams(json.loads((folder / "config.json").read_text()))
     tensors = safetensors.torch.load_file(str(folder / "model.safetensors"))  # mapped, as the data file above
-    return GPTModel.from_state_dict(cfg, state_dict_from_hf(tensors, cfg, DTYPES[dtype], device=device))
+    return GPTModel.from_state_dict(cfg, state_dict_from_hf(tensors, cfg, DTYPES[dtype], device=device), tie_weights=tie_weights)
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -365,18 +366,21 @@ def _device(device: str | torch.device | None) -> torch.device:
 def from_pretrained(name: str | ModelSpec = "gpt2-small", *, device: str | torch.device | None = None,
                     dtype: torch.dtype | str | None = None, source: str = "openai",
                     cache_dir: str | Path | None = None, force_download: bool = False,
-                    local_files_only: bool = False, progress: bool = True) -> GPTModel:
+                    local_files_only: bool = False, progress: bool = True, tie_weights: bool = True) -> GPTModel:
     """A ready GPTModel (eval mode) for a name such as "gpt2-small", "355M" or "openai-community/gpt2-xl".
 
     The first call downloads the published files into the cache and converts them once per dtype; later calls
     make no network request. `name` may also be a folder holding OpenAI's or Hugging Face's files.
+    `tie_weights=True` (default, as GPT-2 and transformers have it) makes `out_head` share `tok_emb`'s weight;
+    `tie_weights=False` gives the head its own copy, as the book's `load_weights_into_gpt` does, and reproduces the
+    book's fine-tuning numbers exactly.
     """
     dev, dt = _device(device), dtype_name(dtype)
     folder = _model_folder(name)
     if folder is not None:
-        return _from_folder(folder, dev, dt)
+        return _from_folder(folder, dev, dt, tie_weights)
     hub = Hub(resolve(name), source, cache_dir, local_files_only, progress)
-    return hub.load(dt, dev, force=force_download)
+    return hub.load(dt, dev, force=force_download, tie_weights=tie_weights)
 
 
 def download_files(name: str | ModelSpec, *, source: str = "openai", cache_dir: str | Path | None = None,
