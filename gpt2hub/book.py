@@ -46,13 +46,18 @@ def download_and_load_gpt2(model_size: str, models_dir: str | os.PathLike) -> tu
 
 
 def assign(left: torch.Tensor, right: Any) -> torch.nn.Parameter:
+    """The book's `assign`: `right` (numpy array or tensor) as a new Parameter, once its shape is `left`'s."""
     if left.shape != right.shape:
         raise ValueError(f"Shape mismatch. Left: {left.shape}, Right: {right.shape}")
     return torch.nn.Parameter(torch.tensor(right) if isinstance(right, np.ndarray) else right.clone().detach())
 
 
 def load_weights_into_gpt(gpt: torch.nn.Module, params: dict) -> None:
-    """Copy the book's `params` into a GPTModel (gpt2hub's or the book's own class)."""
+    """Copy the book's `params` into a GPTModel (gpt2hub's or the book's own class).
+
+    As in the book, an untied `out_head` receives a copy of `wte`; a gpt2hub model built with `tie_weights=True` keeps
+    one shared tensor.
+    """
     cfg = {"vocab_size": params["wte"].shape[0], "context_length": params["wpe"].shape[0],
            "emb_dim": params["wte"].shape[1], "n_layers": len(params["blocks"])}
     ref = gpt.tok_emb.weight
@@ -87,10 +92,12 @@ def book_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
 
 
 def text_to_token_ids(text: str, tokenizer: Any) -> torch.Tensor:
+    """The book's `text_to_token_ids`: `text` encoded ("<|endoftext|>" allowed) as a [1, tokens] tensor."""
     return torch.tensor(tokenizer.encode(text, allowed_special={"<|endoftext|>"})).unsqueeze(0)
 
 
 def token_ids_to_text(token_ids: torch.Tensor, tokenizer: Any) -> str:
+    """The book's `token_ids_to_text`: a [1, tokens] tensor decoded to a string."""
     return tokenizer.decode(token_ids.squeeze(0).tolist())
 
 
