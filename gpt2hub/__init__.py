@@ -4,6 +4,7 @@ from .__version__ import __version__
 from .book import (
     GPT_CONFIG_124M,
     assign,
+    book_state_dict,
     download_and_load_gpt2,
     load_weights_into_gpt,
     model_configs,
@@ -33,7 +34,7 @@ from .tf_checkpoint import TFCheckpoint
 __all__ = [
     "CacheError", "CacheInfo", "CachedModel", "CheckpointError", "ConversionError", "DeviceError", "DownloadError",
     "GPT2HubError", "GPTModel", "GPT_CONFIG_124M", "IntegrityError", "KVCache", "LockTimeoutError", "ModelSpec",
-    "OfflineError", "TFCheckpoint", "UnknownModelError", "__version__", "assign", "download_and_load_gpt2",
+    "OfflineError", "TFCheckpoint", "UnknownModelError", "__version__", "assign", "book_state_dict", "download_and_load_gpt2",
     "download_files", "from_pretrained", "generate", "generate_stream", "generate_text", "load_tokenizer",
     "load_weights_into_gpt", "model_configs", "register", "resolve", "scan_cache", "state_dict_from_hf",
     "state_dict_from_params", "state_dict_from_tf", "stream_text", "text_to_token_ids", "token_ids_to_text",

@@ -15,13 +15,13 @@ from .cache import atomic_path
 from .convert import params_from_tf, state_dict_from_params
 from .errors import ConversionError
 from .hub import download_files
-from .model import GPT_CONFIG_124M
+from .model import GPT_CONFIG_124M, GPTModel
 from .registry import model_configs, resolve
 from .sources import clone_file
 from .tf_checkpoint import TFCheckpoint
 
-__all__ = ["GPT_CONFIG_124M", "assign", "download_and_load_gpt2", "load_weights_into_gpt", "model_configs",
-           "text_to_token_ids", "token_ids_to_text"]
+__all__ = ["GPT_CONFIG_124M", "assign", "book_state_dict", "download_and_load_gpt2", "load_weights_into_gpt",
+           "model_configs", "text_to_token_ids", "token_ids_to_text"]
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -52,13 +52,18 @@ def download_and_load_gpt2(model_size: str, models_dir: str | os.PathLike) -> tu
 
 
 def assign(left: torch.Tensor, right: Any) -> torch.nn.Parameter:
+    """The book's `assign`: `right` (numpy array or tensor) as a new Parameter, once its shape is `left`'s."""
     if left.shape != right.shape:
         raise ValueError(f"Shape mismatch. Left: {left.shape}, Right: {right.shape}")
     return torch.nn.Parameter(torch.tensor(right) if isinstance(right, np.ndarray) else right.clone().detach())
 
 
 def load_weights_into_gpt(gpt: torch.nn.Module, params: dict) -> None:
-    """Copy the book's `params` into a GPTModel (gpt2hub's or the book's own class)."""
+    """Copy the book's `params` into a GPTModel (gpt2hub's or the book's own class).
+
+    As in the book, an untied `out_head` receives a copy of `wte`; a gpt2hub model built with `tie_weights=True` keeps
+    one shared tensor.
+    """
     cfg = {"vocab_size": params["wte"].shape[0], "context_length": params["wpe"].shape[0],
            "emb_dim": params["wte"].shape[1], "n_layers": len(params["blocks"])}
     ref = gpt.tok_emb.weight
@@ -70,11 +75,35 @@ def load_weights_into_gpt(gpt: torch.nn.Module, params: dict) -> None:
         raise ConversionError(f"params do not fit this model: missing {missing}, unexpected {unexpected}")
 
 
+def book_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
+    """`model`'s weights as the book's own GPTModel saves them: its `load_state_dict(..., strict=True)` takes them.
+
+    Every layer gets the book's causal-mask buffer `trf_blocks.N.att.mask` (1 above the diagonal, in the model's
+    dtype), `out_head.weight` is its own tensor even when the head is tied, and every tensor is contiguous in
+    nn.Linear's [out, in] layout (a mapped float32 model's transposed views are copied; other tensors are shared
+    with the model, as `state_dict()` shares them). No two entries share memory, so `torch.save` and safetensors'
+    `save_file` both take it.
+    """
+    cfg, sd = model.cfg, model.state_dict()
+    emb = sd["tok_emb.weight"]
+    ctx = cfg["context_length"]
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if key.startswith("trf_blocks.") and key.endswith(".att.W_query.weight"):  # the book's buffer comes first
+            out[key.replace("W_query.weight", "mask")] = torch.ones(ctx, ctx, dtype=emb.dtype, device=emb.device).triu(1)
+        out[key] = value.detach().contiguous()
+    if out["out_head.weight"].data_ptr() == out["tok_emb.weight"].data_ptr():
+        out["out_head.weight"] = out["tok_emb.weight"].clone()
+    return out
+
+
 def text_to_token_ids(text: str, tokenizer: Any) -> torch.Tensor:
+    """The book's `text_to_token_ids`: `text` encoded ("<|endoftext|>" allowed) as a [1, tokens] tensor."""
     return torch.tensor(tokenizer.encode(text, allowed_special={"<|endoftext|>"})).unsqueeze(0)
 
 
 def token_ids_to_text(token_ids: torch.Tensor, tokenizer: Any) -> str:
+    """The book's `token_ids_to_text`: a [1, tokens] tensor decoded to a string."""
     return tokenizer.decode(token_ids.squeeze(0).tolist())
 
 

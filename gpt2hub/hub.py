@@ -141,19 +141,12 @@ class Hub:
         self.check_pins()
         ready = time.perf_counter()
         sd = storage.state_dict(self.source, self._paths(self.source.files), manifest, self.cache, device)
-        model = GPTModel.from_state_dict(manifest.config, sd)
+        model = GPTModel.from_state_dict(manifest.config, sd, tie_weights=tie_weights)
         touch_used(self.cache, dtype)
         log.info("loaded %s from %s (source %s, %s %s) in %.3f s: %.3f s checking the cache, %.3f s building the model",
                  self.spec.name, self.cache.dir, self.source.key, dtype, manifest.kind, time.perf_counter() - start,
                  ready - start, time.perf_counter() - ready)
-        return model if tie_weights else untie(model)
-
-
-def untie(model: GPTModel) -> GPTModel:
-    """Give `out_head` its own copy of the embedding's values (the book's layout, for fine-tuning as the book does)."""
-    if model.out_head.weight is model.tok_emb.weight:
-        model.out_head.weight = torch.nn.Parameter(model.tok_emb.weight.detach().clone())
-    return model
+        return model
 
 
 def _why_offline() -> str:
@@ -186,13 +179,14 @@ def open_hub(name: str | ModelSpec, source: str = "openai", revision: str | None
     return Hub(spec, src, cache, offline_, progress)
 
 
-def from_folder(folder: str | Path, dtype: str = "float32", device: torch.device | str = "cpu") -> GPTModel:
+def from_folder(folder: str | Path, dtype: str = "float32", device: torch.device | str = "cpu",
+                tie_weights: bool = True) -> GPTModel:
     """A GPTModel from a local folder of OpenAI's or Hugging Face's files, read in place (float32 is mapped)."""
     src = FolderSource(Path(folder))
     paths = src.weight_paths()
     cfg = src.config(paths)
     sd = openai_state_dict(src.tensors(paths, verify=True), cfg, storage.TORCH_DTYPES[dtype_name(dtype)])
-    return GPTModel.from_state_dict(cfg, {k: v.to(device) for k, v in sd.items()})
+    return GPTModel.from_state_dict(cfg, {k: v.to(device) for k, v in sd.items()}, tie_weights=tie_weights)
 
 
 def from_pretrained(name: str | ModelSpec = "gpt2-small", *, device: str | torch.device | None = None,
@@ -210,8 +204,7 @@ def from_pretrained(name: str | ModelSpec = "gpt2-small", *, device: str | torch
     """
     dev, dt = check_device(device), dtype_name(dtype)
     if FolderSource.holds_model(name):
-        model = from_folder(Path(name), dt, dev)  # type: ignore[arg-type]
-        return model if tie_weights else untie(model)
+        return from_folder(Path(name), dt, dev, tie_weights)  # type: ignore[arg-type]
     hub = open_hub(name, source, revision, cache_dir, local_files_only, progress)
     return hub.load(dt, dev, force=force_download, tie_weights=tie_weights)
 

@@ -172,41 +172,51 @@ class TransformerBlock(nn.Module):
 
 
 class GPTModel(nn.Module):
-    """GPT-2 built from the book's config dict; `out_head` shares `tok_emb`'s weight unless a checkpoint unties them."""
+    """GPT-2 built from the book's config dict, with the book's parameter names.
 
-    def __init__(self, cfg: dict):
+    `GPTModel(cfg)` is the book's model: an untied `out_head`, PyTorch's default initialisation and the same order
+    of random draws, so `torch.manual_seed(123); GPTModel(cfg)` holds bit for bit the weights of the book's
+    GPTModel. `tie_weights=True` makes `out_head` share `tok_emb`'s weight (GPT-2's head); `init="gpt2"` draws
+    GPT-2's initialisation instead: normal(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layers).
+    """
+
+    def __init__(self, cfg: dict, *, tie_weights: bool = False, init: str = "book"):
         super().__init__()
         missing = {"vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"} - set(cfg)
         if missing:
             raise ValueError(f"GPTModel config lacks {sorted(missing)}")
+        if init not in INITS:
+            raise ValueError(f"GPTModel init={init!r} is not one of {INITS}; pass init=\"book\" or init=\"gpt2\"")
         self.cfg = {"drop_rate": 0.0, "qkv_bias": False, **cfg}
         cfg = self.cfg
-        # _weight skips nn.Embedding's own init (a slow first call on the meta device); _init_weights does it below
-        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"], _weight=torch.empty(cfg["vocab_size"], cfg["emb_dim"]))
-        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"],
-                                    _weight=torch.empty(cfg["context_length"], cfg["emb_dim"]))
+        meta = torch.empty(0).is_meta  # built for from_state_dict: no initialisation at all
+        self.tok_emb = _embedding(cfg["vocab_size"], cfg["emb_dim"], draw=not meta and init == "book")
+        self.pos_emb = _embedding(cfg["context_length"], cfg["emb_dim"], draw=not meta and init == "book")
         self.drop_emb = nn.Dropout(cfg["drop_rate"])
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
         self.final_norm = LayerNorm(cfg["emb_dim"])
         self.out_head = Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
-        self.out_head.weight = self.tok_emb.weight
+        if tie_weights:
+            self.out_head.weight = self.tok_emb.weight
         self.register_load_state_dict_pre_hook(_load_hook)
         self.register_load_state_dict_post_hook(_retie_hook)
-        if not any(p.is_meta for p in self.parameters()):
-            self.apply(_init_weights)
-            for name, p in self.named_parameters():
-                if name.endswith("out_proj.weight") or name.endswith("layers.2.weight"):
-                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg["n_layers"]))
+        if init == "gpt2" and not meta:
+            _init_gpt2(self)
 
     @classmethod
-    def from_state_dict(cls, cfg: dict, state_dict: dict[str, torch.Tensor]) -> GPTModel:
-        """Built on the meta device and handed the given tensors (no random init, no copy), in eval mode."""
+    def from_state_dict(cls, cfg: dict, state_dict: dict[str, torch.Tensor], *, tie_weights: bool = True) -> GPTModel:
+        """Built on the meta device and handed the given tensors (no random init, no copy), in eval mode.
+
+        Without an `out_head.weight` in `state_dict`, `tie_weights=True` (GPT-2's checkpoints) makes the head share
+        `tok_emb`'s weight; `tie_weights=False` gives it its own contiguous copy, as the book's
+        `load_weights_into_gpt` does, so fine-tuning matches the book's. A distinct `out_head.weight` stays distinct.
+        """
         # a full garbage collection triggered by these few hundred objects would cost more than the build itself
         paused = gc.isenabled()
         gc.disable()
         try:
             with torch.device("meta"):
-                model = cls(cfg)
+                model = cls(cfg, tie_weights=tie_weights)
             model.load_state_dict(state_dict, assign=True, strict=True)
         finally:
             if paused:
@@ -215,6 +225,7 @@ class GPTModel(nn.Module):
 
     @property
     def tied(self) -> bool:
+        """Whether `out_head` shares `tok_emb`'s weight (one Parameter)."""
         return self.out_head.weight is self.tok_emb.weight
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, start: int | torch.Tensor = 0, *,
@@ -255,34 +266,65 @@ def _padding_mask(query_cols: torch.Tensor, key_mask: torch.Tensor) -> torch.Ten
     return ((key_mask[:, None, :] & (keys <= query_cols[:, None])) | own)[:, None]
 
 
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if module.bias is not None:
+INITS = ("book", "gpt2")
+
+
+def _embedding(num: int, dim: int, draw: bool) -> nn.Embedding:
+    """nn.Embedding, drawn as PyTorch does (normal(0, 1)) or left undrawn (`_weight`: the first normal_ on the meta
+    device costs a second)."""
+    return nn.Embedding(num, dim) if draw else nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+
+
+def _init_gpt2(model: GPTModel) -> None:
+    """GPT-2's initialisation: normal(0, 0.02) weights, zero biases, residual projections scaled by 1/sqrt(2 * n_layers)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Embedding):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    for name, p in model.named_parameters():
+        if name.endswith("out_proj.weight") or name.endswith("layers.2.weight"):
+            nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * model.cfg["n_layers"]))
 
 
-def _load_hook(module: GPTModel, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """Accept the book's state_dicts: drop causal-mask buffers; keep the head tied only when the weights say so."""
+def _load_hook(module: GPTModel, state_dict: dict[str, Any], prefix: str, local_metadata: dict, *args: Any) -> None:
+    """Accept the book's state_dicts (causal-mask buffers dropped) and GPT-2's (no `out_head.weight`).
+
+    A tied model stays tied unless the weights give the head other values; an untied one keeps its own head, which
+    takes `tok_emb`'s values when the state_dict has no head of its own.
+    """
     for key in [k for k in state_dict if k.startswith(prefix) and k.endswith(".att.mask")]:
         del state_dict[key]
-    head, emb = state_dict.get(prefix + "out_head.weight"), state_dict.get(prefix + "tok_emb.weight")
-    if head is None and emb is not None and module.tied:
-        state_dict[prefix + "out_head.weight"] = emb
-    elif head is not None and emb is not None and module.tied and not _same(head, emb):
-        module.out_head.weight = nn.Parameter(torch.empty_like(module.tok_emb.weight))
+    head_key = prefix + "out_head.weight"
+    head, emb = state_dict.get(head_key), state_dict.get(prefix + "tok_emb.weight")
+    if emb is None:
+        return
+    if module.tied:
+        if head is None or _same(head, emb):
+            state_dict[head_key] = emb  # one tensor for both names: assign=True keeps one storage, re-tied below
+        else:
+            module.out_head.weight = nn.Parameter(torch.empty_like(module.tok_emb.weight),
+                                                  requires_grad=module.tok_emb.weight.requires_grad)
+    elif head is None or _shares_storage(head, emb):
+        # copied into the head's own Parameter; assign=True would hand over emb's storage, so it gets a copy
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        state_dict[head_key] = emb.detach().clone(memory_format=torch.contiguous_format) if assign else emb
 
 
 def _retie_hook(module: GPTModel, incompatible_keys: Any) -> None:
     # load_state_dict(assign=True) gives each name its own Parameter; share one object again when the storage is one
     head, emb = module.out_head.weight, module.tok_emb.weight
-    if head is not emb and not emb.is_meta and head.data_ptr() == emb.data_ptr() and head.shape == emb.shape:
+    if head is not emb and _shares_storage(head, emb):
         module.out_head.weight = emb
 
 
+def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether `a` and `b` are the same memory seen the same way (never for meta tensors, which have none)."""
+    return (not a.is_meta and a.device == b.device and a.dtype == b.dtype and a.data_ptr() == b.data_ptr()
+            and a.shape == b.shape and a.stride() == b.stride())
+
+
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a is b or (a.device == b.device and a.data_ptr() == b.data_ptr() and a.shape == b.shape):
+    if a is b or _shares_storage(a, b):
         return True
     return a.shape == b.shape and bool(torch.equal(a, b.to(a.device, a.dtype)))

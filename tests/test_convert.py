@@ -83,7 +83,7 @@ def test_book_state_dict_loads_with_masks_and_untied_head():
     book = BookGPTModel(cfg).eval()  # trained from scratch in the book: out_head differs from tok_emb
     sd = book.state_dict()
     assert any(k.endswith("att.mask") for k in sd)
-    ours = GPTModel(cfg).eval()
+    ours = GPTModel(cfg, tie_weights=True).eval()
     ours.load_state_dict(sd)
     assert not ours.tied
     x = _prompts(SMALL_HP["n_vocab"], SMALL_HP["n_ctx"])[1]
@@ -91,7 +91,7 @@ def test_book_state_dict_loads_with_masks_and_untied_head():
         assert torch.allclose(ours(x), book(x), atol=1e-4)
     # tied weights saved by the book's load_weights_into_gpt stay one tensor here
     sd["out_head.weight"] = sd["tok_emb.weight"].clone()
-    tied = GPTModel(cfg)
+    tied = GPTModel(cfg, tie_weights=True)
     tied.load_state_dict(sd)
     assert tied.tied
 
