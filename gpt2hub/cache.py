@@ -41,7 +41,7 @@ import google_crc32c
 import numpy as np
 
 from .errors import CacheError, LockTimeoutError
-from .registry import DTYPE_NAMES, SOURCE_FILES, SOURCES
+from .registry import DTYPE_NAMES, MAPPED_DTYPES, SOURCE_FILES, SOURCES
 
 log = logging.getLogger("gpt2hub")
 FORMAT_VERSION = 2
@@ -215,6 +215,15 @@ def matches_record(path: Path, record: dict) -> bool:
     return os.stat(path).st_size == record["size"] and DIGESTS[kind](path) == record[kind]
 
 
+_CONFIG_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
+
+
+def _sizes_ok(config: Any) -> bool:
+    """Whether a stored config has every size as a positive integer."""
+    return isinstance(config, dict) and all(
+        isinstance(config.get(k), int) and not isinstance(config.get(k), bool) and config[k] > 0 for k in _CONFIG_KEYS)
+
+
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong in the cache: the file, what is wrong, and what gpt2hub does about it."""
@@ -248,6 +257,8 @@ class Manifest:
         if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION or data.get("dtype") != dtype:
             return None
         kind, weights = data.get("kind"), data.get("weights")
+        if kind != ("mapped" if dtype in MAPPED_DTYPES else "converted") or not _sizes_ok(data.get("config")):
+            return None
         allowed = SOURCE_FILES[source] if kind == "mapped" else (f"{dtype}.safetensors",)
         ints = [data.get("bytes"), data.get("mtime_ns")]
         if kind not in KINDS or weights not in allowed or not isinstance(data.get("config"), dict):
@@ -309,6 +320,10 @@ class CacheChecks:
         if m is None:
             what = "missing" if not os.path.lexists(path) else "unreadable or from another gpt2hub version"
             return Problem(path, what, "the weights are prepared again on the next load", dtype=dtype)
+        expected = getattr(self, "config", None)
+        if expected and any(m.config.get(k) != expected[k] for k in _CONFIG_KEYS):
+            return Problem(path, "describes another model", "the weights are prepared again on the next load",
+                           dtype=dtype)
         if m.kind == "mapped":
             return None  # the mapped file is a published file: check_file covers it
         weights = self.converted_path(dtype)
@@ -336,6 +351,7 @@ class CacheChecks:
 
         The one check behind `gpt2hub cache verify` and behind repair on load, so the two cannot drift.
         """
+        self.secure()
         records = self.records()
         problems = [p for n in (self.names if names is None else names)
                     if (p := self.check_file(n, records.get(n), quick)) is not None]
@@ -350,7 +366,8 @@ class CacheChecks:
 class ModelCache(CacheChecks):
     """One model of one source in the cache: its files, records, manifests, lock, checks and deletions."""
 
-    def __init__(self, root: Path, source: str, size: str, external_root: Path | None = None):
+    def __init__(self, root: Path, source: str, size: str, external_root: Path | None = None,
+                 config: dict | None = None):
         if source not in SOURCES:
             raise ValueError(f"unknown source {source!r}")
         self.root, self.source, self.size = Path(root), source, size
@@ -359,7 +376,8 @@ class ModelCache(CacheChecks):
         self.raw = self.dir / "raw"
         self.files_manifest = self.dir / "files.json"
         self.lock_path = self.root / "locks" / f"{source}--{size}.lock"
-        self.external_root = external_root  # Hugging Face's cache, where the hf source's files live
+        self.external_root = external_root  # this repo's folder in Hugging Face's cache (the hf source's files)
+        self.config = config  # the model's book config: stored weights describing another model are not used
 
     # names and paths ------------------------------------------------------------------------------------------
     def _check_name(self, name: str) -> str:
@@ -377,11 +395,21 @@ class ModelCache(CacheChecks):
         return self.dir / "converted" / f"{DTYPE_NAMES[dtype]}.json"
 
     def _external(self, value: Any) -> Path | None:
-        """A record's "path" if it lies inside Hugging Face's cache (compared without following links)."""
+        """A record's "path" if it is a file under this repo's `snapshots/` in Hugging Face's cache, reached through
+        real folders only (compared without following links; the file itself is Hugging Face's link to a blob)."""
         if self.external_root is None or not isinstance(value, str):
             return None
-        path, root = Path(os.path.abspath(value)), Path(os.path.abspath(self.external_root))
-        return path if root in path.parents else None
+        path, snapshots = Path(os.path.abspath(value)), Path(os.path.abspath(self.external_root)) / "snapshots"
+        if snapshots not in path.parents:
+            return None
+        folders = [p for p in path.parents if snapshots in p.parents or p == snapshots]
+        return path if all((st := _lstat(p)) is None or stat.S_ISDIR(st.st_mode) for p in folders) else None
+
+    def secure(self) -> None:
+        """Make every folder from the cache root down to this model's files a real folder of the cache: a link (or a
+        file) where one belongs is removed, the link itself, never what it points to. Called before any write."""
+        for folder in (self.root / self.source, self.dir, self.raw, self.dir / "converted"):
+            _real_folder(folder)
 
     # records --------------------------------------------------------------------------------------------------
     def records(self) -> dict[str, dict]:
@@ -407,6 +435,7 @@ class ModelCache(CacheChecks):
         return external or self.raw_path(name)
 
     def record_file(self, name: str, record: dict) -> None:
+        self.secure()
         path = self.file_path(name, record)
         with contextlib.suppress(OSError):
             record = {**record, "mtime_ns": os.stat(path).st_mtime_ns}
@@ -435,6 +464,7 @@ class ModelCache(CacheChecks):
     def discard(self, name: str) -> None:
         """Delete a published file and its record: raw/{name} (a link there is unlinked, not followed), or for the
         hf source the link in Hugging Face's cache and the blob it points to, if that blob is in its `blobs/`."""
+        self.secure()
         record = self.records().get(self._check_name(name))
         external = self._external(record.get("path")) if record else None
         if external is not None:
@@ -443,21 +473,23 @@ class ModelCache(CacheChecks):
         self.forget_file(name)
 
     def _discard_external(self, link: Path) -> None:
-        root = Path(os.path.abspath(self.external_root))  # type: ignore[arg-type]
+        blobs = Path(os.path.abspath(self.external_root)) / "blobs"  # type: ignore[arg-type]
         with contextlib.suppress(OSError):
             target = link.resolve()
-            repo_blobs = [p / "blobs" for p in link.parents if p.parent == root]
-            if repo_blobs and repo_blobs[0] in target.parents and regular_file(target):
+            if _lstat(blobs) is not None and stat.S_ISDIR(os.lstat(blobs).st_mode) and target.parent == blobs \
+                    and regular_file(target):
                 target.unlink()
         _unlink_entry(link)
 
     def discard_weights(self, dtype: str) -> None:
         """Delete the stored weights of a dtype (its manifest, and its converted file if any)."""
+        self.secure()
         _unlink_entry(self.converted_path(dtype))
         _unlink_entry(self.manifest_path(dtype))
 
     def partials(self) -> list[Path]:
         """Partial downloads and temporary files left by interrupted processes (regular files only)."""
+        self.secure()
         found = []
         for folder in (self.raw, self.dir, self.dir / "converted"):
             if folder.is_dir():
@@ -484,6 +516,7 @@ def hold_lock(lock_path: Path, why: str, timeout: float | None = None) -> Iterat
     """
     if timeout is None:
         timeout = env_seconds("GPT2HUB_LOCK_TIMEOUT", 600.0)
+    _real_folder(lock_path.parent)
     with disk_errors(lock_path):
         lock_path.parent.mkdir(parents=True, exist_ok=True)
     lock = filelock.FileLock(str(lock_path))
@@ -493,13 +526,22 @@ def hold_lock(lock_path: Path, why: str, timeout: float | None = None) -> Iterat
     except OSError as e:
         raise _disk_error(lock_path, e) from e
     try:
-        with contextlib.suppress(OSError):
-            owner.write_text(f"pid {os.getpid()} {why}\n")
+        _write_owner(owner, f"pid {os.getpid()} {why}\n")
         yield
     finally:
         with contextlib.suppress(OSError):
             owner.unlink()
         lock.release()
+
+
+def _write_owner(owner: Path, text: str) -> None:
+    """Say who holds the lock, never writing through a link planted where the owner file goes."""
+    with contextlib.suppress(OSError):
+        if os.path.islink(owner):
+            os.unlink(owner)
+        fd = os.open(owner, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
 
 
 def _acquire(lock: filelock.FileLock, lock_path: Path, owner: Path, why: str, timeout: float) -> None:
@@ -529,11 +571,20 @@ def _stat(path: Path) -> os.stat_result | None:
         return None
 
 
+def _real_folder(folder: Path) -> None:
+    st = _lstat(folder)
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "a file"
+        log.warning("%s is %s where gpt2hub keeps a folder: removed (whatever it points to is left alone)", folder, kind)
+        with disk_errors(folder):
+            os.unlink(folder)
+
+
 def _unlink_entry(path: Path) -> None:
     """Remove a regular file or a link (the link itself); anything else (a folder, a FIFO's target) is left."""
     try:
         st = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return
     if stat.S_ISDIR(st.st_mode):
         raise CacheError(f"{path} is a folder where gpt2hub keeps a file: remove it by hand, then run again")
@@ -580,8 +631,16 @@ def hf_cache_root() -> Path:
 
 
 def model_cache(root: Path, source: str, size: str) -> ModelCache:
-    """The ModelCache of one model, with Hugging Face's cache as the hf source's external root."""
-    return ModelCache(root, source, size, hf_cache_root() if source == "hf" else None)
+    """The ModelCache of one model: the hf source's files live in this repo's folder of Hugging Face's cache, and
+    stored weights must describe the registered model of this size (when one is registered)."""
+    from .registry import resolve
+
+    try:
+        spec = resolve(size)
+    except ValueError:
+        return ModelCache(root, source, size)
+    repo = hf_cache_root() / f"models--{spec.hf_repo.replace('/', '--')}" if source == "hf" else None
+    return ModelCache(root, source, size, repo, spec.config())
 
 
 def cached_models(root: Path) -> list[ModelCache]:

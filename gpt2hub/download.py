@@ -67,6 +67,8 @@ class _Digest:
     def catch_up(self, part: Path, offset: int) -> None:
         if self.length != offset:
             self.h, self.length = self.new(), 0
+            if offset == 0:  # starting over (the partial file may be gone)
+                return
             with open(part, "rb") as f:
                 while self.length < offset and (chunk := f.read(min(CHUNK, offset - self.length))):
                     self.update(chunk)
@@ -117,7 +119,7 @@ def _span(resp: http.client.HTTPResponse, url: str, offset: int) -> tuple[int, i
     return 0, int(length) if length is not None and length.isdigit() else -1
 
 
-def _attempt(url: str, part: Path, timeout: float, bar: tqdm | None, digest: _Digest) -> int:
+def _attempt(url: str, part: Path, timeout: float, bar: tqdm | None, digest: _Digest, limit: int) -> int:
     """Fetch what `part` still lacks; returns the file's size. Reading errors are network errors, writing ones disk's."""
     offset = part.stat().st_size if part.exists() else 0
     try:
@@ -142,6 +144,8 @@ def _attempt(url: str, part: Path, timeout: float, bar: tqdm | None, digest: _Di
                     f.seek(offset)
                     f.truncate()
             while chunk := _read(resp):
+                if f.tell() + len(chunk) > limit:  # an endless or oversized body: never fill the disk
+                    raise IntegrityError(f"is larger than {limit} bytes, more than the file can be")
                 with disk_errors(part):
                     f.write(chunk)
                 digest.update(chunk)
@@ -182,12 +186,13 @@ def claim_partial(dest: Path) -> Path:
 
 def download(url: str, dest: Path, *, expected_size: int | None = None, expected_sha256: str | None = None,
              validate: Validator | None = None, retries: int = 3, timeout: float | None = None,
-             backoff: float = 0.25, progress: bool = True) -> dict[str, Any]:
+             backoff: float = 0.25, progress: bool = True, max_size: int = 64 << 20) -> dict[str, Any]:
     """Download `url` to `dest` atomically; returns its record: size and sha256 (when one is expected) or crc32c.
 
     Bytes go to a partial file unique to this process (an earlier process's is claimed and resumed with a Range
     request). `validate` is called on the complete file before it takes its final name. On a size, hash or
-    validation failure the file is deleted and IntegrityError names it, the URL and what was wrong.
+    validation failure the file is deleted and IntegrityError names it, the URL and what was wrong. A body longer
+    than `expected_size` (or `max_size` when the size is not known) is cut off as an IntegrityError.
     """
     timeout = env_seconds("GPT2HUB_READ_TIMEOUT", 60.0) if timeout is None else timeout
     with disk_errors(dest):
@@ -197,7 +202,12 @@ def download(url: str, dest: Path, *, expected_size: int | None = None, expected
     show = progress and not progress_disabled()
     bar = tqdm(desc=dest.name, unit="B", unit_scale=True, unit_divisor=1024, delay=0.5) if show else None
     try:
-        size = _fetch(url, part, timeout, bar, running, retries, backoff)
+        limit = expected_size if expected_size is not None else max_size
+        try:
+            size = _fetch(url, part, timeout, bar, running, retries, backoff, limit)
+        except IntegrityError as e:
+            part.unlink(missing_ok=True)
+            raise IntegrityError(f"{dest.name} from {url} {e}") from None
     finally:
         if bar is not None:
             bar.close()
@@ -205,10 +215,11 @@ def download(url: str, dest: Path, *, expected_size: int | None = None, expected
     return _finish(url, part, dest, size, running, expected_size, expected_sha256, validate)
 
 
-def _fetch(url: str, part: Path, timeout: float, bar: tqdm | None, digest: _Digest, retries: int, backoff: float) -> int:
+def _fetch(url: str, part: Path, timeout: float, bar: tqdm | None, digest: _Digest, retries: int, backoff: float,
+           limit: int) -> int:
     for attempt in range(retries + 1):
         try:
-            return _attempt(url, part, timeout, bar, digest)
+            return _attempt(url, part, timeout, bar, digest, limit)
         except _Fatal as e:
             raise DownloadError(str(e)) from None
         except _Transient as e:

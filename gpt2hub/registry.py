@@ -25,6 +25,7 @@ HF_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
 HF_TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
 SOURCES = ("openai", "hf")
+MAPPED_DTYPES = ("float32",)  # stored as the published file itself; every other dtype is converted once
 SOURCE_FILES = {"openai": OPENAI_FILES, "hf": HF_FILES}  # every file a source may put in the cache
 # every spelling a user may pass -> the dtype's canonical name (storage.py maps names to torch dtypes)
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",

@@ -55,6 +55,7 @@ log = logging.getLogger("gpt2hub")
 DEFAULT_OPENAI_URLS = ("https://openaipublic.blob.core.windows.net/gpt-2/models",
                        "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2")
 Getter = Callable[[str], Any]
+SMALL, SMALL_LIMIT = ("checkpoint", "hparams.json", "encoder.json", "vocab.bpe"), 4 << 20  # a few KB to 1 MB each
 
 
 def openai_bases() -> list[str]:
@@ -162,7 +163,7 @@ class OpenAISource:
                 try:
                     record = download(url, dest, expected_size=self.sizes.get(name),
                                       expected_sha256=self.pins.get(name), validate=lambda p: self.validate(name, p),
-                                      progress=self.progress)
+                                      progress=self.progress, max_size=SMALL_LIMIT if name in SMALL else 64 << 20)
                     return {**record, "url": url}
                 except IntegrityError as e:
                     reason, bad_file = str(e), True

@@ -27,6 +27,7 @@ from .__version__ import __version__
 from .cache import Manifest, ModelCache, atomic_path, write_json
 from .convert import openai_state_dict
 from .errors import CheckpointError
+from .registry import MAPPED_DTYPES
 from .sources import Source
 
 MAPPED, CONVERTED = "mapped", "converted"
@@ -35,7 +36,7 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 def kind_of(dtype: str) -> str:
     """MAPPED for float32 (the published file is already GPTModel's weights), CONVERTED for 16-bit dtypes."""
-    return MAPPED if dtype == "float32" else CONVERTED
+    return MAPPED if dtype in MAPPED_DTYPES else CONVERTED
 
 
 def prepare(cache: ModelCache, source: Source, paths: dict[str, Path], dtype: str, fresh: set[str],
