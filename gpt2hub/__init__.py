@@ -25,6 +25,7 @@ from .errors import (
     OfflineError,
     UnknownModelError,
 )
+from .export import save_pretrained
 from .generate import generate, generate_stream, generate_text, stream_text
 from .hub import download_files, from_pretrained, load_tokenizer
 from .model import GPTModel, KVCache
@@ -36,6 +37,6 @@ __all__ = [
     "GPT2HubError", "GPTModel", "GPT_CONFIG_124M", "IntegrityError", "KVCache", "LockTimeoutError", "ModelSpec",
     "OfflineError", "TFCheckpoint", "UnknownModelError", "__version__", "assign", "book_state_dict", "download_and_load_gpt2",
     "download_files", "from_pretrained", "generate", "generate_stream", "generate_text", "load_tokenizer",
-    "load_weights_into_gpt", "model_configs", "register", "resolve", "scan_cache", "state_dict_from_hf",
+    "load_weights_into_gpt", "model_configs", "register", "resolve", "save_pretrained", "scan_cache", "state_dict_from_hf",
     "state_dict_from_params", "state_dict_from_tf", "stream_text", "text_to_token_ids", "token_ids_to_text",
 ]

@@ -112,6 +112,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_model
+
+    folder = export_model(args.name, args.folder, format=args.format, dtype=args.dtype, source=args.source,
+                          revision=args.revision, cache_dir=args.cache_dir)
+    print(f"wrote {args.format} files of {args.name} to {folder}")
+    return 0
+
+
 def cmd_cache_list(args: argparse.Namespace) -> int:
     from .cache import scan_cache
 
@@ -314,13 +323,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"gpt2hub {__version__}")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="log where models come from, each stage's time, locks and retries; tracebacks on errors")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{download,generate,cache,bench}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{download,generate,export,cache,bench}")
     d = _sub(sub, "download", "fetch a model's published files into the cache",
              "  gpt2hub download gpt2-small\n  gpt2hub download gpt2-xl --source hf --revision main")
     d.add_argument("name", type=MODEL, help="a model name, size or Hugging Face id")
     _common(d)
     d.add_argument("--force", action="store_true", help="download again even if cached")
     d.set_defaults(func=cmd_download)
+    e = _sub(sub, "export", "write a model as a Hugging Face folder (transformers, vLLM, TGI) or gpt2hub safetensors",
+             "  gpt2hub export gpt2-small ./gpt2-small-hf\n  gpt2hub export gpt2-xl ./xl --dtype bfloat16")
+    e.add_argument("name", type=MODEL, help="a model name, size, Hugging Face id or folder")
+    e.add_argument("folder", help="the folder to write (created if needed)")
+    e.add_argument("--format", default="hf", choices=["hf", "safetensors"], help="Hugging Face's layout or gpt2hub's")
+    e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the written weights (default: float32)")
+    _common(e)
+    e.set_defaults(func=cmd_export)
     _generate_parser(sub)
     _bench_parser(sub)
     _cache_parser(sub)

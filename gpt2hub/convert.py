@@ -56,6 +56,20 @@ def config_from_hparams(hparams: Any, where: str = "hyperparameters") -> dict:
     return {**cfg, "drop_rate": 0.0, "qkv_bias": True}
 
 
+def hparams_from_config(cfg: Mapping[str, Any]) -> dict:
+    """OpenAI's hparams.json for a book config: the inverse of `config_from_hparams`."""
+    return {"n_vocab": cfg["vocab_size"], "n_ctx": cfg["context_length"], "n_embd": cfg["emb_dim"],
+            "n_head": cfg["n_heads"], "n_layer": cfg["n_layers"]}
+
+
+def hf_config(hp: Mapping[str, Any]) -> dict:
+    """config.json of a Hugging Face GPT-2 (`GPT2Config`'s fields) with OpenAI's hyperparameters `hp`."""
+    return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": hp["n_vocab"],
+            "n_positions": hp["n_ctx"], "n_ctx": hp["n_ctx"], "n_embd": hp["n_embd"], "n_head": hp["n_head"],
+            "n_layer": hp["n_layer"], "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+            "bos_token_id": 50256, "eos_token_id": 50256}
+
+
 def read_hparams(path: str | Path) -> dict:
     """The book's config from a hparams.json or config.json file (see `config_from_hparams`)."""
     path = Path(path)
@@ -119,6 +133,30 @@ def openai_state_dict(get: Getter, cfg: Mapping[str, Any], dtype: torch.dtype = 
         else:
             sd[targets[0]] = out(t)
     return sd
+
+
+def openai_variables(sd: Mapping[str, torch.Tensor], cfg: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """OpenAI variables (Conv1D weights [in, out], without their leading 1) from GPTModel tensors, by `names.NAMES`.
+
+    The inverse of `openai_state_dict`: each Linear weight [out, in] is transposed back (a view, no copy),
+    W_query/W_key/W_value are concatenated back into c_attn [d, 3d] and their biases into [3d] (zeros for a model
+    built with qkv_bias=False, which computes the same). Raises ConversionError naming a missing tensor.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, targets, transform in names.entries(cfg["n_layers"]):
+        missing = [t for t in targets if t not in sd and transform != names.QKV_BIAS]
+        if missing:
+            raise ConversionError(f"the state_dict has no tensor {missing[0]!r}: not a GPTModel of {cfg['n_layers']} blocks")
+        if transform == names.CONV1D:
+            out[name] = sd[targets[0]].t()
+        elif transform == names.QKV:
+            out[name] = torch.cat([sd[t].t() for t in targets], dim=1)
+        elif transform == names.QKV_BIAS:
+            weight = sd[targets[0].replace(".bias", ".weight")]
+            out[name] = torch.cat([sd[t] if t in sd else weight.new_zeros(weight.shape[0]) for t in targets])
+        else:
+            out[name] = sd[targets[0]]
+    return out
 
 
 def _fetch(get: Getter, name: str, shape: tuple[int, ...]) -> torch.Tensor:

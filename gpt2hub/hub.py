@@ -16,15 +16,16 @@ import tiktoken
 import torch
 from tqdm.auto import tqdm
 
-from . import storage
+from . import names, storage
 from .cache import Manifest, ModelCache, check_settings, default_root, ignore_pins, model_cache, offline, touch_used
 from .convert import openai_state_dict
 from .download import progress_disabled
-from .errors import CheckpointError, DeviceError, IntegrityError, OfflineError
+from .errors import CheckpointError, ConversionError, DeviceError, IntegrityError, OfflineError
 from .model import GPTModel
-from .registry import HF_TOKENIZER_FILES, OPENAI_TOKENIZER_FILES, ModelSpec, check_source, dtype_name, resolve
+from .registry import HF_TOKENIZER_FILES, HF_WEIGHTS, OPENAI_TOKENIZER_FILES, ModelSpec, check_source, dtype_name, resolve
 from .sources import FolderSource, HFSource, OpenAISource, Source
 from .tokenizer import encoding_from_files
+from .validate import read_json_file
 
 log = logging.getLogger("gpt2hub")
 
@@ -185,8 +186,28 @@ def from_folder(folder: str | Path, dtype: str = "float32", device: torch.device
     src = FolderSource(Path(folder))
     paths = src.weight_paths()
     cfg = src.config(paths)
-    sd = openai_state_dict(src.tensors(paths, verify=True), cfg, storage.TORCH_DTYPES[dtype_name(dtype)])
+    dt = storage.TORCH_DTYPES[dtype_name(dtype)]
+    sd = openai_state_dict(src.tensors(paths, verify=True), cfg, dt)
+    if src.layout == "hf":
+        sd.update(untied_head(paths["config.json"], paths[HF_WEIGHTS], cfg, dt))
     return GPTModel.from_state_dict(cfg, {k: v.to(device) for k, v in sd.items()}, tie_weights=tie_weights)
+
+
+def untied_head(config: Path, weights: Path, cfg: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """{"out_head.weight": lm_head.weight} when config.json sets tie_word_embeddings false, else {} (a tied head).
+
+    transformers (and `gpt2hub.save_pretrained`) write a head of its own that way; raises ConversionError when
+    config.json unties the head but the weights lack it, or hold it in the wrong shape.
+    """
+    if read_json_file(config, config.name).get("tie_word_embeddings", True) is not False:
+        return {}
+    head = storage.load_safetensors(weights).get(names.HF_HEAD)
+    want = (cfg["vocab_size"], cfg["emb_dim"])
+    if head is None or tuple(head.shape) != want:
+        raise ConversionError(f"{config} sets tie_word_embeddings false, but {weights} holds no {names.HF_HEAD} of "
+                              f"shape {list(want)} (found {None if head is None else list(head.shape)}): "
+                              "add the head, or set tie_word_embeddings true")
+    return {"out_head.weight": head.to(dtype)}
 
 
 def from_pretrained(name: str | ModelSpec = "gpt2-small", *, device: str | torch.device | None = None,
@@ -200,7 +221,8 @@ def from_pretrained(name: str | ModelSpec = "gpt2-small", *, device: str | torch
     Hugging Face's files, read in place. `revision` (source="hf" only) is passed to the Hugging Face Hub.
     `tie_weights=True` (the default, as in GPT-2 and transformers) shares one matrix between `tok_emb` and
     `out_head`; `tie_weights=False` gives the head its own copy, as the book's `load_weights_into_gpt` does, and
-    reproduces the book's fine-tuning numbers exactly.
+    reproduces the book's fine-tuning numbers exactly. A Hugging Face folder whose config.json sets
+    tie_word_embeddings false loads its own head (lm_head.weight), as transformers does.
     """
     dev, dt = check_device(device), dtype_name(dtype)
     if FolderSource.holds_model(name):

@@ -39,8 +39,10 @@ NAMES: dict[str, tuple[str | tuple[str, ...], str, str]] = {
     "ln_f/g": ("final_norm.scale", KEEP, "d"),
     "ln_f/b": ("final_norm.shift", KEEP, "d"),
 }
+# GPT2LMHeadModel's names: its GPT2Model's tensors under HF_PREFIX (openai-community/gpt2* omits it), its head
+HF_PREFIX, HF_HEAD = "transformer.", "lm_head.weight"
 # Hugging Face tensors that carry no weights of their own: the tied head and the causal-mask buffers
-HF_DROPPED = ("lm_head.weight", "h.{}.attn.bias", "h.{}.attn.masked_bias")
+HF_DROPPED = (HF_HEAD, "h.{}.attn.bias", "h.{}.attn.masked_bias")
 
 
 def _expand(pattern: str, n_layers: int) -> list[tuple[str, int | None]]:
@@ -87,7 +89,7 @@ def openai_name(hf: str) -> str | None:
 
     Raises KeyError for a name that is neither.
     """
-    key = hf.removeprefix("transformer.")
+    key = hf.removeprefix(HF_PREFIX)
     if any(p.match(key) for p in _DROPPED):
         return None
     if key in ("wte.weight", "wpe.weight"):

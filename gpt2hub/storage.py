@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import os
 from collections.abc import Callable
@@ -110,11 +111,14 @@ _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"
 
 
 def save_state_dict(sd: dict[str, torch.Tensor], path: Path) -> str:
-    """Write safetensors straight from the tensors' memory (no staging copy); returns its crc32c as hex."""
-    tensors = {k: v.contiguous() for k, v in sd.items()}
+    """Write safetensors straight from the tensors' memory; returns its crc32c as hex.
+
+    A tensor that is not dense in CPU memory (a transposed view, a GPU tensor) is copied on its own as it is
+    written, so at most one such copy exists at a time.
+    """
     header: dict[str, Any] = {"__metadata__": {"format": "pt", "gpt2hub": __version__}}
     offset = 0
-    for k, v in tensors.items():
+    for k, v in sd.items():
         nbytes = v.numel() * v.element_size()
         header[k] = {"dtype": _ST_DTYPES[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
@@ -122,8 +126,8 @@ def save_state_dict(sd: dict[str, torch.Tensor], path: Path) -> str:
     blob += b" " * (-len(blob) % 8)  # the format aligns the data to 8 bytes
     crc = 0
     with open(path, "wb") as f:
-        for chunk in [len(blob).to_bytes(8, "little") + blob,
-                      *(v.reshape(-1).view(torch.uint8).numpy() for v in tensors.values())]:
+        data = (v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy() for v in sd.values())
+        for chunk in itertools.chain([len(blob).to_bytes(8, "little") + blob], data):
             f.write(chunk)
             crc = google_crc32c.extend(crc, chunk)
         f.flush()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from . import names
-from .convert import config_from_hparams
+from .convert import config_from_hparams, hf_config
 from .registry import ModelSpec
 from .tf_checkpoint import proto_field, write_checkpoint
 
@@ -65,14 +65,6 @@ def hf_tensors(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     for i in range(sum(1 for k in weights if k.endswith("attn/c_attn/w"))):
         out[f"h.{i}.attn.bias"] = np.tril(np.ones((n_ctx, n_ctx), dtype=np.float32))[None, None]
     return out
-
-
-def hf_config(hp: dict) -> dict:
-    """config.json of a Hugging Face GPT-2 with these hyperparameters."""
-    return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": hp["n_vocab"],
-            "n_positions": hp["n_ctx"], "n_ctx": hp["n_ctx"], "n_embd": hp["n_embd"], "n_head": hp["n_head"],
-            "n_layer": hp["n_layer"], "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
-            "bos_token_id": 50256, "eos_token_id": 50256}
 
 
 def write_hf_folder(folder: Path, hp: dict, weights: dict[str, np.ndarray], vocab: tuple[bytes, bytes]) -> None:

@@ -157,3 +157,19 @@ def test_layouts_hold_the_same_values_and_round_trip_through_the_cache_format(sm
         assert torch.allclose(views(x), ref(x), atol=1e-5)
     with pytest.raises(ValueError, match="layout"):
         state_dict_from_tf(ckpt, cfg, layout="diagonal")
+
+
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+def test_openai_variables_invert_the_conversion(layout):
+    from gpt2hub.convert import openai_state_dict, openai_variables
+
+    weights = {k.removeprefix("model/"): torch.from_numpy(v) for k, v in random_weights(SMALL_HP, seed=5).items()}
+    cfg = config_from_hparams(SMALL_HP)
+    sd = openai_state_dict(weights.__getitem__, cfg, layout=layout)
+    back = openai_variables(sd, cfg)
+    assert set(back) == set(weights)
+    for name, value in weights.items():  # Conv1D weights come back [in, out], without OpenAI's leading 1
+        assert torch.equal(back[name], value.reshape(back[name].shape)) and back[name].numel() == value.numel(), name
+    del sd["trf_blocks.2.ff.layers.0.weight"]
+    with pytest.raises(ConversionError, match="trf_blocks.2.ff.layers.0.weight"):
+        openai_variables(sd, cfg)

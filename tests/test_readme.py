@@ -21,3 +21,16 @@ def test_readme_documents_every_environment_variable():
     sources = "".join(p.read_text() for p in (README.parent / "gpt2hub").glob("*.py"))
     for var in sorted(set(re.findall(r"GPT2HUB_[A-Z_]+", sources))):
         assert f"`{var}" in text, var
+
+
+def test_export_example_runs(hub_env, server, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    code = _block("## Export and serving").replace('"gpt2-small"', '"gpt2-tiny"')
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    hf, model = scope["hf"], scope["model"]
+    assert sorted(p.name for p in (tmp_path / "gpt2-small-hf").iterdir()) == [
+        "config.json", "merges.txt", "model.safetensors", "tokenizer_config.json", "vocab.json"]
+    assert torch.equal(hf.transformer.wte.weight.to(torch.bfloat16), model.tok_emb.weight.to(torch.bfloat16))
