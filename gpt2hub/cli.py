@@ -51,6 +51,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mirror(args: argparse.Namespace) -> int:
+    """Write cached models in OpenAI's layout (with SHA256SUMS) into a folder other machines can download from."""
+    from .mirror import SUMS, write_mirror
+
+    written = write_mirror(args.folder, args.names or None)
+    for f in written:
+        print(f"{f.how}\t{_human(f.size)}\t{f.path}")
+    folder = Path(args.folder)
+    print(f"wrote {len(written)} file(s) and {folder / SUMS}; serve it with `python -m http.server -d {folder} 8000` "
+          "and set GPT2HUB_OPENAI_URL=http://THIS_HOST:8000 on the other machines")
+    return 0
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) if path.is_dir() else 0
 
@@ -180,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("files", nargs="+")
     cmp_.add_argument("--out", default="gpt2hub-compare")
     b.set_defaults(func=cmd_bench)
+
+    mi = sub.add_parser("mirror", help="write cached models in OpenAI's layout, to serve to other machines")
+    mi.add_argument("folder")
+    mi.add_argument("names", nargs="*", help="models to mirror (default: every fully cached OpenAI model)")
+    mi.set_defaults(func=cmd_mirror)
 
     c = sub.add_parser("cache", help="inspect and tidy the cache").add_subparsers(dest="cache_command", required=True)
     c.add_parser("list", help="models, files, bytes on disk, converted dtypes").set_defaults(func=cmd_cache_list)
