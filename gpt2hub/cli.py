@@ -121,6 +121,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mirror(args: argparse.Namespace) -> int:
+    from .mirror import SUMS, write_mirror
+
+    written = write_mirror(args.folder, args.names or None, cache_dir=args.cache_dir)
+    for f in written:
+        print(f"{f.how}\t{_human(f.size)}\t{f.path}")
+    folder = Path(args.folder)
+    print(f"wrote {len(written)} file(s) and {folder / SUMS}; serve it with `python -m http.server -d {folder} 8000` "
+          "and set GPT2HUB_OPENAI_URL=http://THIS_HOST:8000 on the other machines")
+    return 0
+
+
 def cmd_cache_list(args: argparse.Namespace) -> int:
     from .cache import scan_cache
 
@@ -323,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"gpt2hub {__version__}")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="log where models come from, each stage's time, locks and retries; tracebacks on errors")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{download,generate,export,cache,bench}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{download,generate,export,mirror,cache,bench}")
     d = _sub(sub, "download", "fetch a model's published files into the cache",
              "  gpt2hub download gpt2-small\n  gpt2hub download gpt2-xl --source hf --revision main")
     d.add_argument("name", type=MODEL, help="a model name, size or Hugging Face id")
@@ -339,6 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the written weights (default: float32)")
     _common(e)
     e.set_defaults(func=cmd_export)
+    mi = _sub(sub, "mirror", "write cached models in OpenAI's layout with SHA256SUMS, for other machines to download",
+              "  gpt2hub mirror /srv/gpt2 && python -m http.server -d /srv/gpt2 8000\n"
+              "  GPT2HUB_OPENAI_URL=http://THIS_HOST:8000 gpt2hub download gpt2-small   # on another machine")
+    mi.add_argument("folder", help="the folder to fill (FOLDER/<size>/<file>, FOLDER/SHA256SUMS)")
+    mi.add_argument("names", nargs="*", type=MODEL, help="models to mirror (default: every fully cached OpenAI model)")
+    _common(mi, source=False)
+    mi.set_defaults(func=cmd_mirror)
     _generate_parser(sub)
     _bench_parser(sub)
     _cache_parser(sub)

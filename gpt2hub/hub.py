@@ -16,7 +16,7 @@ import tiktoken
 import torch
 from tqdm.auto import tqdm
 
-from . import names, storage
+from . import distributed, names, storage
 from .cache import Manifest, ModelCache, check_settings, default_root, ignore_pins, model_cache, offline, touch_used
 from .convert import openai_state_dict
 from .download import progress_disabled
@@ -213,7 +213,8 @@ def untied_head(config: Path, weights: Path, cfg: dict, dtype: torch.dtype) -> d
 def from_pretrained(name: str | ModelSpec = "gpt2-small", *, device: str | torch.device | None = None,
                     dtype: torch.dtype | str | None = None, source: str = "openai", revision: str | None = None,
                     cache_dir: str | Path | None = None, force_download: bool = False,
-                    local_files_only: bool = False, progress: bool = True, tie_weights: bool = True) -> GPTModel:
+                    local_files_only: bool = False, progress: bool = True, tie_weights: bool = True,
+                    shared_cache: bool | None = None) -> GPTModel:
     """A ready GPTModel (eval mode) for a name such as "gpt2-small", "355M" or "openai-community/gpt2-xl".
 
     The first call downloads the published files into the cache, checks them, and maps (float32) or converts
@@ -223,11 +224,16 @@ def from_pretrained(name: str | ModelSpec = "gpt2-small", *, device: str | torch
     `out_head`; `tie_weights=False` gives the head its own copy, as the book's `load_weights_into_gpt` does, and
     reproduces the book's fine-tuning numbers exactly. A Hugging Face folder whose config.json sets
     tie_word_embeddings false loads its own head (lm_head.weight), as transformers does.
+    Inside an initialised torch.distributed process group, one rank per cache (local rank 0 of each node; global
+    rank 0 if `shared_cache=True` or GPT2HUB_SHARED_CACHE=1) fetches and converts while the others wait on the
+    group, then every rank loads the same files with network access off (see `gpt2hub.distributed`).
     """
     dev, dt = check_device(device), dtype_name(dtype)
     if FolderSource.holds_model(name):
         return from_folder(Path(name), dt, dev, tie_weights)  # type: ignore[arg-type]
     hub = open_hub(name, source, revision, cache_dir, local_files_only, progress)
+    if distributed.prepare_once(lambda: hub.weights(dt, force_download), shared_cache):  # prepared for the whole group
+        hub, force_download = open_hub(name, source, revision, cache_dir, True, progress), False
     return hub.load(dt, dev, force=force_download, tie_weights=tie_weights)
 
 
