@@ -82,6 +82,27 @@ class _Digest:
         return digest.decode() if isinstance(digest, bytes) else digest
 
 
+class _Bar:
+    """One file's share of a progress bar shared by every file of a model download (bytes of all files)."""
+
+    def __init__(self, bar: tqdm | None) -> None:
+        self.bar, self.counted, self.expected = bar, 0, False
+
+    def start(self, offset: int, total: int) -> None:
+        """A response begins at `offset` of a file of `total` bytes (-1 unknown)."""
+        if self.bar is None:
+            return
+        if not self.expected and total >= 0:
+            self.bar.total = (self.bar.total or 0) + total
+            self.expected = True
+        self.advance(offset - self.counted)  # negative when a server ignored the Range and we start over
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None and n:
+            self.bar.update(n)
+            self.counted += n
+
+
 def _unreachable(e: BaseException) -> bool:
     reason = getattr(e, "reason", e)
     return isinstance(reason, (socket.gaierror, ConnectionRefusedError)) or (
@@ -119,7 +140,7 @@ def _span(resp: http.client.HTTPResponse, url: str, offset: int) -> tuple[int, i
     return 0, int(length) if length is not None and length.isdigit() else -1
 
 
-def _attempt(url: str, part: Path, timeout: float, bar: tqdm | None, digest: _Digest, limit: int) -> int:
+def _attempt(url: str, part: Path, timeout: float, bar: _Bar, digest: _Digest, limit: int) -> int:
     """Fetch what `part` still lacks; returns the file's size. Reading errors are network errors, writing ones disk's."""
     offset = part.stat().st_size if part.exists() else 0
     try:
@@ -132,9 +153,7 @@ def _attempt(url: str, part: Path, timeout: float, bar: tqdm | None, digest: _Di
         raise _Transient(f"range {offset}- not satisfiable; starting over") from None
     with resp:
         offset, total = _span(resp, url, offset)
-        if bar is not None:
-            bar.reset(total=total if total >= 0 else None)
-            bar.update(offset)
+        bar.start(offset, total)
         digest.catch_up(part, offset)
         with disk_errors(part):
             f = open(part, "r+b" if offset else "wb")
@@ -149,8 +168,7 @@ def _attempt(url: str, part: Path, timeout: float, bar: tqdm | None, digest: _Di
                 with disk_errors(part):
                     f.write(chunk)
                 digest.update(chunk)
-                if bar is not None:
-                    bar.update(len(chunk))
+                bar.advance(len(chunk))
             with disk_errors(part):
                 f.flush()
                 os.fsync(f.fileno())
@@ -186,11 +204,12 @@ def claim_partial(dest: Path) -> Path:
 
 def download(url: str, dest: Path, *, expected_size: int | None = None, expected_sha256: str | None = None,
              validate: Validator | None = None, retries: int = 3, timeout: float | None = None,
-             backoff: float = 0.25, progress: bool = True, max_size: int = 64 << 20) -> dict[str, Any]:
+             backoff: float = 0.25, bar: tqdm | None = None, max_size: int = 64 << 20) -> dict[str, Any]:
     """Download `url` to `dest` atomically; returns its record: size and sha256 (when one is expected) or crc32c.
 
     Bytes go to a partial file unique to this process (an earlier process's is claimed and resumed with a Range
-    request). `validate` is called on the complete file before it takes its final name. On a size, hash or
+    request). `bar`, if given, is a progress bar shared by every file of the download: this file's bytes are added
+    to its total and its count. `validate` is called on the complete file before it takes its final name. On a size, hash or
     validation failure the file is deleted and IntegrityError names it, the URL and what was wrong. A body longer
     than `expected_size` (or `max_size` when the size is not known) is cut off as an IntegrityError.
     """
@@ -199,23 +218,17 @@ def download(url: str, dest: Path, *, expected_size: int | None = None, expected
         dest.parent.mkdir(parents=True, exist_ok=True)
     part = claim_partial(dest)
     running = _Digest(kind_for(expected_sha256))
-    show = progress and not progress_disabled()
-    bar = tqdm(desc=dest.name, unit="B", unit_scale=True, unit_divisor=1024, delay=0.5) if show else None
+    limit = expected_size if expected_size is not None else max_size
     try:
-        limit = expected_size if expected_size is not None else max_size
-        try:
-            size = _fetch(url, part, timeout, bar, running, retries, backoff, limit)
-        except IntegrityError as e:
-            part.unlink(missing_ok=True)
-            raise IntegrityError(f"{dest.name} from {url} {e}") from None
-    finally:
-        if bar is not None:
-            bar.close()
+        size = _fetch(url, part, timeout, _Bar(bar), running, retries, backoff, limit)
+    except IntegrityError as e:
+        part.unlink(missing_ok=True)
+        raise IntegrityError(f"{dest.name} from {url} {e}") from None
     running.catch_up(part, size)  # a no-op unless the whole file was already there (416)
     return _finish(url, part, dest, size, running, expected_size, expected_sha256, validate)
 
 
-def _fetch(url: str, part: Path, timeout: float, bar: tqdm | None, digest: _Digest, retries: int, backoff: float,
+def _fetch(url: str, part: Path, timeout: float, bar: _Bar, digest: _Digest, retries: int, backoff: float,
            limit: int) -> int:
     for attempt in range(retries + 1):
         try:

@@ -90,8 +90,11 @@ class Hub:
             elif p.what != "not downloaded":
                 self.cache.discard(p.name)
         bad = list(names) if force else list(dict.fromkeys(p.name for p in problems if p.name))
-        for name in bad:
-            self.cache.record_file(name, self.source.fetch(self.cache, name, force))
+        try:
+            for name in bad:
+                self.cache.record_file(name, self.source.fetch(self.cache, name, force))
+        finally:
+            self.source.done()
         return set(bad)
 
     def _prepare(self, dtype: str, fresh: set[str]) -> Manifest:

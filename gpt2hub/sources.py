@@ -26,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from tqdm.auto import tqdm
+
 from . import names
 from .cache import DIGESTS, ModelCache, atomic_path, ignore_pins, kind_for, regular_file
 from .download import MirrorDown, download, progress_disabled
@@ -76,6 +78,7 @@ class Source(Protocol):
     weights_file: str
 
     def fetch(self, cache: ModelCache, name: str, force: bool) -> dict: ...
+    def done(self) -> None: ...
     def validate(self, name: str, path: Path) -> None: ...
     def config(self, paths: dict[str, Path]) -> dict: ...
     def tensors(self, paths: dict[str, Path], verify: bool) -> Getter: ...
@@ -93,6 +96,7 @@ class OpenAISource:
     def __init__(self, spec: ModelSpec, progress: bool = True, adopt_from: Path | None = None,
                  bases: list[str] | None = None):
         self.spec, self.progress, self.adopt_from = spec, progress and not progress_disabled(), adopt_from
+        self.bar: tqdm | None = None
         self.bases = bases if bases is not None else openai_bases()
         self.dead: dict[str, str] = {}  # mirrors that failed for this whole call, with why
         self.pins = spec.expected_sha256("openai")
@@ -163,7 +167,7 @@ class OpenAISource:
                 try:
                     record = download(url, dest, expected_size=self.sizes.get(name),
                                       expected_sha256=self.pins.get(name), validate=lambda p: self.validate(name, p),
-                                      progress=self.progress, max_size=SMALL_LIMIT if name in SMALL else 64 << 20)
+                                      bar=self._bar(), max_size=SMALL_LIMIT if name in SMALL else 64 << 20)
                     return {**record, "url": url}
                 except IntegrityError as e:
                     reason, bad_file = str(e), True
@@ -185,6 +189,19 @@ class OpenAISource:
             + " | ".join(reasons) + f". Cache folder: {cache.dir}. Check the network; GPT2HUB_OFFLINE=1 loads models "
             "already cached; GPT2HUB_OPENAI_URL picks another mirror; --source hf (with HF_ENDPOINT) uses the "
             "Hugging Face Hub")
+
+    def _bar(self) -> tqdm | None:
+        """One progress bar for every file this call downloads (bytes of all files), made at the first one."""
+        if self.bar is None and self.progress:
+            self.bar = tqdm(desc=f"downloading {self.spec.name}", unit="B", unit_scale=True, unit_divisor=1024, total=0,
+                            delay=0.5)
+        return self.bar
+
+    def done(self) -> None:
+        """Close the progress bar of the downloads made so far."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def config(self, paths: dict[str, Path]) -> dict:
         return check_config(read_json_file(paths["hparams.json"], "hparams.json"), self.spec, str(paths["hparams.json"]))
@@ -281,6 +298,9 @@ class HFSource:
             raise IntegrityError(f"{name} of {self.spec.hf_repo} ({path}) {problem}; it was deleted, run again to "
                                  "download it afresh")
         return {"size": path.stat().st_size, kind: digest, "path": str(path), "revision": self.revision or "main"}
+
+    def done(self) -> None:
+        """Nothing to close: huggingface_hub draws its own bars (HF_HUB_DISABLE_PROGRESS_BARS turns them off)."""
 
     def _hf_download(self, name: str, force: bool) -> Path:
         from huggingface_hub import hf_hub_download

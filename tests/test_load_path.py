@@ -1,6 +1,7 @@
 """The load path under attack: links out of the cache, traversal in records, lying and dead mirrors, bad files."""
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -298,3 +299,28 @@ def test_the_load_path_modules_do_not_import_the_hub():
         source = open(text).read()
         assert "from .hub" not in source and "from .cli" not in source and "from .bench" not in source, module
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
+
+
+def test_one_progress_bar_counts_the_bytes_of_every_file(hub_env, server, monkeypatch, tiny_folder):
+    from tqdm import tqdm as base
+
+    bars = []
+
+    class Recording(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "file": io.StringIO(), "delay": 0})
+            bars.append(self)
+
+    monkeypatch.delenv("GPT2HUB_DISABLE_PROGRESS_BARS")
+    monkeypatch.setattr(gpt2hub.sources, "tqdm", Recording)
+    monkeypatch.setattr(gpt2hub.hub, "tqdm", Recording)  # the verifying bar, counted apart
+    server.served.fault(f"/tiny/{DATA}", Fault("drop", after=200_000))  # a resumed file is counted once
+    gpt2hub.download_files("gpt2-tiny")
+    downloads = [b for b in bars if b.desc.startswith("downloading")]
+    total = sum((tiny_folder[0] / n).stat().st_size for n in OPENAI_FILES)
+    assert len(downloads) == 1 and downloads[0].desc == "downloading gpt2-tiny"
+    assert downloads[0].total == total and downloads[0].n == total
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # Hugging Face's switch silences gpt2hub's bars too
+    bars.clear()
+    gpt2hub.download_files("gpt2-tiny", force_download=True)
+    assert bars == []
