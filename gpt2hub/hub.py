@@ -118,6 +118,15 @@ class Hub:
         log.warning("%s; fetching %s again", e, name)
         refetched.add(name)
 
+    def _discard_unreadable(self, manifest: Manifest, e: Exception) -> None:
+        """Discard what could not be read: converted weights, else the published file the error names."""
+        log.warning("%s; preparing the weights again", " ".join(str(e).split()))
+        if manifest.kind == storage.CONVERTED:
+            self.cache.discard_weights(manifest.dtype)
+            return
+        name = Path(str(getattr(e, "file", "") or self.source.weights_file)).name
+        self.cache.discard(name if name in self.source.files else self.source.weights_file)
+
     def check_pins(self) -> None:
         """Refuse (or, with GPT2HUB_IGNORE_PINS=1, warn about) each cached file whose sha256 differs from its pin.
 
@@ -144,7 +153,12 @@ class Hub:
         manifest = self.weights(dtype, force)
         self.check_pins()
         ready = time.perf_counter()
-        sd = storage.state_dict(self.source, self._paths(self.source.files), manifest, self.cache, device)
+        try:
+            sd = storage.state_dict(self.source, self._paths(self.source.files), manifest, self.cache, device)
+        except storage.UNREADABLE as e:  # damaged with its size and timestamp kept: the quick check could not tell
+            self._discard_unreadable(manifest, e)
+            manifest = self.weights(dtype)
+            sd = storage.state_dict(self.source, self._paths(self.source.files), manifest, self.cache, device)
         model = GPTModel.from_state_dict(manifest.config, sd, tie_weights=tie_weights)
         touch_used(self.cache, dtype)
         log.info("loaded %s from %s (source %s, %s %s) in %.3f s: %.3f s checking the cache, %.3f s building the model",

@@ -32,6 +32,8 @@ from .registry import MAPPED_DTYPES
 from .sources import Source
 
 MAPPED, CONVERTED = "mapped", "converted"
+# what reading stored weights raises when a file is damaged in a way its size and timestamp do not show
+UNREADABLE = (CheckpointError, safetensors.SafetensorError, ValueError)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -31,7 +31,9 @@ def _env(out: Path, cache: Path, **extra: str) -> dict[str, str]:
     return {**env, "GPT2HUB_CACHE": str(cache), "GPT2HUB_TEST_OUT": str(out), "OMP_NUM_THREADS": "1", **extra}
 
 
-def _outcomes(out: Path, world: int) -> list[str]:
+def _outcomes(out: Path, world: int, runs: list | None = None) -> list[str]:
+    missing = [r for r in range(world) if not (out / f"rank{r}.txt").exists()]
+    assert not missing, (missing, [(r.returncode, r.stderr[-3000:]) for r in runs or []])
     return [(out / f"rank{r}.txt").read_text() for r in range(world)]
 
 
@@ -68,14 +70,14 @@ def test_four_ranks_on_one_node_fetch_each_file_once(hub_env, server, tmp_path):
     server.served.fault(f"/tiny/{DATA_FILE}", Fault("slow", delay=0.01))
     run = subprocess.run([*TORCHRUN, "--standalone", "--nproc-per-node", "4", WORKER], env=_env(tmp_path, hub_env),
                          capture_output=True, text=True, timeout=120)
-    _check_all_ok([run], _outcomes(tmp_path, 4))
+    _check_all_ok([run], _outcomes(tmp_path, 4, [run]))
     assert _gets(server) == dict.fromkeys(OPENAI_FILES, 1)
 
 
 def test_two_nodes_with_their_own_caches_fetch_once_per_cache(hub_env, server, tmp_path):
     server.served.fault(f"/tiny/{DATA_FILE}", Fault("slow", delay=0.01, times=2))
     runs = _two_nodes(tmp_path, (tmp_path / "node0", tmp_path / "node1"))
-    _check_all_ok(runs, _outcomes(tmp_path, 4))
+    _check_all_ok(runs, _outcomes(tmp_path, 4, runs))
     assert _gets(server) == dict.fromkeys(OPENAI_FILES, 2)
     assert all((tmp_path / f"node{i}/openai/tiny/raw" / DATA_FILE).is_file() for i in range(2))
 
@@ -83,7 +85,7 @@ def test_two_nodes_with_their_own_caches_fetch_once_per_cache(hub_env, server, t
 def test_a_cache_shared_by_two_nodes_is_fetched_once_by_rank_0(hub_env, server, tmp_path):
     server.served.fault(f"/tiny/{DATA_FILE}", Fault("slow", delay=0.01))
     runs = _two_nodes(tmp_path, (hub_env, hub_env), GPT2HUB_SHARED_CACHE="1")
-    _check_all_ok(runs, _outcomes(tmp_path, 4))  # without the flag, local rank 0 of node 1 would wait for the lock
+    _check_all_ok(runs, _outcomes(tmp_path, 4, runs))  # without the flag, local rank 0 of node 1 would wait for the lock
     assert _gets(server) == dict.fromkeys(OPENAI_FILES, 1)
 
 

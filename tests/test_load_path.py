@@ -324,3 +324,44 @@ def test_one_progress_bar_counts_the_bytes_of_every_file(hub_env, server, monkey
     bars.clear()
     gpt2hub.download_files("gpt2-tiny", force_download=True)
     assert bars == []
+
+
+@pytest.mark.parametrize("target", ["converted", "index"])
+def test_damage_that_keeps_size_and_timestamp_is_repaired_when_reading_fails(hub_env, server, target, caplog):
+    dtype = "bfloat16" if target == "converted" else "float32"
+    first = _logits(from_pretrained("gpt2-tiny", dtype=dtype))
+    m = hub_env / "openai/tiny"
+    path = m / "converted/bfloat16.safetensors" if target == "converted" else m / "raw" / INDEX
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[9:13] = b"\xff\xfe\xfd\xfc"  # inside the safetensors header / the index's first block
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # the quick check trusts size and mtime
+    with caplog.at_level(logging.WARNING, logger="gpt2hub"):
+        assert torch.equal(_logits(from_pretrained("gpt2-tiny", dtype=dtype)), first)
+    assert "preparing the weights again" in caplog.text
+
+
+def test_garbage_hugging_face_files_are_named_and_fetched_afresh(hub_env, server, monkeypatch, tmp_path):
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
+    for name in ("config.json", "vocab.json", "merges.txt"):
+        key = f"/hf/{TINY.hf_repo}/{name}"
+        good, server.served.files[key] = server.served.files[key], HTML  # the Hub itself serves a bad file
+        with pytest.raises(IntegrityError, match=rf"{name}.*not a valid {name}") as e:
+            from_pretrained("gpt2-tiny", source="hf") if name == "config.json" else gpt2hub.load_tokenizer(
+                "gpt2-tiny", source="hf")
+        assert "\n" not in str(e.value)
+        server.served.files[key] = good
+    from_pretrained("gpt2-tiny", source="hf")  # each bad file was deleted with its blob: fetched afresh
+    assert gpt2hub.load_tokenizer("gpt2-tiny", source="hf").encode("Every effort moves you") == [6109, 3626, 6100, 345]
+
+
+def test_a_folder_without_vocabulary_files_names_them(tiny_folder, tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in ("hparams.json", "checkpoint", INDEX, DATA):
+        (folder / name).symlink_to(tiny_folder[0] / name)
+    with pytest.raises(DownloadError, match="encoder.json is missing.*vocab.bpe"):
+        gpt2hub.load_tokenizer(folder)
