@@ -164,13 +164,11 @@ def read_json(path: Path) -> Any:
         return None
 
 
-def regular_file(path: Path) -> os.stat_result | None:
-    """lstat of `path` if it is a regular file (not a link, FIFO or folder), else None."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return st if stat.S_ISREG(st.st_mode) else None
+def regular_file(path: Path, follow: bool = False) -> os.stat_result | None:
+    """The stat of `path` if it is a regular file, else None (a FIFO, device or folder is never opened). Inside the
+    cache a link is not a regular file; `follow=True` (a user's own folder) looks through links."""
+    st = _stat(path, follow)
+    return st if st is not None and stat.S_ISREG(st.st_mode) else None
 
 
 def sha256_file(path: Path) -> str:
@@ -294,7 +292,7 @@ class CacheChecks:
         if record is None:
             return Problem(self.raw_path(name), "not downloaded", "it is downloaded on the next load", name)
         path = self.file_path(name, record)
-        st = regular_file(path) if "path" not in record else _stat(path)
+        st = regular_file(path) if "path" not in record else _stat(path, follow=True)
         if st is None or not stat.S_ISREG(st.st_mode):
             what = "missing" if not os.path.lexists(path) else "not a regular file (a link, folder or FIFO)"
             return Problem(path, what, "it is removed and downloaded again", name)
@@ -403,7 +401,7 @@ class ModelCache(CacheChecks):
         if snapshots not in path.parents:
             return None
         folders = [p for p in path.parents if snapshots in p.parents or p == snapshots]
-        return path if all((st := _lstat(p)) is None or stat.S_ISDIR(st.st_mode) for p in folders) else None
+        return path if all((st := _stat(p)) is None or stat.S_ISDIR(st.st_mode) for p in folders) else None
 
     def secure(self) -> None:
         """Make every folder from the cache root down to this model's files a real folder of the cache: a link (or a
@@ -476,7 +474,7 @@ class ModelCache(CacheChecks):
         blobs = Path(os.path.abspath(self.external_root)) / "blobs"  # type: ignore[arg-type]
         with contextlib.suppress(OSError):
             target = link.resolve()
-            if _lstat(blobs) is not None and stat.S_ISDIR(os.lstat(blobs).st_mode) and target.parent == blobs \
+            if (st := _stat(blobs)) is not None and stat.S_ISDIR(st.st_mode) and target.parent == blobs \
                     and regular_file(target):
                 target.unlink()
         _unlink_entry(link)
@@ -564,15 +562,15 @@ def _acquire(lock: filelock.FileLock, lock_path: Path, owner: Path, why: str, ti
     log.info("got %s after %.1f s", lock_path, time.monotonic() - start)
 
 
-def _stat(path: Path) -> os.stat_result | None:
+def _stat(path: Path, follow: bool = False) -> os.stat_result | None:
     try:
-        return os.stat(path)
+        return os.stat(path) if follow else os.lstat(path)
     except OSError:
         return None
 
 
 def _real_folder(folder: Path) -> None:
-    st = _lstat(folder)
+    st = _stat(folder)
     if st is not None and not stat.S_ISDIR(st.st_mode):
         kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "a file"
         log.warning("%s is %s where gpt2hub keeps a folder: removed (whatever it points to is left alone)", folder, kind)
@@ -594,7 +592,7 @@ def _unlink_entry(path: Path) -> None:
 
 def _remove_tree(folder: Path) -> int:
     """Delete a folder's contents bottom-up without following any link; returns the bytes of regular files freed."""
-    st = _lstat(folder)
+    st = _stat(folder)
     if st is None:
         return 0
     if not stat.S_ISDIR(st.st_mode):  # a link (or file) where a model folder should be: remove the entry itself
@@ -614,13 +612,6 @@ def _remove_tree(folder: Path) -> int:
     with disk_errors(folder):
         os.rmdir(folder)
     return freed
-
-
-def _lstat(path: Path) -> os.stat_result | None:
-    try:
-        return os.lstat(path)
-    except OSError:
-        return None
 
 
 def hf_cache_root() -> Path:
@@ -649,7 +640,7 @@ def cached_models(root: Path) -> list[ModelCache]:
     for source in SOURCES:
         if (root / source).is_dir() and not (root / source).is_symlink():
             found += [model_cache(root, source, d.name) for d in sorted((root / source).iterdir())
-                      if _lstat(d) is not None and stat.S_ISDIR(os.lstat(d).st_mode)]
+                      if (st := _stat(d)) is not None and stat.S_ISDIR(st.st_mode)]
     return found
 
 
@@ -810,7 +801,7 @@ def plan_removal(cache_dir: str | Path | None, name: str | None, source: str | N
         folder = root / src
         entries = sorted(folder.iterdir()) if folder.is_dir() and not folder.is_symlink() else []
         for entry in entries:
-            if (size is not None and entry.name != size) or _lstat(entry) is None:
+            if (size is not None and entry.name != size) or _stat(entry) is None:
                 continue
             m = model_cache(root, src, entry.name)
             if not stat.S_ISDIR(os.lstat(entry).st_mode):

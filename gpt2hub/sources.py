@@ -118,7 +118,7 @@ class OpenAISource:
 
     def _accept(self, name: str, path: Path) -> dict | None:
         """The record of a local file that passes every arrival check (size, pin, validation), else None."""
-        st = _regular(path)
+        st = regular_file(path, follow=True)
         if st is None or (name in self.sizes and st.st_size != self.sizes[name]):
             return None
         pin = self.pins.get(name)
@@ -215,15 +215,6 @@ class OpenAISource:
             return ckpt.read(f"model/{name}", verify)
 
         return get
-
-
-def _regular(path: Path) -> os.stat_result | None:
-    """stat of a regular file (following a link, for the user's own folders), else None; a FIFO is never opened."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st if stat.S_ISREG(st.st_mode) else None
 
 
 def _pins_ignored(name: str, path: Path) -> bool:
