@@ -35,9 +35,9 @@ def random_weights(hp: dict, seed: int = 0, scale: float = 0.2) -> dict[str, np.
 
 def placeholder_vocab() -> tuple[bytes, bytes]:
     """A consistent byte-level vocabulary (256 tokens, no merges) for folders whose tokenizer is not under test."""
-    from .tokenizer import _byte_decoder
+    from .tokenizer import byte_decoder
 
-    encoder = {ch: i for i, ch in enumerate(_byte_decoder())}
+    encoder = {ch: i for i, ch in enumerate(byte_decoder())}
     return json.dumps(encoder).encode(), b"#version: 0.2\n"
 
 

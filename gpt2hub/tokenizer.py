@@ -16,7 +16,7 @@ ENDOFTEXT = "<|endoftext|>"
 PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
 
-def _byte_decoder() -> dict[str, int]:
+def byte_decoder() -> dict[str, int]:
     """GPT-2's printable stand-in characters for bytes (data gym), mapped back to the bytes."""
     printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
     mapping = {chr(b): b for b in printable}
@@ -33,7 +33,7 @@ def mergeable_ranks(encoder_json: bytes, vocab_bpe: bytes) -> dict[bytes, int]:
 
     vocab_bpe may also be Hugging Face's merges.txt, which has the same format.
     """
-    decode = _byte_decoder()
+    decode = byte_decoder()
 
     def to_bytes(token: str) -> bytes:
         return bytes(decode[c] for c in token)
