@@ -367,7 +367,9 @@ def run(cfg: BenchConfig, out: Path) -> dict[str, Any]:
                     if hf_folder:
                         from transformers import GPT2LMHeadModel
 
-                        hf = GPT2LMHeadModel.from_pretrained(str(hf_folder), dtype=getattr(torch, dtype)).to(device).eval()
+                        hf = GPT2LMHeadModel.from_pretrained(str(hf_folder), dtype=getattr(torch, dtype))
+                        # transformers types its `to` through functools.wraps, whose signature keeps `self` unbound
+                        hf = hf.to(device).eval()  # type: ignore[arg-type]
                     entry["generation"] = _generation(cfg, ours, hf, device, bar)
                     if device.startswith("cuda"):
                         entry["copy_bandwidth_bytes_per_s"] = _copy_bandwidth(device)
@@ -462,7 +464,8 @@ def plot(all_results: list[dict[str, Any]], out: Path) -> list[Path]:
         return []
     paths = []
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    labels, series = [], {"gpt2hub warm": [], "transformers warm": [], "notebook path": [], "gpt2hub cold": []}
+    labels: list[str] = []
+    series: dict[str, list[float | None]] = {"gpt2hub warm": [], "transformers warm": [], "notebook path": [], "gpt2hub cold": []}
     for res in all_results:
         for r in res["runs"]:
             labels.append(f"{machine_label(res['machine'])[:28]}\n{r['device']} {r['dtype']}")

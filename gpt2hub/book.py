@@ -66,7 +66,7 @@ def load_weights_into_gpt(gpt: torch.nn.Module, params: dict) -> None:
     """
     cfg = {"vocab_size": params["wte"].shape[0], "context_length": params["wpe"].shape[0],
            "emb_dim": params["wte"].shape[1], "n_layers": len(params["blocks"])}
-    ref = gpt.tok_emb.weight
+    ref = gpt.get_parameter("tok_emb.weight")
     sd = state_dict_from_params(params, cfg, ref.dtype, layout="out_in")  # copied into nn.Linear's own layout
     sd["out_head.weight"] = sd["tok_emb.weight"]
     missing, unexpected = gpt.load_state_dict(sd, strict=False)

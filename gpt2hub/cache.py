@@ -21,6 +21,7 @@ Invariants:
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import errno
 import hashlib
@@ -34,7 +35,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import filelock
 import google_crc32c
@@ -258,33 +259,48 @@ class Manifest:
         if kind != ("mapped" if dtype in MAPPED_DTYPES else "converted") or not _sizes_ok(data.get("config")):
             return None
         allowed = SOURCE_FILES[source] if kind == "mapped" else (f"{dtype}.safetensors",)
-        ints = [data.get("bytes"), data.get("mtime_ns")]
+        size, mtime_ns = data.get("bytes"), data.get("mtime_ns")
         if kind not in KINDS or weights not in allowed or not isinstance(data.get("config"), dict):
             return None
-        if any(isinstance(v, bool) or not isinstance(v, int) for v in ints):
+        if not _plain_int(size) or not _plain_int(mtime_ns):
             return None
         crc = data.get("crc32c")
         if kind == "converted" and not (isinstance(crc, str) and _HEX["crc32c"].fullmatch(crc)):
             return None
-        return cls(kind, dtype, weights, data["config"], ints[0], ints[1], crc, data)
+        return cls(kind, dtype, weights, data["config"], size, mtime_ns, crc, data)
 
     def to_json(self) -> dict:
         return {**self.extra, "format": FORMAT_VERSION, "kind": self.kind, "dtype": self.dtype, "weights": self.weights,
                 "config": self.config, "bytes": self.bytes, "mtime_ns": self.mtime_ns, "crc32c": self.crc32c}
 
 
-class CacheChecks:
+def _plain_int(value: object) -> TypeGuard[int]:
+    """True for an int that is not a bool (JSON's true/false load as bools, which are ints to Python)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class CacheChecks(abc.ABC):
     """What can be wrong with one model's files in the cache; `ModelCache` adds the layout, records and deletion."""
 
+    source: str
+    dir: Path
     names: tuple[str, ...]
     files_manifest: Path
 
+    @abc.abstractmethod
     def records(self) -> dict[str, dict]: ...
+    @abc.abstractmethod
     def file_path(self, name: str, record: dict | None = None) -> Path: ...
+    @abc.abstractmethod
     def raw_path(self, name: str) -> Path: ...
+    @abc.abstractmethod
     def manifest_path(self, dtype: str) -> Path: ...
+    @abc.abstractmethod
     def converted_path(self, dtype: str) -> Path: ...
+    @abc.abstractmethod
     def record_file(self, name: str, record: dict) -> None: ...
+    @abc.abstractmethod
+    def secure(self) -> None: ...
 
     # checks ---------------------------------------------------------------------------------------------------
     def check_file(self, name: str, record: dict | None, quick: bool = False) -> Problem | None:
@@ -471,7 +487,9 @@ class ModelCache(CacheChecks):
         self.forget_file(name)
 
     def _discard_external(self, link: Path) -> None:
-        blobs = Path(os.path.abspath(self.external_root)) / "blobs"  # type: ignore[arg-type]
+        if self.external_root is None:  # never: `_external` finds no link without a root
+            return
+        blobs = Path(os.path.abspath(self.external_root)) / "blobs"
         with contextlib.suppress(OSError):
             target = link.resolve()
             if (st := _stat(blobs)) is not None and stat.S_ISDIR(st.st_mode) and target.parent == blobs \
@@ -670,9 +688,9 @@ def prune(root: Path) -> list[Pruned]:
             raise _disk_error(m.lock_path, e) from e
         try:
             for leftover in m.partials():
-                size = leftover.stat().st_size
+                freed = leftover.stat().st_size
                 _unlink_entry(leftover)
-                done.append(Pruned(leftover, "removed", size))
+                done.append(Pruned(leftover, "removed", freed))
         finally:
             lock.release()
     locks = root / "locks"

@@ -234,7 +234,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 class Parser(argparse.ArgumentParser):
     """Usage errors are one line, `gpt2hub: error: ...`, exit status 2."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         self.exit(2, f"gpt2hub: error: {self.prog.removeprefix('gpt2hub').strip() or 'usage'}: {message} "
                      f"(see `{self.prog} --help`)\n")
 
@@ -370,7 +370,7 @@ def _log_setup(verbose: bool) -> None:
     logger.handlers = [h for h in logger.handlers if not getattr(h, "_gpt2hub_cli", False)]
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("gpt2hub: %(message)s"))
-    handler._gpt2hub_cli = True  # type: ignore[attr-defined]
+    handler._gpt2hub_cli = True  # type: ignore[attr-defined]  # a marker on a stdlib handler, read back by getattr above
     logger.addHandler(handler)
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
     logger.propagate = False

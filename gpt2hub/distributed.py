@@ -22,14 +22,18 @@ import hashlib
 import os
 import socket
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import errors
 from .cache import env_flag
 
+if TYPE_CHECKING:  # torch.distributed is imported where used: a build without it still loads this module
+    from torch.distributed import ProcessGroup
+
 _MESSAGE_BYTES = 4096
-_groups: dict[object, object] = {}  # default group -> the CPU-capable group used beside it
+_groups: dict[ProcessGroup | None, ProcessGroup | None] = {}  # default group -> the CPU-capable group used beside it
 
 
 def in_group() -> bool:
@@ -73,7 +77,7 @@ def prepare_once(prepare: Callable[[], object], shared_cache: bool | None = None
     raise _error(message, first)
 
 
-def preparer(shared_cache: bool | None = None, group: object = None) -> bool:
+def preparer(shared_cache: bool | None = None, group: ProcessGroup | None = None) -> bool:
     """Whether this rank prepares the cache: global rank 0 for a shared cache, else local rank 0 of its node."""
     import torch.distributed as dist
 
@@ -81,7 +85,7 @@ def preparer(shared_cache: bool | None = None, group: object = None) -> bool:
     return dist.get_rank() == 0 if shared(shared_cache) else local == 0
 
 
-def local_rank(group: object = None) -> int:
+def local_rank(group: ProcessGroup | None = None) -> int:
     """LOCAL_RANK (set by torchrun and most launchers), else this rank's position among the ranks of its host."""
     if "LOCAL_RANK" in os.environ:
         return int(os.environ["LOCAL_RANK"])
@@ -93,7 +97,7 @@ def local_rank(group: object = None) -> int:
     return sum(int(h.item()) == host for h in hosts[:dist.get_rank()])
 
 
-def _cpu_group() -> object:
+def _cpu_group() -> ProcessGroup | None:
     """The default group if its backend takes CPU tensors, else a gloo group over the same ranks (made once)."""
     import torch.distributed as dist
 
@@ -107,7 +111,7 @@ def _cpu_group() -> object:
     return _groups[world]
 
 
-def _broadcast_text(text: str, src: int, group: object) -> str:
+def _broadcast_text(text: str, src: int, group: ProcessGroup | None) -> str:
     import torch.distributed as dist
 
     buf = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8)

@@ -23,10 +23,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import google_crc32c
-import numpy as np
 from tqdm.auto import tqdm
 
 from .cache import disk_errors, env_flag, env_seconds, fsync_dir, ignore_pins, kind_for, regular_file
@@ -54,7 +53,14 @@ class _Transient(Exception):
     """A failure that a retry may fix (5xx, a reset, a stall)."""
 
 
-_HASHES = {"sha256": hashlib.sha256, "crc32c": google_crc32c.Checksum}
+class _Hash(Protocol):
+    """What _Digest needs of hashlib's sha256 and google_crc32c's Checksum (whose hexdigest returns bytes)."""
+
+    def update(self, data: bytes, /) -> None: ...
+    def hexdigest(self) -> str | bytes: ...
+
+
+_HASHES: dict[str, Callable[[], _Hash]] = {"sha256": hashlib.sha256, "crc32c": google_crc32c.Checksum}
 
 
 class _Digest:
@@ -73,7 +79,7 @@ class _Digest:
                 while self.length < offset and (chunk := f.read(min(CHUNK, offset - self.length))):
                     self.update(chunk)
 
-    def update(self, chunk: bytes | np.ndarray) -> None:
+    def update(self, chunk: bytes) -> None:
         self.h.update(chunk)
         self.length += len(chunk)
 

@@ -139,7 +139,7 @@ def export_model(name: str | ModelSpec, folder: PathLike, *, format: str = "hf",
     model = from_pretrained(name, source=source, revision=revision, cache_dir=cache_dir,
                             local_files_only=local_files_only, progress=progress)
     if FolderSource.holds_model(name):
-        vocab: TokenizerFiles = Path(name)  # type: ignore[arg-type]
+        vocab: TokenizerFiles = Path(name)
     else:
         vocab = download_files(name, source=source, revision=revision, cache_dir=cache_dir,
                                local_files_only=local_files_only, progress=progress)

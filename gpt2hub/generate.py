@@ -161,8 +161,9 @@ class _Prompt:
         """Position ids and key mask [batch, width] of the columns start..: positions count from each row's first
         real token inside the window, as if the row had been cropped there alone."""
         cols = torch.arange(start, start + width, device=self.ids.device)
-        first = self.pad.clamp(min=start)[:, None]
-        return (cols - first).clamp(min=0), cols >= self.pad[:, None]
+        pad = self.ids.new_zeros(self.ids.shape[0]) if self.pad is None else self.pad
+        first = pad.clamp(min=start)[:, None]
+        return (cols - first).clamp(min=0), cols >= pad[:, None]
 
 
 @dataclass
@@ -193,7 +194,7 @@ def _target(model: Any, cfg: GenerationConfig) -> _Target:
     if limit is None and cfg.context_size is None:
         raise ValueError(f"context_size must be given for a {type(model).__name__}: it has no cfg['context_length'] "
                          "and no pos_emb embedding to read the context length from")
-    ctx = min(cfg.context_size or limit, limit or cfg.context_size)
+    ctx = min(n for n in (cfg.context_size, limit) if n is not None)
     return _Target(model, ctx, vocab, isinstance(model, GPTModel))
 
 
@@ -291,8 +292,8 @@ class _StaticDecoder:
 class _Cached:
     """gpt2hub's GPTModel with a KV cache: prefill, then one position per step; past the window, the book's loop."""
 
-    def __init__(self, target: _Target, prompt: _Prompt, cfg: GenerationConfig):
-        model, (b, t) = target.model, prompt.ids.shape
+    def __init__(self, model: GPTModel, target: _Target, prompt: _Prompt, cfg: GenerationConfig):
+        b, t = prompt.ids.shape
         self.model, self.window = model, _Window(target, prompt)
         param = model.tok_emb.weight
         decode = cfg.decode
@@ -335,7 +336,8 @@ def _columns(target: _Target, prompt: _Prompt, cfg: GenerationConfig) -> Iterato
         return
     ids = prompt.ids
     seq = _Tokens(ids, cfg.max_new_tokens)
-    steps = _Cached(target, prompt, cfg) if target.native and cfg.use_cache else _Window(target, prompt)
+    model = target.model  # native exactly when it is a GPTModel (see _target)
+    steps = _Cached(model, target, prompt, cfg) if isinstance(model, GPTModel) and cfg.use_cache else _Window(target, prompt)
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     logits = steps.first(seq)
     seen = None
@@ -424,7 +426,7 @@ def generate(model: Any, idx: torch.Tensor, max_new_tokens: int, context_size: i
 class _TextRow:
     """One row's continuation as text: bytes in, whole characters out, cut before the first stop string."""
 
-    def __init__(self, stops: tuple[str, ...]):
+    def __init__(self, stops: Sequence[str]):
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stops, self.held, self.done = stops, "", False
 
@@ -457,7 +459,7 @@ def _text_pieces(model: Any, tokenizer: Any, prompts: list[str], cfg: Generation
     idx = torch.tensor([[0] * (width - len(e)) + e for e in encoded], device=device)
     mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
     _, columns = _start(model, idx, mask, cfg)
-    rows = [_TextRow(cfg.stop) for _ in range(len(prompts) * cfg.num_return_sequences)]
+    rows = [_TextRow(cfg.stop or ()) for _ in range(len(prompts) * cfg.num_return_sequences)]
     for column in columns:
         for i, tok in enumerate(column.tolist()):
             if rows[i].done:

@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -57,8 +59,8 @@ class Hub:
     def weights(self, dtype: str, force: bool = False) -> Manifest:
         """The manifest of the weights for `dtype`, every file checked; fetching, repairing, converting as needed."""
         names = self.source.files
-        if not force and not self.cache.verify(names, (dtype,), quick=True):
-            return self.cache.manifest(dtype)  # type: ignore[return-value]
+        if not force and not self.cache.verify(names, (dtype,), quick=True) and (manifest := self.cache.manifest(dtype)):
+            return manifest
         with self._locked(f"preparing {self.spec.name} ({self.source.key}, {dtype})", names, force):
             refetched: set[str] = set()
             while True:
@@ -68,7 +70,7 @@ class Hub:
                 except CheckpointError as e:
                     self._blame(e, refetched)
 
-    def _locked(self, why: str, names: tuple[str, ...], force: bool):  # noqa: ANN202 (a context manager)
+    def _locked(self, why: str, names: tuple[str, ...], force: bool) -> contextlib.AbstractContextManager[None]:
         missing = [p.name for p in self.cache.verify(names, (), quick=True) if p.name] if not force else list(names)
         if self.offline and missing and self.source.key == "openai":
             raise OfflineError(f"{self.spec.name} ({self.source.key}) is not fully cached and {_why_offline()}: "
@@ -186,7 +188,7 @@ def check_device(device: str | torch.device | None) -> torch.device:
 
 
 def open_hub(name: str | ModelSpec, source: str = "openai", revision: str | None = None,
-             cache_dir: str | Path | None = None, local_files_only: bool = False, progress: bool = True,
+             cache_dir: str | os.PathLike[str] | None = None, local_files_only: bool = False, progress: bool = True,
              adopt_from: Path | None = None) -> Hub:
     """The Hub of one model of one source in the cache (nothing is fetched until asked)."""
     check_settings()
@@ -229,7 +231,7 @@ def untied_head(config: Path, weights: Path, cfg: dict, dtype: torch.dtype) -> d
 
 def from_pretrained(name: str | ModelSpec = "gpt2-small", *, device: str | torch.device | None = None,
                     dtype: torch.dtype | str | None = None, source: str = "openai", revision: str | None = None,
-                    cache_dir: str | Path | None = None, force_download: bool = False,
+                    cache_dir: str | os.PathLike[str] | None = None, force_download: bool = False,
                     local_files_only: bool = False, progress: bool = True, tie_weights: bool = True,
                     shared_cache: bool | None = None) -> GPTModel:
     """A ready GPTModel (eval mode) for a name such as "gpt2-small", "355M" or "openai-community/gpt2-xl".
@@ -247,7 +249,7 @@ def from_pretrained(name: str | ModelSpec = "gpt2-small", *, device: str | torch
     """
     dev, dt = check_device(device), dtype_name(dtype)
     if FolderSource.holds_model(name):
-        return from_folder(Path(name), dt, dev, tie_weights)  # type: ignore[arg-type]
+        return from_folder(Path(name), dt, dev, tie_weights)
     hub = open_hub(name, source, revision, cache_dir, local_files_only, progress)
     if distributed.prepare_once(lambda: hub.weights(dt, force_download), shared_cache):  # prepared for the whole group
         hub, force_download = open_hub(name, source, revision, cache_dir, True, progress), False
@@ -255,7 +257,7 @@ def from_pretrained(name: str | ModelSpec = "gpt2-small", *, device: str | torch
 
 
 def download_files(name: str | ModelSpec, *, source: str = "openai", revision: str | None = None,
-                   cache_dir: str | Path | None = None, force_download: bool = False, local_files_only: bool = False,
+                   cache_dir: str | os.PathLike[str] | None = None, force_download: bool = False, local_files_only: bool = False,
                    progress: bool = True, adopt_from: str | Path | None = None) -> dict[str, Path]:
     """Fetch every published file of a model into the cache; returns their paths.
 
@@ -272,7 +274,7 @@ def load_tokenizer(name: str | ModelSpec = "gpt2-small", *, source: str = "opena
                    progress: bool = True) -> tiktoken.Encoding:
     """GPT-2's tiktoken Encoding from the model's vocabulary files (only those two are downloaded)."""
     if FolderSource.holds_model(name):
-        folder = FolderSource(Path(name))  # type: ignore[arg-type]
+        folder = FolderSource(Path(name))
         pairs = (OPENAI_TOKENIZER_FILES, HF_TOKENIZER_FILES)
         pair = next((p for p in pairs if (folder.folder / p[0]).exists()), folder.tokenizer_files)
         paths = folder.paths(pair)

@@ -24,7 +24,7 @@ import shutil
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 from tqdm.auto import tqdm
 
@@ -89,8 +89,8 @@ class OpenAISource:
     """OpenAI's seven published files from `{base}/{size}/{file}`, bases tried in order."""
 
     key = "openai"
-    files = OPENAI_FILES
-    tokenizer_files = OPENAI_TOKENIZER_FILES
+    files: tuple[str, ...] = OPENAI_FILES  # typed as Source declares them (a fixed-length tuple would not match)
+    tokenizer_files: tuple[str, ...] = OPENAI_TOKENIZER_FILES
     weights_file = DATA_FILE
 
     def __init__(self, spec: ModelSpec, progress: bool = True, adopt_from: Path | None = None,
@@ -140,12 +140,12 @@ class OpenAISource:
             return {**record, "url": None}  # complete but unrecorded (a crash between rename and record)
         if os.path.lexists(dest) and not regular_file(dest):  # a link or a FIFO: removed, never followed
             cache.discard(name)
-        if self.adopt_from is not None and not force and (record := self._adopt(name, dest)) is not None:
+        if self.adopt_from is not None and not force and (record := self._adopt(self.adopt_from, name, dest)) is not None:
             return record
         return self._download(cache, name, dest)
 
-    def _adopt(self, name: str, dest: Path) -> dict | None:
-        src = self.adopt_from / name  # type: ignore[operator]
+    def _adopt(self, folder: Path, name: str, dest: Path) -> dict | None:
+        src = folder / name
         record = self._accept(name, src) if src.is_file() else None  # the user's own file: a link to one is fine
         if record is None:
             return None
@@ -206,7 +206,8 @@ class OpenAISource:
     def config(self, paths: dict[str, Path]) -> dict:
         return check_config(read_json_file(paths["hparams.json"], "hparams.json"), self.spec, str(paths["hparams.json"]))
 
-    def tensors(self, paths: dict[str, Path], verify: bool) -> Getter:
+    @staticmethod
+    def tensors(paths: dict[str, Path], verify: bool) -> Getter:
         ckpt = TFCheckpoint(paths[INDEX_FILE].with_suffix(""))  # model.ckpt, never a prefix read from disk
 
         def get(name: str) -> Any:
@@ -253,8 +254,8 @@ class HFSource:
     """`openai-community/gpt2*` through huggingface_hub; files stay in Hugging Face's cache, recorded by path."""
 
     key = "hf"
-    files = HF_FILES
-    tokenizer_files = HF_TOKENIZER_FILES
+    files: tuple[str, ...] = HF_FILES  # typed as Source declares them (a fixed-length tuple would not match)
+    tokenizer_files: tuple[str, ...] = HF_TOKENIZER_FILES
     weights_file = HF_WEIGHTS
 
     def __init__(self, spec: ModelSpec, revision: str | None = None, offline: bool = False, progress: bool = True):
@@ -346,7 +347,7 @@ class FolderSource:
         self.weights_file = HF_WEIGHTS if hf else DATA_FILE
 
     @staticmethod
-    def holds_model(name: object) -> bool:
+    def holds_model(name: object) -> TypeGuard[str | os.PathLike[str]]:
         """Whether `name` is a folder holding OpenAI's (hparams.json) or Hugging Face's (config.json) files."""
         if not isinstance(name, (str, os.PathLike)) or len(os.fspath(name)) > 4096 or not Path(name).is_dir():
             return False
@@ -387,4 +388,4 @@ class FolderSource:
     def tensors(self, paths: dict[str, Path], verify: bool) -> Getter:
         if self.layout == "hf":
             return hf_getter(paths[HF_WEIGHTS])
-        return OpenAISource.tensors(self, paths, verify)  # type: ignore[arg-type]
+        return OpenAISource.tensors(paths, verify)

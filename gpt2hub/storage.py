@@ -130,7 +130,7 @@ def save_state_dict(sd: dict[str, torch.Tensor], path: Path) -> str:
     with open(path, "wb") as f:
         data = (v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy() for v in sd.values())
         for chunk in itertools.chain([len(blob).to_bytes(8, "little") + blob], data):
-            f.write(chunk)
+            f.write(chunk)  # type: ignore[arg-type]  # ndarrays are buffers; numpy's stubs say so for Python >= 3.12 only
             crc = google_crc32c.extend(crc, chunk)
         f.flush()
         os.fsync(f.fileno())

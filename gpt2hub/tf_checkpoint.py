@@ -47,10 +47,12 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
 
 def proto_fields(buf: bytes) -> list[tuple[int, int | bytes]]:
     """(field number, value) pairs of a protobuf message; varints as ints, length-delimited fields as bytes."""
-    fields, pos = [], 0
+    fields: list[tuple[int, int | bytes]] = []
+    pos = 0
     while pos < len(buf):
         tag, pos = _varint(buf, pos)
         number, wire = tag >> 3, tag & 7
+        value: int | bytes
         if wire == 0:
             value, pos = _varint(buf, pos)
         elif wire == 1:
@@ -68,7 +70,22 @@ def proto_fields(buf: bytes) -> list[tuple[int, int | bytes]]:
     return fields
 
 
-def _int64(value: int) -> int:
+def _number(value: int | bytes) -> int:
+    """A numeric field's value (varint or fixed); bytes where a number belongs mean the message is corrupt."""
+    if not isinstance(value, int):
+        raise ValueError("a numeric protobuf field holds bytes")
+    return value
+
+
+def _message(value: int | bytes) -> bytes:
+    """A length-delimited field's bytes; a number where a message belongs means the message is corrupt."""
+    if not isinstance(value, bytes):
+        raise ValueError("a length-delimited protobuf field holds a number")
+    return value
+
+
+def _int64(value: int | bytes) -> int:
+    value = _number(value)
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
@@ -86,26 +103,28 @@ class TensorEntry:
 
 
 def _parse_entry(name: str, buf: bytes) -> TensorEntry:
-    dtype_code, shape, shard, offset, size, crc, sliced = 0, (), 0, 0, 0, None, False
+    shape: tuple[int, ...] = ()
+    crc: int | None = None
+    dtype_code, shard, offset, size, sliced = 0, 0, 0, 0, False
     for number, value in proto_fields(buf):
         if number == 1:
-            dtype_code = value
+            dtype_code = _number(value)
         elif number == 2:
             dims = []
-            for n, v in proto_fields(value):
+            for n, v in proto_fields(_message(value)):
                 if n == 2:
-                    dims.append(_int64(dict(proto_fields(v)).get(1, 0)))
+                    dims.append(_int64(dict(proto_fields(_message(v))).get(1, 0)))
                 elif n == 3 and v:
                     raise ValueError("shape of unknown rank")
             shape = tuple(dims)
         elif number == 3:
-            shard = value
+            shard = _number(value)
         elif number == 4:
             offset = _int64(value)
         elif number == 5:
             size = _int64(value)
         elif number == 6:
-            crc = value
+            crc = _number(value)
         elif number == 7:
             sliced = True
     if sliced:
@@ -237,12 +256,12 @@ class TFCheckpoint:
         self.prefix = find_prefix(path)
         self.index_path = Path(f"{self.prefix}.index")
         self.entries, self.num_shards = read_index(self.index_path)
-        self._maps: dict[int, mmap.mmap] = {}
+        self._maps: dict[int, mmap.mmap | bytes] = {}  # an empty data file has no map: b""
 
     def data_path(self, shard: int) -> Path:
         return Path(f"{self.prefix}.data-{shard:05d}-of-{self.num_shards:05d}")
 
-    def _map(self, shard: int) -> mmap.mmap:
+    def _map(self, shard: int) -> mmap.mmap | bytes:
         if shard not in self._maps:
             path = self.data_path(shard)
             if path.exists():

@@ -61,10 +61,10 @@ def check_index(path: Path, cfg: dict, data_size: int | None) -> None:
     if have != set(want):
         extra, missing = sorted(have - set(want))[:3], sorted(set(want) - have)[:3]
         raise bad_file(INDEX_FILE, f"its variables do not fit n_layer={cfg['n_layers']} (unexpected {extra}, missing {missing})")
-    for key, e in entries.items():
-        end = e.offset + e.size
-        if int(np.prod(e.shape)) != int(np.prod(want[key])) or e.dtype != np.dtype("<f4") or e.shard != 0:
-            raise bad_file(INDEX_FILE, f"variable {key} is {e.dtype} {e.shape}, expected float32 {want[key]}")
+    for key, entry in entries.items():
+        end = entry.offset + entry.size
+        if int(np.prod(entry.shape)) != int(np.prod(want[key])) or entry.dtype != np.dtype("<f4") or entry.shard != 0:
+            raise bad_file(INDEX_FILE, f"variable {key} is {entry.dtype} {entry.shape}, expected float32 {want[key]}")
         if data_size is not None and end > data_size:
             raise bad_file(INDEX_FILE, f"variable {key} ends at byte {end}, past the data file's {data_size} bytes")
 

@@ -7,7 +7,7 @@ import pytest
 from factory import write_tf_checkpoint
 
 from gpt2hub import CheckpointError, TFCheckpoint
-from gpt2hub.tf_checkpoint import _SSTable, _varint, mask_crc
+from gpt2hub.tf_checkpoint import _parse_entry, _SSTable, _varint, mask_crc, proto_field
 
 
 def _tf_load(prefix, name):
@@ -91,6 +91,18 @@ def test_flipped_index_byte_fails_block_crc(tiny_folder, tmp_path):
     index.write_bytes(bytes(raw))
     with pytest.raises(CheckpointError, match=r"crc32c|corrupt"):
         TFCheckpoint(folder)
+
+
+@pytest.mark.parametrize("entry, wanted", [
+    (proto_field(1, 1) + proto_field(2, 7), "length-delimited"),  # the shape message given as a number
+    (proto_field(1, 1) + proto_field(2, proto_field(2, 5)), "length-delimited"),  # a dimension message as a number
+    (proto_field(1, b"\x01"), "numeric"),  # the dtype code given as bytes
+    (proto_field(1, 1) + proto_field(4, b"\x00"), "numeric"),  # the offset given as bytes
+], ids=["shape", "dimension", "dtype", "offset"])
+def test_index_entry_field_of_the_wrong_wire_type_is_refused(entry, wanted):
+    # read_index turns this ValueError into a CheckpointError naming the index file ("unreadable entry")
+    with pytest.raises(ValueError, match=f"a {wanted} protobuf field holds"):
+        _parse_entry("model/wte", entry)
 
 
 def test_compressed_block_is_refused_clearly(tiny_folder, tmp_path):
