@@ -24,6 +24,9 @@ GPT_CONFIG_124M = {
 class KVCache(nn.Module):
     """Preallocated keys and values for every layer: [n_layers, batch, heads, max_len, head_dim]."""
 
+    k: torch.Tensor  # buffers, declared: nn.Module's __getattr__ types them as Tensor | Module
+    v: torch.Tensor
+
     def __init__(self, cfg: dict, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
         head_dim = cfg["emb_dim"] // cfg["n_heads"]
@@ -112,7 +115,7 @@ class MultiHeadAttention(nn.Module):
             if mask is None:
                 mask = pos[:, None] >= torch.arange(k_cache.shape[2], device=x.device)
             is_causal = False
-        elif cache is not None:
+        elif cache is not None and not isinstance(start, torch.Tensor):
             k_cache, v_cache = cache
             k_cache[:b, :, start:start + t] = k
             v_cache[:b, :, start:start + t] = v
