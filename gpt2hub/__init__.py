@@ -11,7 +11,6 @@ from .book import (
     text_to_token_ids,
     token_ids_to_text,
 )
-from .cache import CachedModel, CacheInfo, scan_cache
 from .convert import state_dict_from_hf, state_dict_from_params, state_dict_from_tf
 from .errors import (
     CacheError,
@@ -28,6 +27,7 @@ from .errors import (
 from .export import save_pretrained
 from .generate import generate, generate_stream, generate_text, stream_text
 from .hub import download_files, from_pretrained, load_tokenizer
+from .inventory import CachedModel, CacheInfo, scan_cache
 from .model import GPTModel, KVCache
 from .registry import ModelSpec, register, resolve
 from .tf_checkpoint import TFCheckpoint

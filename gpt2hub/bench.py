@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .cache import ModelCache, default_root
+from .cache import ModelCache
+from .files import default_root
 from .registry import OPENAI_FILES, ModelSpec, register, resolve
 
 

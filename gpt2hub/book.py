@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cache import atomic_path
 from .convert import params_from_tf, state_dict_from_params
 from .errors import ConversionError
+from .files import atomic_path
 from .hub import download_files
 from .model import GPT_CONFIG_124M, GPTModel
 from .registry import model_configs, resolve

@@ -134,7 +134,7 @@ def cmd_mirror(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_list(args: argparse.Namespace) -> int:
-    from .cache import scan_cache
+    from .inventory import scan_cache
 
     info = scan_cache(args.cache_dir)
     if args.json:
@@ -156,7 +156,8 @@ def cmd_cache_list(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_verify(args: argparse.Namespace) -> int:
-    from .cache import cached_models, default_root
+    from .cache import cached_models
+    from .files import default_root
 
     bad = 0
     for m in cached_models(Path(args.cache_dir) if args.cache_dir else default_root()):
@@ -172,7 +173,7 @@ def cmd_cache_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_rm(args: argparse.Namespace) -> int:
-    from .cache import plan_removal, remove
+    from .inventory import plan_removal, remove
 
     if not args.name and not args.all:
         raise ValueError("name a model to remove (gpt2hub cache rm gpt2-small) or pass --all")
@@ -193,7 +194,8 @@ def cmd_cache_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_prune(args: argparse.Namespace) -> int:
-    from .cache import default_root, prune
+    from .files import default_root
+    from .inventory import prune
 
     freed = 0
     for p in prune(Path(args.cache_dir) if args.cache_dir else default_root()):

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import errors
-from .cache import env_flag
+from .files import env_flag
 
 if TYPE_CHECKING:  # torch.distributed is imported where used: a build without it still loads this module
     from torch.distributed import ProcessGroup

@@ -28,8 +28,8 @@ from typing import Any, Protocol
 import google_crc32c
 from tqdm.auto import tqdm
 
-from .cache import disk_errors, env_flag, env_seconds, fsync_dir, ignore_pins, kind_for, regular_file
 from .errors import DownloadError, IntegrityError
+from .files import disk_errors, env_flag, env_seconds, fsync_dir, ignore_pins, kind_for, regular_file
 
 log = logging.getLogger("gpt2hub")
 CHUNK = 1 << 20

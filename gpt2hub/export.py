@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from . import names
-from .cache import atomic_path, atomic_write, write_json
 from .convert import hf_config, hparams_from_config, openai_variables
 from .errors import GPT2HubError
+from .files import atomic_path, atomic_write, write_json
 from .hub import download_files, from_pretrained
 from .model import GPTModel
 from .registry import HF_TOKENIZER_FILES, HF_WEIGHTS, OPENAI_TOKENIZER_FILES, ModelSpec, dtype_name

@@ -19,10 +19,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed, names, storage
-from .cache import Manifest, ModelCache, check_settings, default_root, ignore_pins, model_cache, offline, touch_used
+from .cache import Manifest, ModelCache, model_cache, touch_used
 from .convert import openai_state_dict
 from .download import progress_disabled
 from .errors import CheckpointError, ConversionError, DeviceError, IntegrityError, OfflineError
+from .files import check_settings, default_root, ignore_pins, offline
 from .model import GPTModel
 from .registry import HF_TOKENIZER_FILES, HF_WEIGHTS, OPENAI_TOKENIZER_FILES, ModelSpec, check_source, dtype_name, resolve
 from .sources import FolderSource, HFSource, OpenAISource, Source

@@ -22,19 +22,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cache import (
-    ModelCache,
-    atomic_path,
-    atomic_write,
-    cached_models,
-    crc32c_file,
-    default_root,
-    disk_errors,
-    model_cache,
-    regular_file,
-    sha256_file,
-)
+from .cache import ModelCache, cached_models, model_cache
 from .errors import CacheError, IntegrityError, UnknownModelError
+from .files import atomic_path, atomic_write, crc32c_file, default_root, disk_errors, regular_file, sha256_file
 from .hub import Hub
 from .registry import OPENAI_FILES, ModelSpec, resolve
 from .sources import OpenAISource, clone_file

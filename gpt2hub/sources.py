@@ -29,9 +29,10 @@ from typing import Any, Protocol, TypeGuard
 from tqdm.auto import tqdm
 
 from . import names
-from .cache import DIGESTS, ModelCache, atomic_path, ignore_pins, kind_for, regular_file
+from .cache import ModelCache
 from .download import MirrorDown, download, progress_disabled
 from .errors import ConversionError, DownloadError, IntegrityError, OfflineError
+from .files import DIGESTS, atomic_path, ignore_pins, kind_for, regular_file
 from .registry import (
     DATA_FILE,
     HF_FILES,

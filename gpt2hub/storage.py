@@ -25,9 +25,10 @@ import torch
 
 from . import names
 from .__version__ import __version__
-from .cache import Manifest, ModelCache, atomic_path, write_json
+from .cache import Manifest, ModelCache
 from .convert import openai_state_dict
 from .errors import CheckpointError
+from .files import atomic_path, write_json
 from .registry import MAPPED_DTYPES
 from .sources import Source
 

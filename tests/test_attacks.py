@@ -23,9 +23,10 @@ import torch
 from conftest import TINY
 
 from gpt2hub import from_pretrained
-from gpt2hub.cache import model_cache, regular_file
+from gpt2hub.cache import model_cache
 from gpt2hub.cli import main
 from gpt2hub.errors import GPT2HubError
+from gpt2hub.files import regular_file
 from gpt2hub.registry import OPENAI_FILES
 
 DATA, INDEX = "model.ckpt.data-00000-of-00001", "model.ckpt.index"

@@ -116,7 +116,7 @@ def test_prune_on_a_read_only_cache_is_one_line(hub_env, server, capsys, monkeyp
     def read_only(path, *args, **kwargs):
         raise OSError(30, "Read-only file system", str(path))
 
-    monkeypatch.setattr(gpt2hub.cache.os, "unlink", read_only)
+    monkeypatch.setattr(gpt2hub.files.os, "unlink", read_only)
     code = main(["cache", "prune"])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("gpt2hub: error:") and err.count("\n") == 1 and "GPT2HUB_CACHE" in err

@@ -25,7 +25,8 @@ from gpt2hub import (
     from_pretrained,
     load_tokenizer,
 )
-from gpt2hub.cache import ModelCache, crc32c_file, model_cache
+from gpt2hub.cache import ModelCache, model_cache
+from gpt2hub.files import crc32c_file
 from gpt2hub.registry import OPENAI_FILES
 
 DATA = "model.ckpt.data-00000-of-00001"
@@ -251,9 +252,9 @@ def test_weights_copied_elsewhere_are_verified_once(hub_env, server, caplog, mon
     weights = hub_env / "openai/tiny" / ("raw/" + DATA if dtype == "float32" else f"converted/{dtype}.safetensors")
     os.utime(weights, ns=(1, 1_000_000_000))  # a copy with a new timestamp, same bytes
     hashed = []
-    real = gpt2hub.cache.DIGESTS["crc32c"]
-    monkeypatch.setitem(gpt2hub.cache.DIGESTS, "crc32c", lambda p: hashed.append(Path(p).name) or real(p))
-    monkeypatch.setattr(gpt2hub.cache, "crc32c_file", gpt2hub.cache.DIGESTS["crc32c"])
+    real = gpt2hub.files.DIGESTS["crc32c"]
+    monkeypatch.setitem(gpt2hub.files.DIGESTS, "crc32c", lambda p: hashed.append(Path(p).name) or real(p))
+    monkeypatch.setattr(gpt2hub.cache, "crc32c_file", gpt2hub.files.DIGESTS["crc32c"])
     with caplog.at_level(logging.WARNING, logger="gpt2hub"):
         from_pretrained("gpt2-tiny", dtype=dtype)
         from_pretrained("gpt2-tiny", dtype=dtype)
@@ -386,8 +387,8 @@ def test_hf_file_failing_its_pinned_sha256_goes_with_its_blob(hub_env, server, h
 def test_hf_weights_are_hashed_once_cold_and_checked_before_a_later_first_float32_load(hub_env, server, hf_cache,
                                                                                         monkeypatch, caplog):
     hashed = []
-    real = gpt2hub.cache.DIGESTS["crc32c"]
-    monkeypatch.setitem(gpt2hub.cache.DIGESTS, "crc32c", lambda p: hashed.append(Path(p).name) or real(p))
+    real = gpt2hub.files.DIGESTS["crc32c"]
+    monkeypatch.setitem(gpt2hub.files.DIGESTS, "crc32c", lambda p: hashed.append(Path(p).name) or real(p))
     first = _logits(from_pretrained("gpt2-tiny", source="hf"))
     assert hashed.count("model.safetensors") == 1  # on arrival; the float32 mapping trusts that fresh digest
     # damaged after download, before float32 first maps it: refused, removed, fetched afresh on the next call

@@ -1,0 +1,305 @@
+"""Files as gpt2hub writes and checks them: settings, disk errors, atomic writes, digests, records, the lock.
+
+Every write goes to a temporary name unique to the process, is fsynced and renamed (then the folder fsynced), so a
+file appears whole or not at all. Deleting goes through `unlink_entry` and `remove_tree`, which never follow a link.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import stat
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import filelock
+import google_crc32c
+import numpy as np
+
+from .errors import CacheError, LockTimeoutError
+
+log = logging.getLogger("gpt2hub")
+
+
+def default_root() -> Path:
+    """GPT2HUB_CACHE, else the platform's user cache folder (e.g. ~/.cache/gpt2hub)."""
+    env = os.environ.get("GPT2HUB_CACHE")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("gpt2hub"))
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def offline() -> bool:
+    return env_flag("GPT2HUB_OFFLINE") or env_flag("HF_HUB_OFFLINE")
+
+
+def ignore_pins() -> bool:
+    """GPT2HUB_IGNORE_PINS=1: accept published files whose sha256 differs from the pinned one (loudly)."""
+    return env_flag("GPT2HUB_IGNORE_PINS")
+
+
+def env_seconds(name: str, default: float) -> float:
+    """A number of seconds from the environment; a bad value is an error naming the variable."""
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        raise CacheError(f"{name}={raw!r} is not a number of seconds: set it to a number >= 0 (default {default:g})")
+    return value
+
+
+def check_settings() -> None:
+    """Read every numeric setting now, so a bad value is an error before any work rather than in the middle of it."""
+    env_seconds("GPT2HUB_LOCK_TIMEOUT", 600.0)
+    env_seconds("GPT2HUB_READ_TIMEOUT", 60.0)
+
+
+def disk_error(path: Path, e: OSError) -> CacheError:
+    if e.errno == errno.ENOSPC:
+        return CacheError(f"no space left on the device holding {path}: free some space or point GPT2HUB_CACHE "
+                          "at a larger disk, then run the command again")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return CacheError(f"cannot write to {path} ({e.strerror}): set GPT2HUB_CACHE or cache_dir to a writable folder")
+    return CacheError(f"cannot write {path}: {e.strerror or e}")
+
+
+@contextlib.contextmanager
+def disk_errors(path: Path) -> Iterator[None]:
+    """Turn a failed write (disk full, no permission) into a CacheError that names the path and what to do."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, CacheError):
+            raise
+        raise disk_error(path, e) from e
+
+
+def fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temp path beside `path`, unique to this process; on success it is fsynced and renamed over `path`."""
+    with disk_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    try:
+        with disk_errors(path):
+            yield Path(tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path, mode: str = "w") -> Iterator[Any]:
+    """Open a file that appears at `path` whole or not at all."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
+
+
+def write_json(path: Path, data: Any) -> None:
+    with atomic_write(path) as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in a regular file, or None (missing, a link, not a regular file, unreadable or not JSON)."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def regular_file(path: Path, follow: bool = False) -> os.stat_result | None:
+    """The stat of `path` if it is a regular file, else None (a FIFO, device or folder is never opened). Inside the
+    cache a link is not a regular file; `follow=True` (a user's own folder) looks through links."""
+    st = stat_entry(path, follow)
+    return st if st is not None and stat.S_ISREG(st.st_mode) else None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def crc32c_file(path: Path) -> str:
+    if os.stat(path).st_size == 0:
+        return f"{0:08x}"
+    return f"{google_crc32c.value(np.memmap(path, dtype=np.uint8, mode='r')):08x}"
+
+
+DIGESTS = {"sha256": sha256_file, "crc32c": crc32c_file}
+HEX = {"sha256": re.compile(r"[0-9a-f]{64}"), "crc32c": re.compile(r"[0-9a-f]{8}")}
+
+
+def kind_for(sha256_pin: str | None) -> str:
+    """A file with a pinned sha256 is checked against it; any other gets the much cheaper crc32c, to notice damage."""
+    return "sha256" if sha256_pin else "crc32c"
+
+
+def digest_kind(record: dict) -> str:
+    """Which digest a files.json record holds."""
+    return "sha256" if "sha256" in record else "crc32c"
+
+
+def valid_record(record: Any) -> bool:
+    """Whether a files.json record has the shape gpt2hub writes: a size and one well-formed digest."""
+    if not isinstance(record, dict) or isinstance(record.get("size"), bool) or not isinstance(record.get("size"), int):
+        return False
+    kind = digest_kind(record)
+    return isinstance(record.get(kind), str) and bool(HEX[kind].fullmatch(record[kind]))
+
+
+def matches_record(path: Path, record: dict) -> bool:
+    """Whether a file still has the size and digest its files.json record holds."""
+    kind = digest_kind(record)
+    return os.stat(path).st_size == record["size"] and DIGESTS[kind](path) == record[kind]
+
+
+def stat_entry(path: Path, follow: bool = False) -> os.stat_result | None:
+    """os.lstat (os.stat with `follow`) of `path`, or None if it cannot be read."""
+    try:
+        return os.stat(path) if follow else os.lstat(path)
+    except OSError:
+        return None
+
+
+def real_folder(folder: Path) -> None:
+    """Remove a link or file found where gpt2hub keeps a folder (the entry itself, never what a link points to)."""
+    st = stat_entry(folder)
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "a file"
+        log.warning("%s is %s where gpt2hub keeps a folder: removed (whatever it points to is left alone)", folder, kind)
+        with disk_errors(folder):
+            os.unlink(folder)
+
+
+def unlink_entry(path: Path) -> None:
+    """Remove a regular file or a link (the link itself); anything else (a folder, a FIFO's target) is left."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise CacheError(f"{path} is a folder where gpt2hub keeps a file: remove it by hand, then run again")
+    with disk_errors(path):
+        os.unlink(path)
+
+
+def remove_tree(folder: Path) -> int:
+    """Delete a folder's contents bottom-up without following any link; returns the bytes of regular files freed."""
+    st = stat_entry(folder)
+    if st is None:
+        return 0
+    if not stat.S_ISDIR(st.st_mode):  # a link (or file) where a model folder should be: remove the entry itself
+        unlink_entry(folder)
+        return 0
+    freed = 0
+    for dirpath, dirnames, filenames in os.walk(folder, topdown=False, followlinks=False):
+        for entry in [*filenames, *dirnames]:
+            path = Path(dirpath) / entry
+            est = os.lstat(path)
+            with disk_errors(path):
+                if stat.S_ISDIR(est.st_mode):
+                    os.rmdir(path)
+                else:
+                    freed += est.st_size if stat.S_ISREG(est.st_mode) else 0
+                    os.unlink(path)
+    with disk_errors(folder):
+        os.rmdir(folder)
+    return freed
+
+
+@contextlib.contextmanager
+def hold_lock(lock_path: Path, why: str, timeout: float | None = None) -> Iterator[None]:
+    """Hold a model's lock; a waiting process says who holds it and for what.
+
+    GPT2HUB_LOCK_TIMEOUT (seconds, default 600; 0 gives up at once) bounds the wait. The lock only avoids duplicated
+    work: cache correctness does not depend on it.
+    """
+    if timeout is None:
+        timeout = env_seconds("GPT2HUB_LOCK_TIMEOUT", 600.0)
+    real_folder(lock_path.parent)
+    with disk_errors(lock_path):
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(lock_path))
+    owner = lock_path.with_suffix(".owner")
+    try:
+        _acquire(lock, lock_path, owner, why, timeout)
+    except OSError as e:
+        raise disk_error(lock_path, e) from e
+    try:
+        _write_owner(owner, f"pid {os.getpid()} {why}\n")
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            owner.unlink()
+        lock.release()
+
+
+def _write_owner(owner: Path, text: str) -> None:
+    """Say who holds the lock, never writing through a link planted where the owner file goes."""
+    with contextlib.suppress(OSError):
+        if os.path.islink(owner):
+            os.unlink(owner)
+        fd = os.open(owner, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+
+
+def _acquire(lock: filelock.FileLock, lock_path: Path, owner: Path, why: str, timeout: float) -> None:
+    try:
+        lock.acquire(timeout=0)
+        return
+    except filelock.Timeout:
+        pass
+    holder = "another process"
+    with contextlib.suppress(OSError):
+        holder = owner.read_text()[:200].strip() or holder
+    log.warning("waiting for %s (held by %s) before %s", lock_path, holder, why)
+    start = time.monotonic()
+    try:
+        lock.acquire(timeout=timeout)
+    except filelock.Timeout:
+        raise LockTimeoutError(
+            f"gave up after {timeout:.0f} s waiting for {lock_path}, held by {holder}; if no other "
+            "gpt2hub process is running, run `gpt2hub cache prune`, or raise GPT2HUB_LOCK_TIMEOUT") from None
+    log.info("got %s after %.1f s", lock_path, time.monotonic() - start)
