@@ -130,10 +130,12 @@ def openai_state_dict(get: Getter, cfg: Mapping[str, Any], dtype: torch.dtype = 
         if transform == names.CONV1D:
             sd[targets[0]] = matrix(t)
         elif transform in (names.QKV, names.QKV_BIAS):
+            # c_attn holds W_query, W_key, W_value side by side: converted whole (one cast, one transpose), then
+            # split into row blocks of its [3d, d] Linear form (for "in_out", views of the checkpoint's columns)
+            whole = matrix(t) if transform == names.QKV else out(t)
             d = cfg["emb_dim"]
             for j, target in enumerate(targets):
-                part = t[..., j * d:(j + 1) * d]
-                sd[target] = matrix(part) if transform == names.QKV else out(part)
+                sd[target] = whole[j * d:(j + 1) * d]
         elif name == "wte":  # the embedding is also the tied head's matrix: laid out like the other matrices
             sd[targets[0]] = matrix(t.t())
         else:
