@@ -1,0 +1,112 @@
+"""The CPU kernels behind `gpt2hub.model.linear`: oneDNN for float32, pre-packed oneDNN for bfloat16.
+
+Batch-1 decoding reads every weight once per token, so its speed is how fast the linear layers read their weights.
+
+- float32 inference on CPU runs on oneDNN (`torch.ops.mkldnn._linear_pointwise`) straight from the dense weight.
+- bfloat16 inference on a CPU that multiplies bfloat16 in hardware (AVX512-BF16 or AMX-BF16) runs on oneDNN with
+  the weight reordered once into the blocked layout its kernels read (`torch.ops.mkldnn._reorder_linear_weight`):
+  the pair of ops `torch.compile` emits for CPU bfloat16 linears with frozen weights. Without the pack, oneDNN (and
+  F.linear, which calls it) reorders the whole weight on every call.
+- everything else (training, other dtypes and devices, CPUs without native bfloat16, and
+  `torch.backends.mkldnn.enabled = False`) takes F.linear.
+
+A pack is made on a weight's second use and kept beside it (`packed_bytes()` says how much memory that takes): it
+is dropped with the weight's storage, and made again when the weight is changed in place (PyTorch's version
+counter), replaced, moved or converted. Writes through `.data` bypass the version counter: after those, call
+`forget_packs()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = ["NATIVE_BF16", "ONEDNN", "PACKING", "forget_packs", "linear", "native_bf16", "packed_bytes", "packs_made"]
+
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+PACKING = ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (x86 AVX512-BF16 or AMX-BF16) and oneDNN may use it.
+
+    `cpuinfo` is the text of /proc/cpuinfo (read when None); where there is none, PyTorch's own CPU probe decides.
+    """
+    if not PACKING or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    if cpuinfo is None:
+        with contextlib.suppress(OSError):
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+    if cpuinfo is not None:
+        flags = {f for line in cpuinfo.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(probe and probe())
+
+
+NATIVE_BF16 = native_bf16()
+
+# storage -> {(offset, shape, stride, dtype): ((version, data_ptr), pack or None)}: alive as long as the weight's memory
+_packs: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_made = 0
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, run on the fastest kernel this CPU has for inference (see the module's docstring); same results."""
+    if not (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype and not torch.is_grad_enabled()
+            and torch.backends.mkldnn.enabled and weight.dim() == 2):
+        return F.linear(x, weight, bias)
+    if x.dtype == torch.float32 and (weight.is_contiguous() or weight.t().is_contiguous()):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    if x.dtype == torch.bfloat16 and NATIVE_BF16 and (bias is None or bias.dtype == torch.bfloat16):
+        pack = _packed(weight)
+        if pack is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, pack, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def _packed(weight: torch.Tensor) -> torch.Tensor | None:
+    """`weight` [out, in] in oneDNN's blocked layout, made on its second use and reused until the weight changes.
+
+    None on the first use: a model that runs once (one forward, one score) pays neither the pack's memory nor the
+    time to make it, which costs about one product with the dense weight.
+    """
+    global _made
+    storage = weight.untyped_storage()
+    key = (weight.storage_offset(), tuple(weight.shape), weight.stride(), weight.dtype)
+    # inference tensors carry no version counter; they cannot be changed outside inference mode either
+    stamp = (-1 if weight.is_inference() else weight._version, weight.data_ptr())
+    entries = _packs.get(storage)
+    if entries is None:
+        entries = _packs[storage] = {}
+    seen = entries.get(key)
+    if seen is not None and seen[0] == stamp:
+        if seen[1] is None:
+            # batch size 1: the layout oneDNN picks for decoding; prompts of any length read it without a reorder
+            entries[key] = (stamp, torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1))
+            _made += 1
+        return entries[key][1]
+    entries[key] = (stamp, None)
+    return None
+
+
+def packs_made() -> int:
+    """How many weights have been packed in this process (a pack made again after a change counts again)."""
+    return _made
+
+
+def packed_bytes() -> int:
+    """Memory held by the packs now alive: about the size of the bfloat16 weights that linear layers have read."""
+    return sum(p.numel() * p.element_size() for entries in _packs.values() for _, p in entries.values() if p is not None)
+
+
+def forget_packs() -> None:
+    """Drop every pack (they are made again on next use): after weights were changed through `.data`."""
+    _packs.clear()
