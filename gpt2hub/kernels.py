@@ -7,8 +7,8 @@ Batch-1 decoding reads every weight once per token, so its speed is how fast the
   the weight reordered once into the blocked layout its kernels read (`torch.ops.mkldnn._reorder_linear_weight`):
   the pair of ops `torch.compile` emits for CPU bfloat16 linears with frozen weights. Without the pack, oneDNN (and
   F.linear, which calls it) reorders the whole weight on every call.
-- everything else (training, other dtypes and devices, CPUs without native bfloat16, and
-  `torch.backends.mkldnn.enabled = False`) takes F.linear.
+- everything else (training, other dtypes and devices, CPUs without native bfloat16, code being traced by
+  `torch.compile`, and `torch.backends.mkldnn.enabled = False`) takes F.linear.
 
 A pack is made on a weight's second use and kept beside it (`packed_bytes()` says how much memory that takes): it
 is dropped with the weight's storage, and made again when the weight is changed in place (PyTorch's version
@@ -52,6 +52,8 @@ def native_bf16(cpuinfo: str | None = None) -> bool:
 
 
 NATIVE_BF16 = native_bf16()
+# under torch.compile, F.linear: inductor picks (and with freezing, packs) the kernel itself
+_compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)
 
 # storage -> {(offset, shape, stride, dtype): ((version, data_ptr), pack or None)}: alive as long as the weight's memory
 _packs: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -61,7 +63,7 @@ _made = 0
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, run on the fastest kernel this CPU has for inference (see the module's docstring); same results."""
     if not (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype and not torch.is_grad_enabled()
-            and torch.backends.mkldnn.enabled and weight.dim() == 2):
+            and torch.backends.mkldnn.enabled and weight.dim() == 2) or _compiling():
         return F.linear(x, weight, bias)
     if x.dtype == torch.float32 and (weight.is_contiguous() or weight.t().is_contiguous()):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
