@@ -19,12 +19,13 @@ counter), replaced, moved or converted. Writes through `.data` bypass the versio
 from __future__ import annotations
 
 import contextlib
+import functools
 import platform
+import weakref
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["NATIVE_BF16", "ONEDNN", "PACKING", "forget_packs", "linear", "native_bf16", "packed_bytes", "packs_made"]
 
@@ -55,19 +56,21 @@ NATIVE_BF16 = native_bf16()
 # under torch.compile, F.linear: inductor picks (and with freezing, packs) the kernel itself
 _compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)
 
-# storage -> {(offset, shape, stride, dtype): ((version, data_ptr), pack or None)}: alive as long as the weight's memory
-_packs: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# id(storage) -> (weak reference to the storage, {(offset, shape, stride, dtype): ((version, data_ptr), pack or None)}):
+# the packs of a weight live as long as its memory (a plain dict: torch.utils.weak's costs microseconds per lookup)
+_packs: dict[int, tuple[weakref.ref, dict[tuple, tuple[tuple[int, int], torch.Tensor | None]]]] = {}
 _made = 0
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, run on the fastest kernel this CPU has for inference (see the module's docstring); same results."""
     if not (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype and not torch.is_grad_enabled()
-            and torch.backends.mkldnn.enabled and weight.dim() == 2) or _compiling():
+            and torch.backends.mkldnn.enabled and weight.dim() == 2):
         return F.linear(x, weight, bias)
     if x.dtype == torch.float32 and (weight.is_contiguous() or weight.t().is_contiguous()):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    if x.dtype == torch.bfloat16 and NATIVE_BF16 and (bias is None or bias.dtype == torch.bfloat16):
+    if (x.dtype == torch.bfloat16 and NATIVE_BF16 and (bias is None or bias.dtype == torch.bfloat16)
+            and not _compiling()):
         pack = _packed(weight)
         if pack is not None:
             return torch.ops.mkldnn._linear_pointwise(x, pack, bias, "none", [], "")
@@ -81,22 +84,35 @@ def _packed(weight: torch.Tensor) -> torch.Tensor | None:
     time to make it, which costs about one product with the dense weight.
     """
     global _made
-    storage = weight.untyped_storage()
-    key = (weight.storage_offset(), tuple(weight.shape), weight.stride(), weight.dtype)
-    # inference tensors carry no version counter; they cannot be changed outside inference mode either
-    stamp = (-1 if weight.is_inference() else weight._version, weight.data_ptr())
-    entries = _packs.get(storage)
-    if entries is None:
-        entries = _packs[storage] = {}
+    entries = _entries(weight.untyped_storage())
+    key = (weight.storage_offset(), weight.shape, weight.stride(), weight.dtype)
+    try:
+        stamp = (weight._version, weight.data_ptr())
+    except RuntimeError:  # an inference tensor: no version counter, and no writes outside inference mode
+        stamp = (-1, weight.data_ptr())
     seen = entries.get(key)
-    if seen is not None and seen[0] == stamp:
-        if seen[1] is None:
-            # batch size 1: the layout oneDNN picks for decoding; prompts of any length read it without a reorder
-            entries[key] = (stamp, torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1))
-            _made += 1
-        return entries[key][1]
-    entries[key] = (stamp, None)
-    return None
+    if seen is None or seen[0] != stamp:
+        entries[key] = (stamp, None)
+        return None
+    if seen[1] is None:
+        # batch size 1: the layout oneDNN picks for decoding; prompts of any length read it without a reorder
+        entries[key] = seen = (stamp, torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1))
+        _made += 1
+    return seen[1]
+
+
+def _entries(storage: torch.UntypedStorage) -> dict:
+    """The packs made from `storage`, dropped with it."""
+    slot = _packs.get(id(storage))
+    if slot is None or slot[0]() is not storage:
+        slot = _packs[id(storage)] = (weakref.ref(storage, functools.partial(_drop, id(storage))), {})
+    return slot[1]
+
+
+def _drop(storage_id: int, ref: weakref.ref) -> None:
+    slot = _packs.get(storage_id)
+    if slot is not None and slot[0] is ref:
+        del _packs[storage_id]
 
 
 def packs_made() -> int:
@@ -106,7 +122,8 @@ def packs_made() -> int:
 
 def packed_bytes() -> int:
     """Memory held by the packs now alive: about the size of the bfloat16 weights that linear layers have read."""
-    return sum(p.numel() * p.element_size() for entries in _packs.values() for _, p in entries.values() if p is not None)
+    return sum(p.numel() * p.element_size() for _, entries in list(_packs.values()) for _, p in entries.values()
+               if p is not None)
 
 
 def forget_packs() -> None:

@@ -230,3 +230,13 @@ def test_weights_made_in_inference_mode(packing):
         assert lin.weight.is_inference()
         for _ in range(3):
             _check(lin(x), x, lin.weight, lin.bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_torch_compile_traces_linear_whole(packing, dtype):
+    lin = Linear(48, 80).to(dtype).eval()
+    x = torch.randn(1, 3, 48).to(dtype)
+    compiled = torch.compile(lin, backend="eager", fullgraph=True)  # fails on any graph break
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(compiled(x), F.linear(x, lin.weight, lin.bias))
