@@ -3,10 +3,10 @@
 Batch-1 decoding reads every weight once per token, so its speed is how fast the linear layers read their weights.
 
 - float32 inference on CPU runs on oneDNN (`torch.ops.mkldnn._linear_pointwise`) straight from the dense weight.
-- bfloat16 inference on a CPU that multiplies bfloat16 in hardware (AVX512-BF16 or AMX-BF16) runs on oneDNN with
-  the weight reordered once into the blocked layout its kernels read (`torch.ops.mkldnn._reorder_linear_weight`):
-  the pair of ops `torch.compile` emits for CPU bfloat16 linears with frozen weights. Without the pack, oneDNN (and
-  F.linear, which calls it) reorders the whole weight on every call.
+- bfloat16 inference of up to PACKED_MAX_ROWS rows (decoding) on a CPU that multiplies bfloat16 in hardware
+  (AVX512-BF16 or AMX-BF16) runs on oneDNN with the weight reordered once into the blocked layout its kernels read
+  (`torch.ops.mkldnn._reorder_linear_weight`): the pair of ops `torch.compile` emits for CPU bfloat16 linears with
+  frozen weights. Without the pack, oneDNN (which F.linear calls) reorders the whole weight on every call.
 - everything else (training, other dtypes and devices, CPUs without native bfloat16, code being traced by
   `torch.compile`, and `torch.backends.mkldnn.enabled = False`) takes F.linear.
 
@@ -53,6 +53,12 @@ def native_bf16(cpuinfo: str | None = None) -> bool:
 
 
 NATIVE_BF16 = native_bf16()
+# Decoding multiplies a few rows (the batch) by each weight: reading the weight is all the work, and the pack saves
+# F.linear's reorder of it. Longer inputs (prompts) are bound by arithmetic, where that reorder costs little: they
+# keep F.linear. Up to 32 rows oneDNN computes with this pack bit for bit what F.linear computes (the same blocking;
+# on an AMX Xeon with oneDNN 3.12, for every gpt2-small, -medium and -large matrix; gpt2-xl's 6400-wide c_proj can
+# differ in the last bit from 2 rows on), so the switch between them changes no token.
+PACKED_MAX_ROWS = 32
 # under torch.compile, F.linear: inductor picks (and with freezing, packs) the kernel itself
 _compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)
 
@@ -70,7 +76,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if x.dtype == torch.float32 and (weight.is_contiguous() or weight.t().is_contiguous()):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     if (x.dtype == torch.bfloat16 and NATIVE_BF16 and (bias is None or bias.dtype == torch.bfloat16)
-            and not _compiling()):
+            and x.numel() <= PACKED_MAX_ROWS * x.shape[-1] and not _compiling()):
         pack = _packed(weight)
         if pack is not None:
             return torch.ops.mkldnn._linear_pointwise(x, pack, bias, "none", [], "")

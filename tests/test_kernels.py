@@ -40,11 +40,11 @@ def _weight(layout: str, out_f: int = 80, in_f: int = 48, seed: int = 0) -> torc
 
 
 def _check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
-    """`y` is F.linear(x, w, b): equal to bfloat16's rounding, next to exact float64 arithmetic."""
+    """`y` is F.linear(x, w, b) bit for bit, and so within bfloat16's rounding of exact float64 arithmetic."""
     exact = F.linear(x.double(), w.double(), None if b is None else b.double())
     assert y.dtype == BF16 and y.shape == exact.shape
     torch.testing.assert_close(y.double(), exact, rtol=2 ** -7, atol=1e-2)
-    torch.testing.assert_close(y, F.linear(x, w, b))
+    assert torch.equal(y, F.linear(x, w, b))
 
 
 @pytest.mark.parametrize("layout", ["out_in", "in_out", "fused", "rows", "strided"])
@@ -66,6 +66,21 @@ def test_packed_linear_matches_f_linear(packing, layout, bias, shape):
     for y in (first, second, third):
         _check(y, x, w, b)
     assert torch.equal(second, third)
+
+
+def test_long_inputs_keep_f_linear(packing):
+    w = _weight("out_in")
+    x = torch.randn(2, kernels.PACKED_MAX_ROWS // 2 + 1, 48).to(BF16)  # a prompt: 34 rows
+    made = packs_made()
+    with torch.no_grad():
+        for _ in range(3):
+            names, y = ops(lambda: linear(x, w))
+            assert ONEDNN_OP not in names and "aten::linear" in names
+            assert torch.equal(y, F.linear(x, w))
+        assert packs_made() == made
+        for _ in range(2):
+            linear(x[:, :16], w)  # 32 rows: packed
+        assert packs_made() == made + 1
 
 
 def _run(lin: Linear, x: torch.Tensor, times: int = 3) -> torch.Tensor:
@@ -179,18 +194,26 @@ def _model(layout: str | None = None, seed: int = 0) -> GPTModel:
 
 
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
-@pytest.mark.parametrize("b,t", [(1, 1), (1, 13), (3, 6)])
-def test_greedy_generation_is_identical_with_and_without_packs(packing, layout, b, t):
+@pytest.mark.parametrize("b,t", [(1, 1), (1, 13), (3, 6), (1, 40)])
+def test_greedy_generation_is_identical_with_and_without_packs(packing, monkeypatch, layout, b, t):
     model = _model(layout, seed=b + t)
     idx = torch.randint(0, HP["n_vocab"], (b, t), generator=torch.Generator().manual_seed(t))
     first = generate(model, idx, 25)
     names, fast = ops(lambda: generate(model, idx, 25))
+    with torch.no_grad():
+        model(fast[:, -8:])
+        logits = model(fast[:, -8:])
     with plain():
         plain_names, slow = ops(lambda: generate(model, idx, 25))
-    # every linear layer, the tied head included, read a pack: no dense product, no new pack
-    assert ONEDNN_OP in names and "aten::linear" not in names and PACK_OP not in names
-    assert ONEDNN_OP not in plain_names and "aten::linear" in plain_names
-    assert torch.equal(fast, slow) and torch.equal(first, fast)
+    monkeypatch.setattr(kernels, "NATIVE_BF16", False)  # today's path elsewhere: F.linear, on oneDNN
+    today_names, today = ops(lambda: generate(model, idx, 25))
+    with torch.no_grad():
+        today_logits = model(fast[:, -8:])
+    # after the first call every decoding step read packs (the tied head included): no dense product, no new pack
+    assert ONEDNN_OP in names and PACK_OP not in names and ("aten::linear" in names) == (b * t > kernels.PACKED_MAX_ROWS)
+    assert ONEDNN_OP not in plain_names and ONEDNN_OP not in today_names and "aten::linear" in today_names
+    assert torch.equal(fast, slow) and torch.equal(first, fast) and torch.equal(fast, today)
+    assert torch.equal(logits, today_logits)
 
 
 def test_the_tied_head_follows_the_embedding(packing):
