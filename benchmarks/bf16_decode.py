@@ -85,7 +85,30 @@ def _rate(gen: Gen, idx: torch.Tensor, new_tokens: int) -> float:
     return (new_tokens - 1) / max(t2 - t1 - (t1 - t0), 1e-9)
 
 
-def measure(prompt: int, rounds: int, new_tokens: int, impls: dict[str, Gen]) -> dict[str, Any]:
+def _busy(seconds: float = 2.0) -> float:
+    """Share of the CPUs busy over `seconds` while this process sleeps (so: other processes' share), from /proc/stat."""
+    def sample() -> tuple[int, int]:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    return 1 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def _wait_idle(limit: float | None, patience: float = 120.0) -> float | None:
+    """Wait (up to `patience` seconds) until other processes use under `limit` of the CPUs; their last share."""
+    if limit is None or not Path("/proc/stat").exists():
+        return None
+    deadline = time.monotonic() + patience
+    while True:
+        busy = _busy()
+        if busy < limit or time.monotonic() > deadline:
+            return busy
+
+
+def measure(prompt: int, rounds: int, new_tokens: int, impls: dict[str, Gen], idle: float | None) -> dict[str, Any]:
     """Rates per round for one prompt length, each implementation once per round, in turn."""
     idx = torch.randint(0, 50257, (1, prompt), generator=torch.Generator().manual_seed(prompt))
     for gen in impls.values():
@@ -95,13 +118,20 @@ def measure(prompt: int, rounds: int, new_tokens: int, impls: dict[str, Gen]) ->
     with _switch(torch.backends.mkldnn, "enabled", False):
         same_without_onednn = torch.equal(packed, impls["gpt2hub bfloat16"](idx, new_tokens))
     runs: dict[str, list[float]] = {name: [] for name in impls}
+    others = []
     for _ in range(rounds):
+        others.append(_wait_idle(idle))
         for name, gen in impls.items():
             runs[name].append(_rate(gen, idx, new_tokens))
     ratios = {label: statistics.median(x / y for x, y in zip(runs[a], runs[b], strict=True))
               for label, (a, b) in RATIOS.items() if a in runs and b in runs}
-    return {"prompt": prompt, "tokens_identical": same, "tokens_identical_without_onednn": same_without_onednn, "runs": runs,
+    return {"prompt": prompt, "others_busy_before_rounds": others, "tokens_identical": same,
+            "tokens_identical_without_onednn": same_without_onednn, "runs": runs,
             "median": {k: statistics.median(v) for k, v in runs.items()}, "ratios": ratios}
+
+
+def _idle_note(share: float | None) -> str:
+    return "" if share is None else f", each started once other processes used under {share:.0%} of the CPUs"
 
 
 def main() -> None:
@@ -110,15 +140,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--wait-idle", type=float, default=None, metavar="SHARE",
+                        help="before each round, wait (up to 2 minutes) until other processes use under SHARE (0-1) "
+                             "of the CPUs: for machines shared with other work")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     impls = _implementations(not args.no_transformers)
     with torch.no_grad():
-        results = [measure(p, args.rounds, args.new_tokens, impls) for p in args.prompt_lengths]
+        results = [measure(p, args.rounds, args.new_tokens, impls, args.wait_idle) for p in args.prompt_lengths]
     info = {**machine_info(), "native_bf16": kernels.NATIVE_BF16, "packed_mib": kernels.packed_bytes() / 2**20}
     lines = [f"Batch-1 greedy decoding of gpt2-small (random weights), {machine_label(info)}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads, native bfloat16: {kernels.NATIVE_BF16}; {args.rounds} interleaved "
-             f"rounds of {args.new_tokens} new tokens; tokens/s after the first token, median (fastest round)", "",
+             f"rounds of {args.new_tokens} new tokens{_idle_note(args.wait_idle)}; tokens/s after the first token, "
+             "median (fastest round)", "",
              "| prompt | implementation | tokens/s |", "|---|---|---|"]
     for r in results:
         lines += [f"| {r['prompt']} | {k} | {v:.1f} ({max(r['runs'][k]):.1f}) |" for k, v in r["median"].items()]

@@ -7,8 +7,8 @@ table gives the median and the fastest pass.
 
 Kernels: F.linear (BLAS for float32, oneDNN's matmul for bfloat16, which reorders the weight on every call); oneDNN
 on the dense weight (`torch.ops.mkldnn._linear_pointwise`); oneDNN on a weight packed once
-(`torch.ops.mkldnn._reorder_linear_weight`, batch size 1); and gpt2hub.kernels.linear, the packed kernel behind its
-per-call lookup of the pack.
+(`torch.ops.mkldnn._reorder_linear_weight`, in the layout for batch size 1 and in the one for any size); and
+gpt2hub.kernels.linear, the packed kernel behind its per-call lookup of the pack.
 
     python benchmarks/linear_kernels.py --out benchmarks/results/cpu-xeon-amx-2core
 """
@@ -16,6 +16,7 @@ per-call lookup of the pack.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -57,8 +58,9 @@ def _cases(part: str, dims: list[tuple[int, int]], dtype: torch.dtype,
         cases[(layout, "oneDNN")] = (onednn, layers)
     if dtype == torch.bfloat16 and kernels.PACKING:
         dense = cases[("out_in", "oneDNN")][1]
-        cases[("packed", "oneDNN packed")] = (onednn, [(x, torch.ops.mkldnn._reorder_linear_weight(w, 1), b)
-                                                        for x, w, b in dense])
+        for hint in (1, None):  # the layout oneDNN picks for batch size 1, and for no particular size (gpt2hub's)
+            pack = functools.partial(torch.ops.mkldnn._reorder_linear_weight, batch_size=hint)
+            cases[("packed", f"oneDNN packed, batch {hint or 'any'}")] = (onednn, [(x, pack(w), b) for x, w, b in dense])
         if kernels.NATIVE_BF16:
             for _ in range(2):  # the first use reads the dense weight, the second packs it
                 _pass(kernels.linear, dense)

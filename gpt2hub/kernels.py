@@ -101,8 +101,9 @@ def _packed(weight: torch.Tensor) -> torch.Tensor | None:
         entries[key] = (stamp, None)
         return None
     if seen[1] is None:
-        # batch size 1: the layout oneDNN picks for decoding; prompts of any length read it without a reorder
-        entries[key] = seen = (stamp, torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1))
+        # oneDNN's layout for no particular batch size (AB16b32a2b for AMX): read faster at batch 1 than the layout
+        # it picks for batch size 1 (AB16b64a2b; benchmarks/linear_kernels.py), and read without a reorder at any size
+        entries[key] = seen = (stamp, torch.ops.mkldnn._reorder_linear_weight(weight.contiguous()))
         _made += 1
     return seen[1]
 
