@@ -40,11 +40,13 @@ def _weight(layout: str, out_f: int = 80, in_f: int = 48, seed: int = 0) -> torc
 
 
 def _check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
-    """`y` is F.linear(x, w, b) bit for bit, and so within bfloat16's rounding of exact float64 arithmetic."""
+    """`y` is F.linear(x, w, b) within bfloat16's rounding, and bit for bit F.linear of `w` stored [out, in]."""
     exact = F.linear(x.double(), w.double(), None if b is None else b.double())
     assert y.dtype == BF16 and y.shape == exact.shape
     torch.testing.assert_close(y.double(), exact, rtol=2 ** -7, atol=1e-2)
-    assert torch.equal(y, F.linear(x, w, b))
+    torch.testing.assert_close(y, F.linear(x, w, b))
+    # (F.linear of a transposed view sums in another order at larger sizes)
+    assert torch.equal(y, F.linear(x, w.contiguous(), b))
 
 
 @pytest.mark.parametrize("layout", ["out_in", "in_out", "fused", "rows", "strided"])
@@ -66,6 +68,20 @@ def test_packed_linear_matches_f_linear(packing, layout, bias, shape):
     for y in (first, second, third):
         _check(y, x, w, b)
     assert torch.equal(second, third)
+
+
+@pytest.mark.parametrize("out_f,in_f", [(768, 768), (2304, 768), (3072, 768), (768, 3072), (4096, 1024), (1280, 5120)])
+def test_gpt2_matrices_give_f_linears_bits_up_to_the_row_limit(packing, out_f, in_f):
+    # what keeps decoding's tokens identical to F.linear's: the same sums in the same order (gpt2-small to -large)
+    g = torch.Generator().manual_seed(out_f + in_f)
+    w = (torch.randn(out_f, in_f, generator=g) * 0.05).to(BF16)
+    b = torch.randn(out_f, generator=g).to(BF16)
+    with torch.no_grad():
+        for rows in (1, 2, 7, kernels.PACKED_MAX_ROWS):
+            x = torch.randn(rows, in_f, generator=g).to(BF16)
+            for _ in range(2):
+                y = linear(x, w, b)
+            assert torch.equal(y, F.linear(x, w, b)), rows
 
 
 def test_long_inputs_keep_f_linear(packing):
