@@ -55,9 +55,9 @@ def native_bf16(cpuinfo: str | None = None) -> bool:
 NATIVE_BF16 = native_bf16()
 # Decoding multiplies a few rows (the batch) by each weight: reading the weight is all the work, and the pack saves
 # F.linear's reorder of it. Longer inputs (prompts) are bound by arithmetic, where that reorder costs little: they
-# keep F.linear. Up to 32 rows oneDNN computes with this pack bit for bit what F.linear computes (the same blocking;
-# on an AMX Xeon with oneDNN 3.12, for every gpt2-small, -medium and -large matrix; gpt2-xl's 6400-wide c_proj can
-# differ in the last bit from 2 rows on), so the switch between them changes no token.
+# keep F.linear. Up to 32 rows oneDNN computes with this pack bit for bit what F.linear computes with the weight
+# stored [out, in] (the same blocking; on an AMX Xeon with oneDNN 3.12, for every gpt2-small, -medium and -large
+# matrix; gpt2-xl's 6400-wide c_proj can differ in the last bit), so switching between them changes no token.
 PACKED_MAX_ROWS = 32
 # under torch.compile, F.linear: inductor picks (and with freezing, packs) the kernel itself
 _compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)
