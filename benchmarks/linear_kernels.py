@@ -1,14 +1,22 @@
-"""Batch-1 float32 matrix-vector products of gpt2-small on CPU: F.linear (BLAS) against oneDNN, in both layouts.
+"""Batch-1 matrix-vector products of gpt2-small on CPU, float32 and bfloat16: F.linear against oneDNN, dense and packed.
 
-The evidence behind gpt2hub.model.linear: one decoding step's matrices (12 blocks of c_attn, c_proj, c_fc, c_proj,
-then the 50257-row head), each timed as a whole pass, median of --repeats, as GB/s of weights read.
+The evidence behind gpt2hub.kernels.linear: one decoding step's matrices (12 blocks of c_attn, c_proj, c_fc, c_proj,
+then the 50257-row head), each timed as a whole pass, as GB/s of weights read. Every kernel's passes are interleaved
+(one pass of each in turn, --repeats times), so that a machine shared with other work slows them all alike; the
+table gives the median and the fastest pass.
 
-    python benchmarks/linear_kernels.py --out benchmarks/results/cpu-epyc-2core
+Kernels: F.linear (BLAS for float32, oneDNN's matmul for bfloat16, which reorders the weight on every call); oneDNN
+on the dense weight (`torch.ops.mkldnn._linear_pointwise`); oneDNN on a weight packed once
+(`torch.ops.mkldnn._reorder_linear_weight`, in the layout for batch size 1 and in the one for any size); and
+gpt2hub.kernels.linear, the packed kernel behind its per-call lookup of the pack.
+
+    python benchmarks/linear_kernels.py --out benchmarks/results/cpu-xeon-amx-2core
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -17,53 +25,87 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gpt2hub import kernels
 from gpt2hub.bench import machine_info, machine_label, stats
 
 D, LAYERS, VOCAB = 768, 12, 50257
+Layer = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # input, weight, bias
 
 
 def onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
-def _passes(fn: Callable[..., torch.Tensor], layers: list[tuple[torch.Tensor, torch.Tensor | None]],
-            xs: dict[int, torch.Tensor], repeats: int) -> list[float]:
-    """Seconds per pass over every layer, after one warm-up pass."""
-    times = []
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        for w, b in layers:
-            fn(xs[w.shape[1]], w, b)
-        times.append(time.perf_counter() - t0)
-    return times[1:]
+def _pass(fn: Callable[..., torch.Tensor], layers: list[Layer]) -> float:
+    """Seconds for one product with every layer."""
+    t0 = time.perf_counter()
+    for x, w, b in layers:
+        fn(x, w, b)
+    return time.perf_counter() - t0
+
+
+def _cases(part: str, dims: list[tuple[int, int]], dtype: torch.dtype,
+           g: torch.Generator) -> dict[tuple[str, str], tuple[Callable[..., torch.Tensor], list[Layer]]]:
+    """(layout, kernel) -> (function, layers) for one part of the model in one dtype."""
+    in_out = [torch.randn(i, o, generator=g).to(dtype) for i, o in dims]  # OpenAI's layout
+    biases = [torch.randn(o, generator=g).to(dtype) if part == "layers" else None for _, o in dims]
+    xs = {i: torch.randn(1, 1, i, generator=g).to(dtype) for i, _ in dims}
+    layouts = {"in_out": [w.t() for w in in_out], "out_in": [w.t().contiguous() for w in in_out]}
+    cases = {}
+    for layout, weights in layouts.items():
+        layers = [(xs[w.shape[1]], w, b) for w, b in zip(weights, biases, strict=True)]
+        cases[(layout, "F.linear")] = (F.linear, layers)
+        cases[(layout, "oneDNN")] = (onednn, layers)
+    if dtype == torch.bfloat16 and kernels.PACKING:
+        dense = cases[("out_in", "oneDNN")][1]
+        for hint in (1, None):  # the layout oneDNN picks for batch size 1, and for no particular size (gpt2hub's)
+            pack = functools.partial(torch.ops.mkldnn._reorder_linear_weight, batch_size=hint)
+            cases[("packed", f"oneDNN packed, batch {hint or 'any'}")] = (onednn, [(x, pack(w), b) for x, w, b in dense])
+        if kernels.NATIVE_BF16:
+            for _ in range(2):  # the first use reads the dense weight, the second packs it
+                _pass(kernels.linear, dense)
+            cases[("packed", "gpt2hub.kernels.linear")] = (kernels.linear, dense)
+    return cases
+
+
+def measure(dtypes: list[torch.dtype], repeats: int) -> list[dict]:
+    """One row per dtype, part, layout and kernel."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"layers": [(D, 3 * D), (D, D), (D, 4 * D), (4 * D, D)] * LAYERS, "head": [(D, VOCAB)]}
+    rows = []
+    with torch.no_grad():
+        for dtype in dtypes:
+            for part, dims in shapes.items():
+                cases = _cases(part, dims, dtype, g)
+                times: dict[tuple[str, str], list[float]] = {k: [] for k in cases}
+                for i in range(repeats + 1):
+                    for key, (fn, layers) in cases.items():
+                        t = _pass(fn, layers)
+                        if i:  # the first pass warms up
+                            times[key].append(t)
+                nbytes = sum(i * o for i, o in dims) * torch.finfo(dtype).bits // 8
+                for (layout, kernel), ts in times.items():
+                    s = stats(ts)
+                    rows.append({"dtype": str(dtype).removeprefix("torch."), "part": part, "layout": layout,
+                                 "kernel": kernel, "median_ms": s["median"] * 1e3, "min_ms": s["min"] * 1e3,
+                                 "gb_per_s": nbytes / s["median"] / 1e9, "runs_ms": [t * 1e3 for t in ts]})
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    g = torch.Generator().manual_seed(0)
-    shapes = {"layers": [(D, 3 * D), (D, D), (D, 4 * D), (4 * D, D)] * LAYERS, "head": [(D, VOCAB)]}
-    rows = []
-    with torch.no_grad():
-        for part, dims in shapes.items():
-            in_out = [torch.randn(i, o, generator=g) for i, o in dims]  # OpenAI's layout
-            biases = [torch.randn(o, generator=g) if part == "layers" else None for _, o in dims]
-            layouts = {"in_out": [w.t() for w in in_out], "out_in": [w.t().contiguous() for w in in_out]}
-            xs = {i: torch.randn(1, 1, i, generator=g) for i, _ in dims}
-            nbytes = sum(w.numel() * 4 for w in in_out)
-            for layout, weights in layouts.items():
-                for kernel, fn in (("F.linear", F.linear), ("oneDNN", onednn)):
-                    s = stats(_passes(fn, list(zip(weights, biases, strict=True)), xs, args.repeats))
-                    rows.append({"part": part, "layout": layout, "kernel": kernel, "median_ms": s["median"] * 1e3,
-                                 "min_ms": s["min"] * 1e3, "gb_per_s": nbytes / s["median"] / 1e9})
-    info = machine_info()
-    lines = [f"Batch-1 float32 matrix-vector products of gpt2-small, {machine_label(info)}, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads, median of {args.repeats}", "",
-             "| part | layout | kernel | median | min | weights read |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['part']} | {r['layout']} | {r['kernel']} | {r['median_ms']:.2f} ms | {r['min_ms']:.2f} ms | "
-              f"{r['gb_per_s']:.1f} GB/s |" for r in rows]
+    rows = measure([getattr(torch, d) for d in args.dtype], args.repeats)
+    info = {**machine_info(), "native_bf16": kernels.NATIVE_BF16}
+    lines = [f"Batch-1 matrix-vector products of gpt2-small, {machine_label(info)}, torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads, native bfloat16: {kernels.NATIVE_BF16}; passes interleaved, "
+             f"median and fastest of {args.repeats}", "",
+             "| dtype | part | layout | kernel | median | fastest | weights read (median) |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['dtype']} | {r['part']} | {r['layout']} | {r['kernel']} | {r['median_ms']:.2f} ms | "
+              f"{r['min_ms']:.2f} ms | {r['gb_per_s']:.1f} GB/s |" for r in rows]
     print("\n".join(lines))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .kernels import ONEDNN, linear  # noqa: F401  (ONEDNN: still importable from gpt2hub.model)
+
 GPT_CONFIG_124M = {
     "vocab_size": 50257,
     "context_length": 1024,
@@ -37,23 +39,6 @@ class KVCache(nn.Module):
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
-
-
-ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, run on oneDNN (the kernel torch.compile emits for CPU linears) for float32 inference on CPU.
-
-    At batch 1 oneDNN reads the weights 1.7-2.8x faster than the BLAS call behind F.linear
-    (benchmarks/linear_kernels.py).
-    It needs a weight laid out densely ([out, in] or its transpose); training, other dtypes and devices, and
-    `torch.backends.mkldnn.enabled = False` take F.linear.
-    """
-    if (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and not torch.is_grad_enabled()
-            and torch.backends.mkldnn.enabled and (weight.is_contiguous() or weight.t().is_contiguous())):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
 
 
 def _consecutive(tensors: list[torch.Tensor | None], stride: tuple[int, ...], elements: int) -> bool:

@@ -1,0 +1,138 @@
+"""The CPU kernels behind `gpt2hub.model.linear`: oneDNN for float32, pre-packed oneDNN for bfloat16.
+
+Batch-1 decoding reads every weight once per token, so its speed is how fast the linear layers read their weights.
+
+- float32 inference on CPU runs on oneDNN (`torch.ops.mkldnn._linear_pointwise`) straight from the dense weight.
+- bfloat16 inference of up to PACKED_MAX_ROWS rows (decoding) on a CPU that multiplies bfloat16 in hardware
+  (AVX512-BF16 or AMX-BF16) runs on oneDNN with the weight reordered once into the blocked layout its kernels read
+  (`torch.ops.mkldnn._reorder_linear_weight`): the pair of ops `torch.compile` emits for CPU bfloat16 linears with
+  frozen weights. Without the pack, oneDNN (which F.linear calls) reorders the whole weight on every call.
+- everything else (training, other dtypes and devices, CPUs without native bfloat16, code being traced by
+  `torch.compile`, and `torch.backends.mkldnn.enabled = False`) takes F.linear.
+
+A pack is made on a weight's second use and kept beside it (`packed_bytes()` says how much memory that takes): it
+is dropped with the weight's storage, and made again when the weight is changed in place (PyTorch's version
+counter), replaced, moved or converted. Writes through `.data` bypass the version counter: after those, call
+`forget_packs()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import platform
+import weakref
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["NATIVE_BF16", "ONEDNN", "PACKING", "forget_packs", "linear", "native_bf16", "packed_bytes", "packs_made"]
+
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+PACKING = ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (x86 AVX512-BF16 or AMX-BF16) and oneDNN may use it.
+
+    `cpuinfo` is the text of /proc/cpuinfo (read when None); where there is none, PyTorch's own CPU probe decides.
+    """
+    if not PACKING or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    if cpuinfo is None:
+        with contextlib.suppress(OSError):
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+    if cpuinfo is not None:
+        flags = {f for line in cpuinfo.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(probe and probe())
+
+
+NATIVE_BF16 = native_bf16()
+# Decoding multiplies a few rows (the batch) by each weight: reading the weight is all the work, and the pack saves
+# F.linear's reorder of it. Longer inputs (prompts) are bound by arithmetic, where that reorder costs little: they
+# keep F.linear. Up to 32 rows oneDNN computes with this pack bit for bit what F.linear computes with the weight
+# stored [out, in] (the same blocking; on an AMX Xeon with oneDNN 3.12, for every gpt2-small, -medium and -large
+# matrix; gpt2-xl's 6400-wide c_proj can differ in the last bit), so switching between them changes no token.
+PACKED_MAX_ROWS = 32
+# under torch.compile, F.linear: inductor picks (and with freezing, packs) the kernel itself
+_compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)
+
+# id(storage) -> (weak reference to the storage, {(offset, shape, stride, dtype): ((version, data_ptr), pack or None)}):
+# the packs of a weight live as long as its memory (a plain dict: torch.utils.weak's costs microseconds per lookup)
+_packs: dict[int, tuple[weakref.ref, dict[tuple, tuple[tuple[int, int], torch.Tensor | None]]]] = {}
+_made = 0
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, run on the fastest kernel this CPU has for inference (see the module's docstring); same results."""
+    if not (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype and not torch.is_grad_enabled()
+            and torch.backends.mkldnn.enabled and weight.dim() == 2):
+        return F.linear(x, weight, bias)
+    if x.dtype == torch.float32 and (weight.is_contiguous() or weight.t().is_contiguous()):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    if (x.dtype == torch.bfloat16 and NATIVE_BF16 and (bias is None or bias.dtype == torch.bfloat16)
+            and x.numel() <= PACKED_MAX_ROWS * x.shape[-1] and not _compiling()):
+        pack = _packed(weight)
+        if pack is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, pack, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def _packed(weight: torch.Tensor) -> torch.Tensor | None:
+    """`weight` [out, in] in oneDNN's blocked layout, made on its second use and reused until the weight changes.
+
+    None on the first use: a model that runs once (one forward, one score) pays neither the pack's memory nor the
+    time to make it, which costs about one product with the dense weight.
+    """
+    global _made
+    entries = _entries(weight.untyped_storage())
+    key = (weight.storage_offset(), weight.shape, weight.stride(), weight.dtype)
+    try:
+        stamp = (weight._version, weight.data_ptr())
+    except RuntimeError:  # an inference tensor: no version counter, and no writes outside inference mode
+        stamp = (-1, weight.data_ptr())
+    seen = entries.get(key)
+    if seen is None or seen[0] != stamp:
+        entries[key] = (stamp, None)
+        return None
+    if seen[1] is None:
+        # oneDNN's layout for no particular batch size (AB16b32a2b for AMX): read faster at batch 1 than the layout
+        # it picks for batch size 1 (AB16b64a2b; benchmarks/linear_kernels.py), and read without a reorder at any size
+        entries[key] = seen = (stamp, torch.ops.mkldnn._reorder_linear_weight(weight.contiguous()))
+        _made += 1
+    return seen[1]
+
+
+def _entries(storage: torch.UntypedStorage) -> dict:
+    """The packs made from `storage`, dropped with it."""
+    slot = _packs.get(id(storage))
+    if slot is None or slot[0]() is not storage:
+        slot = _packs[id(storage)] = (weakref.ref(storage, functools.partial(_drop, id(storage))), {})
+    return slot[1]
+
+
+def _drop(storage_id: int, ref: weakref.ref) -> None:
+    slot = _packs.get(storage_id)
+    if slot is not None and slot[0] is ref:
+        del _packs[storage_id]
+
+
+def packs_made() -> int:
+    """How many weights have been packed in this process (a pack made again after a change counts again)."""
+    return _made
+
+
+def packed_bytes() -> int:
+    """Memory held by the packs now alive: about the size of the bfloat16 weights that linear layers have read."""
+    return sum(p.numel() * p.element_size() for _, entries in list(_packs.values()) for _, p in entries.values()
+               if p is not None)
+
+
+def forget_packs() -> None:
+    """Drop every pack (they are made again on next use): after weights were changed through `.data`."""
+    _packs.clear()
