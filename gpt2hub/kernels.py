@@ -12,8 +12,8 @@ Batch-1 decoding reads every weight once per token, so its speed is how fast the
 
 A pack is made on a weight's second use and kept beside it (`packed_bytes()` says how much memory that takes): it
 is dropped with the weight's storage, and made again when the weight is changed in place (PyTorch's version
-counter), replaced, moved or converted. Writes through `.data` bypass the version counter: after those, call
-`forget_packs()`.
+counter), replaced, moved or converted. Writes through `.data` bypass the version counter, and so do writes to
+weights made under `torch.inference_mode()` (inference tensors have none): after those, call `forget_packs()`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["NATIVE_BF16", "ONEDNN", "PACKING", "forget_packs", "linear", "native_bf16", "packed_bytes", "packs_made"]
+__all__ = ["NATIVE_BF16", "ONEDNN", "PACKED_MAX_ROWS", "PACKING", "forget_packs", "linear", "native_bf16", "packed_bytes",
+           "packs_made"]
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 PACKING = ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
