@@ -50,7 +50,10 @@ def _consecutive(tensors: list[torch.Tensor | None], stride: tuple[int, ...], el
 
 
 class Linear(nn.Linear):
+    """nn.Linear whose inference runs on gpt2hub.kernels.linear (oneDNN on CPU; packed weights for bfloat16)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ weight.T + bias, as nn.Linear computes it."""
         return linear(x, self.weight, self.bias)
 
 
