@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from idle import note, wait_idle
 
 from gpt2hub import GPTModel, generate, kernels
 from gpt2hub.bench import machine_info, machine_label
@@ -85,29 +86,6 @@ def _rate(gen: Gen, idx: torch.Tensor, new_tokens: int) -> float:
     return (new_tokens - 1) / max(t2 - t1 - (t1 - t0), 1e-9)
 
 
-def _busy(seconds: float = 2.0) -> float:
-    """Share of the CPUs busy over `seconds` while this process sleeps (so: other processes' share), from /proc/stat."""
-    def sample() -> tuple[int, int]:
-        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        return sum(values), values[3] + values[4]  # total, idle + iowait
-
-    total0, idle0 = sample()
-    time.sleep(seconds)
-    total1, idle1 = sample()
-    return 1 - (idle1 - idle0) / max(total1 - total0, 1)
-
-
-def _wait_idle(limit: float | None, patience: float = 120.0) -> float | None:
-    """Wait (up to `patience` seconds) until other processes use under `limit` of the CPUs; their last share."""
-    if limit is None or not Path("/proc/stat").exists():
-        return None
-    deadline = time.monotonic() + patience
-    while True:
-        busy = _busy()
-        if busy < limit or time.monotonic() > deadline:
-            return busy
-
-
 def measure(prompt: int, rounds: int, new_tokens: int, impls: dict[str, Gen], idle: float | None) -> dict[str, Any]:
     """Rates per round for one prompt length, each implementation once per round, in turn."""
     idx = torch.randint(0, 50257, (1, prompt), generator=torch.Generator().manual_seed(prompt))
@@ -120,7 +98,7 @@ def measure(prompt: int, rounds: int, new_tokens: int, impls: dict[str, Gen], id
     runs: dict[str, list[float]] = {name: [] for name in impls}
     others = []
     for _ in range(rounds):
-        others.append(_wait_idle(idle))
+        others.append(wait_idle(idle))
         for name, gen in impls.items():
             runs[name].append(_rate(gen, idx, new_tokens))
     ratios = {label: statistics.median(x / y for x, y in zip(runs[a], runs[b], strict=True))
@@ -128,10 +106,6 @@ def measure(prompt: int, rounds: int, new_tokens: int, impls: dict[str, Gen], id
     return {"prompt": prompt, "others_busy_before_rounds": others, "tokens_identical": same,
             "tokens_identical_without_onednn": same_without_onednn, "runs": runs,
             "median": {k: statistics.median(v) for k, v in runs.items()}, "ratios": ratios}
-
-
-def _idle_note(share: float | None) -> str:
-    return "" if share is None else f", each started once other processes used under {share:.0%} of the CPUs"
 
 
 def main() -> None:
@@ -151,7 +125,7 @@ def main() -> None:
     info = {**machine_info(), "native_bf16": kernels.NATIVE_BF16, "packed_mib": kernels.packed_bytes() / 2**20}
     lines = [f"Batch-1 greedy decoding of gpt2-small (random weights), {machine_label(info)}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads, native bfloat16: {kernels.NATIVE_BF16}; {args.rounds} interleaved "
-             f"rounds of {args.new_tokens} new tokens{_idle_note(args.wait_idle)}; tokens/s after the first token, "
+             f"rounds of {args.new_tokens} new tokens{note(args.wait_idle)}; tokens/s after the first token, "
              "median (fastest round)", "",
              "| prompt | implementation | tokens/s |", "|---|---|---|"]
     for r in results:

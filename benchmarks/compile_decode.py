@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from idle import note, wait_idle
 
 from gpt2hub import GPTModel, kernels
 from gpt2hub.bench import machine_info, machine_label
@@ -65,13 +66,14 @@ def _static(model: GPTModel, cache: KVCache, compiled: bool, freezing: bool) -> 
     return run
 
 
-def _time(step: Step, tok: torch.Tensor, warmup: int, steps: int) -> dict:
+def _time(step: Step, tok: torch.Tensor, warmup: int, steps: int, idle: float | None) -> dict:
     """First call (compiling, if any), then per-step seconds at positions warmup.. (one token each)."""
     t0 = time.perf_counter()
     step(tok, 0)
     first = time.perf_counter() - t0
     for pos in range(1, warmup):
         step(tok, pos)
+    wait_idle(idle)
     times = []
     for pos in range(warmup, warmup + steps):
         t0 = time.perf_counter()
@@ -86,6 +88,9 @@ def main() -> None:
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--wait-idle", type=float, default=None, metavar="SHARE",
+                        help="before timing each step, wait (up to 2 minutes) until other processes use under SHARE "
+                             "(0-1) of the CPUs")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     rows = []
@@ -100,11 +105,13 @@ def main() -> None:
                 torch._dynamo.reset()
                 cache = KVCache(model.cfg, 1, args.warmup + args.steps, dtype, "cpu")
                 step = _eager(model, cache) if how is None else _static(model, cache, *how)
-                rows.append({"dtype": name, "variant": variant, **_time(step, tok, args.warmup, args.steps)})
+                rows.append({"dtype": name, "variant": variant,
+                             **_time(step, tok, args.warmup, args.steps, args.wait_idle)})
                 print(rows[-1], flush=True)
     info = {**machine_info(), "native_bf16": kernels.NATIVE_BF16}
     lines = [f"Batch-1 decoding step of gpt2-small, {machine_label(info)}, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads, native bfloat16: {kernels.NATIVE_BF16}; median of {args.steps} steps",
+             f"{torch.get_num_threads()} threads, native bfloat16: {kernels.NATIVE_BF16}; median of {args.steps} steps"
+             f"{note(args.wait_idle, 'timed')}",
              "", "| dtype | step | first call (compile) | step | fastest step | tokens/s |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['dtype']} | {r['variant']} | {r['first_call_s']:.2f} s | {r['step_ms']:.2f} ms | "
               f"{r['min_step_ms']:.2f} ms | {r['tokens_per_s']:.1f} |" for r in rows]

@@ -60,7 +60,8 @@ NATIVE_BF16 = native_bf16()
 # stored [out, in] (the same blocking; on an AMX Xeon with oneDNN 3.12, for every gpt2-small, -medium and -large
 # matrix; gpt2-xl's 6400-wide c_proj can differ in the last bit), so switching between them changes no token.
 PACKED_MAX_ROWS = 32
-# under torch.compile, F.linear: inductor picks (and with freezing, packs) the kernel itself
+# under torch.compile, F.linear: inductor picks (and with freezing, packs) the kernel itself; it cannot lower
+# _linear_pointwise on a weight that is not a frozen constant
 _compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)
 
 # id(storage) -> (weak reference to the storage, {(offset, shape, stride, dtype): ((version, data_ptr), pack or None)}):
@@ -73,12 +74,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear, run on the fastest kernel this CPU has for inference (see the module's docstring); same results."""
     dtype = x.dtype  # (checks ordered and written for speed: this runs about 75 times per generated token)
     if not (ONEDNN and x.is_cpu and dtype == weight.dtype and not torch.is_grad_enabled() and weight.dim() == 2
-            and torch.backends.mkldnn.enabled):
+            and torch.backends.mkldnn.enabled) or _compiling():
         return F.linear(x, weight, bias)
     if dtype == torch.float32 and (weight.is_contiguous() or weight.t().is_contiguous()):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     if (dtype == torch.bfloat16 and NATIVE_BF16 and (bias is None or bias.dtype == dtype)
-            and x.numel() <= PACKED_MAX_ROWS * x.shape[-1] and not _compiling()):
+            and x.numel() <= PACKED_MAX_ROWS * x.shape[-1]):
         pack = _packed(weight)
         if pack is not None:
             return torch.ops.mkldnn._linear_pointwise(x, pack, bias, "none", [], "")

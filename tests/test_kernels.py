@@ -279,3 +279,12 @@ def test_torch_compile_traces_linear_whole(packing, dtype):
     with torch.no_grad():
         for _ in range(3):
             torch.testing.assert_close(compiled(x), F.linear(x, lin.weight, lin.bias))
+
+
+def test_inductor_compiles_linear_on_cpu():
+    # inductor lowers oneDNN's linear only on frozen weights: without freezing, linear() must hand it F.linear
+    lin = Linear(16, 8).eval()
+    x = torch.randn(2, 16)
+    compiled = torch.compile(lin, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), F.linear(x, lin.weight, lin.bias))
