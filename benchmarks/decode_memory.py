@@ -3,7 +3,8 @@
 Each variant runs in a fresh process: the model is built (random weights, laid out as gpt2hub loads that dtype), the
 peak resident memory is reset, then `generate` runs (prompt 16, 32 new tokens, batch 1) and the growth of peak
 (VmHWM) and current (VmRSS) resident memory is reported, beside the bytes held by packs (gpt2hub.kernels) and the
-model's own weights. "plain" is `torch.backends.mkldnn.enabled = False` (F.linear). Linux only (/proc).
+model's own weights. "F.linear" is bfloat16 without packs (gpt2hub.kernels.NATIVE_BF16 off, as on CPUs without
+native bfloat16). Linux only (/proc).
 
     python benchmarks/decode_memory.py --out benchmarks/results/cpu-xeon-amx-2core
 """
@@ -16,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-VARIANTS = [("float32", "default"), ("bfloat16", "default"), ("bfloat16", "plain")]
+VARIANTS = [("float32", "oneDNN"), ("bfloat16", "packed"), ("bfloat16", "F.linear")]
 
 
 def _mib(field: str) -> float:
@@ -43,7 +44,7 @@ def child(dtype_name: str, path: str) -> dict:
     model = GPTModel.from_state_dict(cfg, openai_state_dict(lambda n: weights[f"model/{n}"], cfg, dtype))
     if dtype != torch.float32:  # float32 views OpenAI's arrays: keep them
         del weights
-    torch.backends.mkldnn.enabled = path != "plain"
+    kernels.NATIVE_BF16 = kernels.NATIVE_BF16 and path != "F.linear"
     idx = torch.randint(0, cfg["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(0))
     Path("/proc/self/clear_refs").write_text("5")  # peak := current
     rss0 = _mib("VmRSS")

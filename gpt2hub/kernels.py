@@ -104,8 +104,11 @@ def _packed(weight: torch.Tensor) -> torch.Tensor | None:
         entries[key] = (stamp, None)
         return None
     if seen[1] is None:
-        # oneDNN's layout for no particular batch size (AB16b32a2b for AMX): read faster at batch 1 than the layout
-        # it picks for batch size 1 (AB16b64a2b; benchmarks/linear_kernels.py), and read without a reorder at any size
+        if weight.numel() == 0:  # oneDNN has no product over zero inputs
+            return None
+        # oneDNN's layout for no particular batch size (AB16b32a2b for AMX): inside the model on an AMX Xeon, batch-1
+        # steps read it faster than the layout it picks for batch size 1 (AB16b64a2b; see
+        # benchmarks/results/cpu-xeon-amx-2core), and prompts of any length read it without a reorder
         entries[key] = seen = (stamp, torch.ops.mkldnn._reorder_linear_weight(weight.contiguous()))
         _made += 1
     return seen[1]

@@ -84,6 +84,15 @@ def test_gpt2_matrices_give_f_linears_bits_up_to_the_row_limit(packing, out_f, i
             assert torch.equal(y, F.linear(x, w, b)), rows
 
 
+@pytest.mark.parametrize("in_f,rows", [(0, 1), (48, 0)])
+def test_empty_products(packing, in_f, rows):
+    w = torch.randn(4, in_f).to(BF16)
+    x = torch.randn(rows, in_f).to(BF16)
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(linear(x, w), F.linear(x, w))
+
+
 def test_long_inputs_keep_f_linear(packing):
     w = _weight("out_in")
     x = torch.randn(2, kernels.PACKED_MAX_ROWS // 2 + 1, 48).to(BF16)  # a prompt: 34 rows
