@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -23,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _report import describe, machine, save, table
 from idle import note, wait_idle
 
 from gpt2hub import GPTModel, generate, kernels
-from gpt2hub.bench import machine_info, machine_label
 from gpt2hub.convert import config_from_hparams, openai_state_dict
 from gpt2hub.registry import resolve
 from gpt2hub.synthetic import hf_config, hf_tensors, random_weights
@@ -108,6 +107,14 @@ def measure(prompt: int, rounds: int, new_tokens: int, impls: dict[str, Gen], id
             "median": {k: statistics.median(v) for k, v in runs.items()}, "ratios": ratios}
 
 
+def _checks(result: dict[str, Any]) -> list[tuple[object, str, object]]:
+    """The rows of the ratio table for one prompt length: its ratios, then whether the tokens agreed."""
+    prompt = result["prompt"]
+    return [(prompt, k, f"{v:.2f}x") for k, v in result["ratios"].items()] + [
+        (prompt, "packed bf16 tokens == F.linear bf16 tokens", result["tokens_identical"]),
+        (prompt, "... == F.linear without oneDNN", result["tokens_identical_without_onednn"])]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt-lengths", nargs="+", type=int, default=[16, 512])
@@ -122,24 +129,14 @@ def main() -> None:
     impls = _implementations(not args.no_transformers)
     with torch.no_grad():
         results = [measure(p, args.rounds, args.new_tokens, impls, args.wait_idle) for p in args.prompt_lengths]
-    info = {**machine_info(), "native_bf16": kernels.NATIVE_BF16, "packed_mib": kernels.packed_bytes() / 2**20}
-    lines = [f"Batch-1 greedy decoding of gpt2-small (random weights), {machine_label(info)}, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads, native bfloat16: {kernels.NATIVE_BF16}; {args.rounds} interleaved "
+    info = machine(packed_mib=kernels.packed_bytes() / 2**20)
+    lines = [f"Batch-1 greedy decoding of gpt2-small (random weights), {describe(info)}; {args.rounds} interleaved "
              f"rounds of {args.new_tokens} new tokens{note(args.wait_idle)}; tokens/s after the first token, "
-             "median (fastest round)", "",
-             "| prompt | implementation | tokens/s |", "|---|---|---|"]
-    for r in results:
-        lines += [f"| {r['prompt']} | {k} | {v:.1f} ({max(r['runs'][k]):.1f}) |" for k, v in r["median"].items()]
-    lines += ["", "| prompt | ratio (median of rounds) | value |", "|---|---|---|"]
-    for r in results:
-        lines += [f"| {r['prompt']} | {k} | {v:.2f}x |" for k, v in r["ratios"].items()]
-        lines.append(f"| {r['prompt']} | packed bf16 tokens == F.linear bf16 tokens | {r['tokens_identical']} |")
-        lines.append(f"| {r['prompt']} | ... == F.linear without oneDNN | {r['tokens_identical_without_onednn']} |")
-    print("\n".join(lines))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bf16_decode.json").write_text(json.dumps({"machine": info, "results": results}, indent=2))
-        (args.out / "bf16_decode.md").write_text("\n".join(lines) + "\n")
+             "median (fastest round)", ""]
+    lines += table(["prompt", "implementation", "tokens/s"],
+                   [(r["prompt"], k, f"{v:.1f} ({max(r['runs'][k]):.1f})") for r in results for k, v in r["median"].items()])
+    lines += [""] + table(["prompt", "ratio (median of rounds)", "value"], [row for r in results for row in _checks(r)])
+    save(lines, args.out, "bf16_decode", {"machine": info, "results": results})
 
 
 if __name__ == "__main__":

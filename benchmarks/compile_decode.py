@@ -12,17 +12,16 @@ over --steps steps after --warmup, each a new position).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _report import describe, machine, save, table
 from idle import note, wait_idle
 
-from gpt2hub import GPTModel, kernels
-from gpt2hub.bench import machine_info, machine_label
+from gpt2hub import GPTModel
 from gpt2hub.convert import config_from_hparams, openai_state_dict
 from gpt2hub.model import KVCache
 from gpt2hub.registry import resolve
@@ -108,18 +107,13 @@ def main() -> None:
                 rows.append({"dtype": name, "variant": variant,
                              **_time(step, tok, args.warmup, args.steps, args.wait_idle)})
                 print(rows[-1], flush=True)
-    info = {**machine_info(), "native_bf16": kernels.NATIVE_BF16}
-    lines = [f"Batch-1 decoding step of gpt2-small, {machine_label(info)}, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads, native bfloat16: {kernels.NATIVE_BF16}; median of {args.steps} steps"
-             f"{note(args.wait_idle, 'timed')}",
-             "", "| dtype | step | first call (compile) | step | fastest step | tokens/s |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['dtype']} | {r['variant']} | {r['first_call_s']:.2f} s | {r['step_ms']:.2f} ms | "
-              f"{r['min_step_ms']:.2f} ms | {r['tokens_per_s']:.1f} |" for r in rows]
-    print("\n".join(lines))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "compile_decode.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
-        (args.out / "compile_decode.md").write_text("\n".join(lines) + "\n")
+    info = machine()
+    lines = [f"Batch-1 decoding step of gpt2-small, {describe(info)}; median of {args.steps} steps"
+             f"{note(args.wait_idle, 'timed')}", ""]
+    lines += table(["dtype", "step", "first call (compile)", "step", "fastest step", "tokens/s"],
+                   [(r["dtype"], r["variant"], f"{r['first_call_s']:.2f} s", f"{r['step_ms']:.2f} ms",
+                     f"{r['min_step_ms']:.2f} ms", f"{r['tokens_per_s']:.1f}") for r in rows])
+    save(lines, args.out, "compile_decode", {"machine": info, "rows": rows})
 
 
 if __name__ == "__main__":

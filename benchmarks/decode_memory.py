@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _report import save, table
+
 VARIANTS = [("float32", "oneDNN"), ("bfloat16", "packed"), ("bfloat16", "F.linear")]
 
 
@@ -64,15 +66,11 @@ def main() -> None:
                               check=True)
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     lines = ["Memory added by greedy decoding (prompt 16, 32 new tokens, batch 1) to a loaded gpt2-small, fresh process "
-             "per row", "", "| dtype | linears | weights | packs | peak RSS growth | RSS growth after |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['dtype']} | {r['path']} | {r['weights_mib']:.0f} MiB | {r['packed_mib']:.0f} MiB | "
-              f"{r['peak_growth_mib']:.0f} MiB | {r['rss_growth_mib']:.0f} MiB |" for r in rows]
-    print("\n".join(lines))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "decode_memory.json").write_text(json.dumps(rows, indent=2))
-        (args.out / "decode_memory.md").write_text("\n".join(lines) + "\n")
+             "per row", ""]
+    lines += table(["dtype", "linears", "weights", "packs", "peak RSS growth", "RSS growth after"],
+                   [(r["dtype"], r["path"], f"{r['weights_mib']:.0f} MiB", f"{r['packed_mib']:.0f} MiB",
+                     f"{r['peak_growth_mib']:.0f} MiB", f"{r['rss_growth_mib']:.0f} MiB") for r in rows])
+    save(lines, args.out, "decode_memory", rows)
 
 
 if __name__ == "__main__":

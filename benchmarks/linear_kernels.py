@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _report import describe, machine, save, table
 
 from gpt2hub import kernels
-from gpt2hub.bench import machine_info, machine_label, stats
+from gpt2hub.bench import stats
 
 D, LAYERS, VOCAB = 768, 12, 50257
 Layer = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # input, weight, bias
@@ -99,18 +99,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     rows = measure([getattr(torch, d) for d in args.dtype], args.repeats)
-    info = {**machine_info(), "native_bf16": kernels.NATIVE_BF16}
-    lines = [f"Batch-1 matrix-vector products of gpt2-small, {machine_label(info)}, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads, native bfloat16: {kernels.NATIVE_BF16}; passes interleaved, "
-             f"median and fastest of {args.repeats}", "",
-             "| dtype | part | layout | kernel | median | fastest | weights read (median) |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['dtype']} | {r['part']} | {r['layout']} | {r['kernel']} | {r['median_ms']:.2f} ms | "
-              f"{r['min_ms']:.2f} ms | {r['gb_per_s']:.1f} GB/s |" for r in rows]
-    print("\n".join(lines))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "linear_kernels.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
-        (args.out / "linear_kernels.md").write_text("\n".join(lines) + "\n")
+    info = machine()
+    lines = [f"Batch-1 matrix-vector products of gpt2-small, {describe(info)}; passes interleaved, "
+             f"median and fastest of {args.repeats}", ""]
+    lines += table(["dtype", "part", "layout", "kernel", "median", "fastest", "weights read (median)"],
+                   [(r["dtype"], r["part"], r["layout"], r["kernel"], f"{r['median_ms']:.2f} ms", f"{r['min_ms']:.2f} ms",
+                     f"{r['gb_per_s']:.1f} GB/s") for r in rows])
+    save(lines, args.out, "linear_kernels", {"machine": info, "rows": rows})
 
 
 if __name__ == "__main__":
