@@ -16,8 +16,10 @@ import hashlib
 import http.client
 import logging
 import os
+import queue
 import re
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -51,6 +53,70 @@ class _Fatal(Exception):
 
 class _Transient(Exception):
     """A failure that a retry may fix (5xx, a reset, a stall)."""
+
+
+class Tap(Protocol):
+    """Something that reads a file's bytes in order as they arrive: a digest, or `streaming.StreamedWeights`."""
+
+    def catch_up(self, part: Path, offset: int) -> None:
+        """Make what it has seen the first `offset` bytes of `part` (a download resumes or starts over)."""
+
+    def update(self, chunk: bytes) -> None:
+        """The next bytes."""
+
+
+class _Taps:
+    """Feeds every chunk to each tap on a thread of its own, so that hashing and converting overlap the network
+    and the disk (hashlib, google_crc32c and torch release the GIL on large buffers).
+
+    At most 16 chunks (16 MiB) wait for a tap; `drain` waits until every tap has seen every chunk and re-raises
+    what a tap raised. Use as a context manager: the threads end on leaving it.
+    """
+
+    def __init__(self, taps: list[Tap]) -> None:
+        self.taps = taps
+        self.queues: list[queue.Queue[bytes | None]] = [queue.Queue(maxsize=16) for _ in taps]
+        self.errors: list[BaseException | None] = [None] * len(taps)
+        self.threads = [threading.Thread(target=self._run, args=(i,), name=f"gpt2hub-tap-{i}", daemon=True)
+                        for i in range(len(taps))]
+
+    def __enter__(self) -> _Taps:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for q in self.queues:
+            q.put(None)
+        for t in self.threads:
+            t.join()
+
+    def _run(self, i: int) -> None:
+        q = self.queues[i]
+        while (chunk := q.get()) is not None:
+            try:
+                if self.errors[i] is None:
+                    self.taps[i].update(chunk)
+            except BaseException as e:  # handed to the downloading thread by drain
+                self.errors[i] = e
+            finally:
+                q.task_done()
+
+    def update(self, chunk: bytes) -> None:
+        for q in self.queues:
+            q.put(chunk)
+
+    def drain(self) -> None:
+        for q in self.queues:
+            q.join()
+        for e in self.errors:
+            if e is not None:
+                raise e
+
+    def catch_up(self, part: Path, offset: int) -> None:
+        self.drain()
+        for tap in self.taps:
+            tap.catch_up(part, offset)
 
 
 class _Hash(Protocol):
@@ -146,7 +212,7 @@ def _span(resp: http.client.HTTPResponse, url: str, offset: int) -> tuple[int, i
     return 0, int(length) if length is not None and length.isdigit() else -1
 
 
-def _attempt(url: str, part: Path, timeout: float, bar: _Bar, digest: _Digest, limit: int) -> int:
+def _attempt(url: str, part: Path, timeout: float, bar: _Bar, taps: _Taps, limit: int) -> int:
     """Fetch what `part` still lacks; returns the file's size. Reading errors are network errors, writing ones disk's."""
     offset = part.stat().st_size if part.exists() else 0
     try:
@@ -160,7 +226,7 @@ def _attempt(url: str, part: Path, timeout: float, bar: _Bar, digest: _Digest, l
     with resp:
         offset, total = _span(resp, url, offset)
         bar.start(offset, total)
-        digest.catch_up(part, offset)
+        taps.catch_up(part, offset)
         with disk_errors(part):
             f = open(part, "r+b" if offset else "wb")
         with f:
@@ -173,7 +239,7 @@ def _attempt(url: str, part: Path, timeout: float, bar: _Bar, digest: _Digest, l
                     raise IntegrityError(f"is larger than {limit} bytes, more than the file can be")
                 with disk_errors(part):
                     f.write(chunk)
-                digest.update(chunk)
+                taps.update(chunk)
                 bar.advance(len(chunk))
             with disk_errors(part):
                 f.flush()
@@ -210,14 +276,17 @@ def claim_partial(dest: Path) -> Path:
 
 def download(url: str, dest: Path, *, expected_size: int | None = None, expected_sha256: str | None = None,
              validate: Validator | None = None, retries: int = 3, timeout: float | None = None,
-             backoff: float = 0.25, bar: tqdm | None = None, max_size: int = 64 << 20) -> dict[str, Any]:
+             backoff: float = 0.25, bar: tqdm | None = None, max_size: int = 64 << 20,
+             tap: Tap | None = None) -> dict[str, Any]:
     """Download `url` to `dest` atomically; returns its record: size and sha256 (when one is expected) or crc32c.
 
     Bytes go to a partial file unique to this process (an earlier process's is claimed and resumed with a Range
     request). `bar`, if given, is a progress bar shared by every file of the download: this file's bytes are added
     to its total and its count. `validate` is called on the complete file before it takes its final name. On a size, hash or
     validation failure the file is deleted and IntegrityError names it, the URL and what was wrong. A body longer
-    than `expected_size` (or `max_size` when the size is not known) is cut off as an IntegrityError.
+    than `expected_size` (or `max_size` when the size is not known) is cut off as an IntegrityError. `tap`, if given,
+    sees every byte of the file in order, on a thread of its own (see `Tap`); the download does not wait for its
+    verdict.
     """
     timeout = env_seconds("GPT2HUB_READ_TIMEOUT", 60.0) if timeout is None else timeout
     with disk_errors(dest):
@@ -225,20 +294,21 @@ def download(url: str, dest: Path, *, expected_size: int | None = None, expected
     part = claim_partial(dest)
     running = _Digest(kind_for(expected_sha256))
     limit = expected_size if expected_size is not None else max_size
-    try:
-        size = _fetch(url, part, timeout, _Bar(bar), running, retries, backoff, limit)
-    except IntegrityError as e:
-        part.unlink(missing_ok=True)
-        raise IntegrityError(f"{dest.name} from {url} {e}") from None
-    running.catch_up(part, size)  # a no-op unless the whole file was already there (416)
+    with _Taps([running] if tap is None else [running, tap]) as taps:
+        try:
+            size = _fetch(url, part, timeout, _Bar(bar), taps, retries, backoff, limit)
+        except IntegrityError as e:
+            part.unlink(missing_ok=True)
+            raise IntegrityError(f"{dest.name} from {url} {e}") from None
+        taps.catch_up(part, size)  # waits for the taps; reads the file only if it was whole already (416)
     return _finish(url, part, dest, size, running, expected_size, expected_sha256, validate)
 
 
-def _fetch(url: str, part: Path, timeout: float, bar: _Bar, digest: _Digest, retries: int, backoff: float,
+def _fetch(url: str, part: Path, timeout: float, bar: _Bar, taps: _Taps, retries: int, backoff: float,
            limit: int) -> int:
     for attempt in range(retries + 1):
         try:
-            return _attempt(url, part, timeout, bar, digest, limit)
+            return _attempt(url, part, timeout, bar, taps, limit)
         except _Fatal as e:
             raise DownloadError(str(e)) from None
         except _Transient as e:

@@ -49,6 +49,7 @@ class Hub:
     def __init__(self, spec: ModelSpec, source: Source, cache: ModelCache, offline_: bool, progress: bool = True):
         self.spec, self.source, self.cache = spec, source, cache
         self.offline, self.progress = offline_, progress and not progress_disabled()
+        self.stages: dict[str, float] = {}  # seconds of the last `weights` call: "fetch" (with what streamed), "prepare"
 
     def files(self, names: tuple[str, ...], force: bool = False) -> dict[str, Path]:
         """Paths of the published files `names`, fetching (under the lock) what is missing or damaged."""
@@ -65,11 +66,14 @@ class Hub:
         with self._locked(f"preparing {self.spec.name} ({self.source.key}, {dtype})", names, force):
             refetched: set[str] = set()
             while True:
-                fresh = self._repair(names, force and not refetched, dtype)
-                try:
-                    return self._prepare(dtype, fresh)
-                except CheckpointError as e:
-                    self._blame(e, refetched)
+                with storage.Streaming(self.cache, self.source, dtype) as streaming:
+                    start = time.perf_counter()
+                    fresh = self._repair(names, force and not refetched, dtype, streaming)
+                    self.stages["fetch"] = time.perf_counter() - start
+                    try:
+                        return self._prepare(dtype, fresh, streaming)
+                    except CheckpointError as e:
+                        self._blame(e, refetched)
 
     def _locked(self, why: str, names: tuple[str, ...], force: bool) -> contextlib.AbstractContextManager[None]:
         missing = [p.name for p in self.cache.verify(names, (), quick=True) if p.name] if not force else list(names)
@@ -79,10 +83,13 @@ class Hub:
                                f"{self.spec.name} --source {self.source.key}` with network access first")
         return self.cache.lock(why)
 
-    def _repair(self, names: tuple[str, ...], force: bool, dtype: str | None = None) -> set[str]:
+    def _repair(self, names: tuple[str, ...], force: bool, dtype: str | None = None,
+                streaming: storage.Streaming | None = None) -> set[str]:
         """Under the lock: fetch every file that is missing or damaged (all with `force`); returns those fetched.
 
         A damaged file is discarded first (for the hf source, with its blob, else Hugging Face would hand it back).
+        The weights file comes last, so that `streaming` can prepare the weights while it arrives (it needs the
+        index and hyperparameters first).
         """
         problems = self.cache.verify(names, (dtype,) if dtype else (), quick=True)
         for p in problems:
@@ -93,19 +100,26 @@ class Hub:
             elif p.what != "not downloaded":
                 self.cache.discard(p.name)
         bad = list(names) if force else list(dict.fromkeys(p.name for p in problems if p.name))
+        bad.sort(key=lambda name: name == self.source.weights_file)
         try:
             for name in bad:
-                self.cache.record_file(name, self.source.fetch(self.cache, name, force))
+                tap = streaming.tap(name, self._paths(names)) if streaming is not None else None
+                self.cache.record_file(name, self.source.fetch(self.cache, name, force, tap))
         finally:
             self.source.done()
         return set(bad)
 
-    def _prepare(self, dtype: str, fresh: set[str]) -> Manifest:
+    def _prepare(self, dtype: str, fresh: set[str], streaming: storage.Streaming) -> Manifest:
         if not fresh and (manifest := self.cache.manifest(dtype)) and not self.cache.check_weights(dtype, quick=True):
             return manifest  # another process prepared it while we waited for the lock
+        paths = self._paths(self.source.files)
         verb = "verifying" if storage.kind_of(dtype) == storage.MAPPED else "converting"
-        with tqdm(desc=f"{verb} {self.spec.name} ({dtype})", unit="tensor", disable=not self.progress) as bar:
-            return storage.prepare(self.cache, self.source, self._paths(self.source.files), dtype, fresh, bar.update)
+        quiet = not self.progress or streaming.complete(paths)  # done during the download: nothing left to show
+        start = time.perf_counter()
+        with tqdm(desc=f"{verb} {self.spec.name} ({dtype})", unit="tensor", disable=quiet) as bar:
+            manifest = storage.prepare(self.cache, self.source, paths, dtype, fresh, bar.update, streaming)
+        self.stages["prepare"] = time.perf_counter() - start
+        return manifest
 
     def _blame(self, e: CheckpointError, refetched: set[str]) -> None:
         """Discard the one file a checkpoint error names, to be fetched again once; a second failure is final."""

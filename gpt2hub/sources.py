@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import names
 from .cache import ModelCache
-from .download import MirrorDown, download, progress_disabled
+from .download import MirrorDown, Tap, download, progress_disabled
 from .errors import ConversionError, DownloadError, IntegrityError, OfflineError
 from .files import DIGESTS, atomic_path, ignore_pins, kind_for, regular_file
 from .registry import (
@@ -78,7 +78,7 @@ class Source(Protocol):
     tokenizer_files: tuple[str, ...]
     weights_file: str
 
-    def fetch(self, cache: ModelCache, name: str, force: bool) -> dict: ...
+    def fetch(self, cache: ModelCache, name: str, force: bool, tap: Tap | None = None) -> dict: ...
     def done(self) -> None: ...
     def validate(self, name: str, path: Path) -> None: ...
     def config(self, paths: dict[str, Path]) -> dict: ...
@@ -134,7 +134,7 @@ class OpenAISource:
             return None
         return {"size": st.st_size, kind: digest}
 
-    def fetch(self, cache: ModelCache, name: str, force: bool) -> dict:
+    def fetch(self, cache: ModelCache, name: str, force: bool, tap: Tap | None = None) -> dict:
         """Put `name` into the cache, validated: an unrecorded complete copy, the adopt folder's copy, or a mirror's."""
         dest = cache.raw_path(name)
         if not force and regular_file(dest) and (record := self._accept(name, dest)) is not None:
@@ -143,7 +143,7 @@ class OpenAISource:
             cache.discard(name)
         if self.adopt_from is not None and not force and (record := self._adopt(self.adopt_from, name, dest)) is not None:
             return record
-        return self._download(cache, name, dest)
+        return self._download(cache, name, dest, tap)
 
     def _adopt(self, folder: Path, name: str, dest: Path) -> dict | None:
         src = folder / name
@@ -155,7 +155,7 @@ class OpenAISource:
         log.info("adopted %s from %s", name, src)
         return {**record, "url": f"file://{src.resolve()}"}
 
-    def _download(self, cache: ModelCache, name: str, dest: Path) -> dict:
+    def _download(self, cache: ModelCache, name: str, dest: Path, tap: Tap | None) -> dict:
         """Each mirror in turn; a file failing its checks is fetched once more from the same mirror, then the next
         mirror is tried. A mirror that cannot be reached, or keeps answering 5xx, is skipped for the rest of the call."""
         reasons, integrity = [], 0
@@ -168,7 +168,7 @@ class OpenAISource:
                 try:
                     record = download(url, dest, expected_size=self.sizes.get(name),
                                       expected_sha256=self.pins.get(name), validate=lambda p: self.validate(name, p),
-                                      bar=self._bar(), max_size=SMALL_LIMIT if name in SMALL else 64 << 20)
+                                      bar=self._bar(), max_size=SMALL_LIMIT if name in SMALL else 64 << 20, tap=tap)
                     return {**record, "url": url}
                 except IntegrityError as e:
                     reason, bad_file = str(e), True
@@ -271,7 +271,8 @@ class HFSource:
         elif name in self.tokenizer_files:
             check_vocab(name, path)
 
-    def fetch(self, cache: ModelCache, name: str, force: bool) -> dict:
+    def fetch(self, cache: ModelCache, name: str, force: bool, tap: Tap | None = None) -> dict:
+        """Fetch `name` through huggingface_hub and record it; `tap` is unused (huggingface_hub hands over whole files)."""
         path = self._hf_download(name, force)
         pin = self.pins.get(name)
         kind = kind_for(pin)

@@ -12,14 +12,11 @@
 from __future__ import annotations
 
 import datetime
-import itertools
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import google_crc32c
 import safetensors
 import torch
 
@@ -27,10 +24,13 @@ from . import names
 from .__version__ import __version__
 from .cache import Manifest, ModelCache
 from .convert import openai_state_dict
-from .errors import CheckpointError
-from .files import atomic_path, write_json
-from .registry import MAPPED_DTYPES
+from .errors import CheckpointError, GPT2HubError
+from .files import atomic_path, fsync_dir, write_json
+from .registry import INDEX_FILE, MAPPED_DTYPES
+from .safetensors_file import load_safetensors, save_state_dict
 from .sources import Source
+from .streaming import StreamedWeights, plan
+from .tf_checkpoint import read_index
 
 MAPPED, CONVERTED = "mapped", "converted"
 # what reading stored weights raises when a file is damaged in a way its size and timestamp do not show
@@ -43,25 +43,81 @@ def kind_of(dtype: str) -> str:
     return MAPPED if dtype in MAPPED_DTYPES else CONVERTED
 
 
+class Streaming:
+    """Preparing `dtype` while OpenAI's data file downloads (see streaming): `tap` makes the download tap when the
+    data file is about to be fetched (the index and hparams.json are in by then); `prepare` uses what it made if the
+    downloaded file is exactly what it saw. Use as a context manager: leaving it removes what was not used."""
+
+    def __init__(self, cache: ModelCache, source: Source, dtype: str):
+        self.cache, self.source, self.dtype = cache, source, dtype
+        self.streamed: StreamedWeights | None = None
+
+    def tap(self, name: str, paths: dict[str, Path]) -> StreamedWeights | None:
+        """The tap for downloading `name`: None unless it is OpenAI's data file and its index and hparams.json are good
+        (what is wrong with them is then reported by the usual path)."""
+        if self.source.key != "openai" or name != self.source.weights_file:
+            return None
+        try:
+            cfg = self.source.config(paths)
+            entries, shards = read_index(paths[INDEX_FILE])
+        except (GPT2HubError, OSError, ValueError):
+            return None
+        pieces = plan(entries, cfg) if shards == 1 else None
+        if pieces is None:
+            return None
+        out = self.cache.converted_path(self.dtype)
+        self.close()
+        self.streamed = StreamedWeights(pieces, cfg, None if kind_of(self.dtype) == MAPPED else TORCH_DTYPES[self.dtype],
+                                        out.parent, out.name)
+        return self.streamed
+
+    def complete(self, paths: dict[str, Path]) -> bool:
+        """Whether the weights file in `paths` was seen whole by the tap, every tensor passing its check."""
+        return self.streamed is not None and self.streamed.complete(paths[self.source.weights_file])
+
+    def converted(self, paths: dict[str, Path]) -> tuple[Path, str] | None:
+        """(the converted file, not yet in place, and its crc32c) once `complete(paths)`, else None."""
+        return self.streamed.result(paths[self.source.weights_file]) if self.streamed is not None else None
+
+    def close(self) -> None:
+        """Remove the converted file unless `prepare` moved it into place."""
+        if self.streamed is not None:
+            self.streamed.close()
+
+    def __enter__(self) -> Streaming:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def prepare(cache: ModelCache, source: Source, paths: dict[str, Path], dtype: str, fresh: set[str],
-            progress: Callable[[], Any] | None = None) -> Manifest:
+            progress: Callable[[], Any] | None = None, streaming: Streaming | None = None) -> Manifest:
     """Check (MAPPED) or convert (CONVERTED) the weights for `dtype` and record how they are stored.
 
-    `fresh` names files whose digest was taken moments ago, so need no second read. A damaged checkpoint raises
-    CheckpointError whose `file` is the file at fault.
+    `fresh` names files whose digest was taken moments ago, so need no second read; `streaming` holds what was
+    checked or converted while the weights file arrived, used only if it saw that very file whole. A damaged
+    checkpoint raises CheckpointError whose `file` is the file at fault.
     """
     cfg = source.config(paths)
     weights = paths[source.weights_file]
+    streamed = streaming is not None and source.weights_file in fresh and streaming.complete(paths)
     if kind_of(dtype) == MAPPED:
-        if source.key == "openai" or source.weights_file not in fresh:
+        if not streamed and (source.key == "openai" or source.weights_file not in fresh):
             _check_tensors(cache, source, paths, cfg, progress)
         out, crc = weights, None
     else:
-        get = source.tensors(paths, verify=True)  # each tensor's crc32c checked as it is read (OpenAI's checkpoint)
-        sd = openai_state_dict(get, cfg, TORCH_DTYPES[dtype], progress)
         out = cache.converted_path(dtype)
-        with atomic_path(out) as tmp:
-            crc = save_state_dict(sd, tmp)
+        made = streaming.converted(paths) if streamed and streaming is not None else None
+        if made is not None:
+            tmp, crc = made
+            os.replace(tmp, out)
+            fsync_dir(out.parent)
+        else:
+            get = source.tensors(paths, verify=True)  # each tensor's crc32c checked as it is read (OpenAI's checkpoint)
+            sd = openai_state_dict(get, cfg, TORCH_DTYPES[dtype], progress)
+            with atomic_path(out) as tmp:
+                crc = save_state_dict(sd, tmp)
     st = out.stat()
     manifest = Manifest(kind_of(dtype), dtype, out.name if kind_of(dtype) == CONVERTED else source.weights_file, cfg,
                         st.st_size, st.st_mtime_ns, crc, {
@@ -102,38 +158,3 @@ def state_dict(source: Source, paths: dict[str, Path], manifest: Manifest, cache
             return torch.as_tensor(cpu_get(name)).to(device)
 
     return openai_state_dict(get, manifest.config, torch.float32)
-
-
-def load_safetensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, mapped (on CPU) rather than read, on `device`."""
-    with safetensors.safe_open(str(path), framework="pt", device=str(torch.device(device))) as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
-
-
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-
-
-def save_state_dict(sd: dict[str, torch.Tensor], path: Path) -> str:
-    """Write safetensors straight from the tensors' memory; returns its crc32c as hex.
-
-    A tensor that is not dense in CPU memory (a transposed view, a GPU tensor) is copied on its own as it is
-    written, so at most one such copy exists at a time.
-    """
-    header: dict[str, Any] = {"__metadata__": {"format": "pt", "gpt2hub": __version__}}
-    offset = 0
-    for k, v in sd.items():
-        nbytes = v.numel() * v.element_size()
-        header[k] = {"dtype": _ST_DTYPES[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the format aligns the data to 8 bytes
-    crc = 0
-    with open(path, "wb") as f:
-        data = (v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy() for v in sd.values())
-        for chunk in itertools.chain([len(blob).to_bytes(8, "little") + blob], data):
-            f.write(chunk)  # type: ignore[arg-type]  # ndarrays are buffers; numpy's stubs say so for Python >= 3.12 only
-            crc = google_crc32c.extend(crc, chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    return f"{crc:08x}"
-

@@ -1,5 +1,6 @@
 import os
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from factory import real_vocab, tiny_spec, write_openai_folder  # noqa: E402
 from server import FileServer  # noqa: E402
 
+import gpt2hub.download  # noqa: E402
 from gpt2hub.registry import register  # noqa: E402
 from gpt2hub.synthetic import write_hf_folder  # noqa: E402
 
@@ -50,6 +52,14 @@ def server(tiny_folder, hf_folder):
         srv.served.files[f"/hf/{TINY.hf_repo}/{f.name}"] = f.read_bytes()
     yield srv
     srv.close()
+
+
+@pytest.fixture
+def sleeps(monkeypatch):
+    """Every backoff the downloader asks for (it then does not sleep)."""
+    asked: list[float] = []
+    monkeypatch.setattr(gpt2hub.download, "time", types.SimpleNamespace(sleep=asked.append))
+    return asked
 
 
 @pytest.fixture

@@ -516,6 +516,25 @@ def test_kill_9_mid_download_then_load_resumes(hub_env, server, name, fault, ref
     assert not [p for p in (hub_env / "openai/tiny/raw").iterdir() if p.name.endswith(".incomplete")]
 
 
+def test_kill_9_while_converting_during_the_download_leaves_a_temporary_file_that_prune_removes(hub_env, server,
+                                                                                              capsys):
+    from server import Fault
+
+    server.served.fault(f"/tiny/{DATA}", Fault("slow", delay=0.03))
+    converted = model_cache(hub_env, "openai", "tiny").converted_path("bfloat16").parent
+    proc = _worker("bfloat16")
+    _wait_for(lambda: converted.is_dir() and any(p.name.endswith(".tmp") for p in converted.iterdir()), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    left = [p for p in converted.iterdir() if p.name.endswith(".tmp")]
+    assert left and left == [p for p in model_cache(hub_env, "openai", "tiny").partials() if p.parent == converted]
+    model = from_pretrained("gpt2-tiny", dtype="bfloat16")
+    assert torch.equal(model.tok_emb.weight, from_pretrained("gpt2-tiny").tok_emb.weight.to(torch.bfloat16))
+    _cli(capsys, "cache", "prune")
+    assert not [p for p in converted.iterdir() if p.name.endswith(".tmp")]
+    assert model_cache(hub_env, "openai", "tiny").verify(dtypes=("bfloat16",)) == []
+
+
 def test_lock_file_deleted_mid_download(hub_env, server, reference):
     from server import Fault
 

@@ -7,7 +7,6 @@ import logging
 import os
 import socket
 import threading
-import types
 from dataclasses import replace
 
 import pytest
@@ -32,14 +31,6 @@ def _gets(server, name: str) -> list:
 def _logits(model) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.arange(12)[None])
-
-
-@pytest.fixture
-def sleeps(monkeypatch):
-    """Every backoff the downloader asks for (it then does not sleep)."""
-    asked: list[float] = []
-    monkeypatch.setattr(gpt2hub.download, "time", types.SimpleNamespace(sleep=asked.append))
-    return asked
 
 
 @pytest.fixture

@@ -15,6 +15,8 @@ from gpt2hub.hub import download_files  # noqa: E402
 register(tiny_spec())
 if sys.argv[1:] == ["download"]:
     download_files("gpt2-tiny")
+elif sys.argv[1:] == ["bfloat16"]:
+    from_pretrained("gpt2-tiny", dtype="bfloat16")
 else:
     with torch.no_grad():
         logits = from_pretrained("gpt2-tiny")(torch.arange(10)[None])

@@ -1,0 +1,230 @@
+"""Preparing the weights while OpenAI's data file downloads (gpt2hub.streaming): the same weights as preparing them
+afterwards, whatever the download goes through, and never a say in what is accepted."""
+
+import errno
+import json
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import TINY
+from server import Fault
+
+import gpt2hub
+from gpt2hub import IntegrityError, from_pretrained, storage
+from gpt2hub.cache import model_cache
+from gpt2hub.convert import VariableConverter, openai_state_dict, read_hparams
+from gpt2hub.registry import OPENAI_FILES, register
+from gpt2hub.safetensors_file import SafetensorsWriter, load_safetensors, save_state_dict
+from gpt2hub.streaming import StreamedWeights, plan
+from gpt2hub.tf_checkpoint import TFCheckpoint, read_index
+
+DATA, INDEX = "model.ckpt.data-00000-of-00001", "model.ckpt.index"
+
+
+@pytest.fixture
+def no_after_path(monkeypatch):
+    """Fail the test if the weights are checked or converted after the download instead of while it ran."""
+    calls = []
+
+    def after(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("the weights were prepared after the download")
+
+    monkeypatch.setattr(storage, "save_state_dict", after)  # how 16-bit weights are written after the download
+    monkeypatch.setattr(storage, "_check_tensors", after)  # how float32 tensors are checked after it
+    return calls
+
+
+def _cfg(folder):
+    return read_hparams(folder / "hparams.json")
+
+
+def _reference(folder, dtype):
+    """The weights as preparing them from the whole file makes them (the path that existed before streaming)."""
+    with TFCheckpoint(folder / "model.ckpt") as ckpt:
+        return openai_state_dict(lambda n: ckpt.read(f"model/{n}"), _cfg(folder), dtype)
+
+
+def _stored(cache, dtype):
+    return load_safetensors(model_cache(cache, "openai", TINY.size).converted_path(dtype))
+
+
+def _assert_same(sd, ref):
+    assert sd.keys() == ref.keys()
+    for k in ref:
+        assert sd[k].dtype == ref[k].dtype and torch.equal(sd[k], ref[k]), k
+
+
+def _converted_dir(cache):
+    return model_cache(cache, "openai", TINY.size).converted_path("bfloat16").parent
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_cold_16bit_load_converts_while_downloading_to_the_same_weights(hub_env, tiny_folder, no_after_path, dtype):
+    model = from_pretrained("gpt2-tiny", dtype=dtype)
+    ref = _reference(tiny_folder[0], getattr(torch, dtype))
+    _assert_same(_stored(hub_env, dtype), ref)
+    assert torch.equal(model.tok_emb.weight, ref["tok_emb.weight"]) and not no_after_path
+    manifest = json.loads((_converted_dir(hub_env) / f"{dtype}.json").read_text())
+    assert manifest["kind"] == "converted"
+    assert [p.name for p in _converted_dir(hub_env).iterdir() if p.name.endswith(".tmp")] == []
+    assert not model_cache(hub_env, "openai", TINY.size).verify(OPENAI_FILES, (dtype,))
+
+
+def test_a_cold_float32_load_checks_every_tensor_while_downloading(hub_env, tiny_folder, no_after_path):
+    model = from_pretrained("gpt2-tiny")
+    assert torch.equal(model.tok_emb.weight, _reference(tiny_folder[0], torch.float32)["tok_emb.weight"])
+
+
+def test_the_data_file_is_fetched_after_its_index(hub_env, server):
+    from_pretrained("gpt2-tiny", dtype="bfloat16")
+    order = [r[1].rsplit("/", 1)[1] for r in server.served.requests("GET") if f"/{TINY.size}/" in r[1]]
+    assert order.index(INDEX) < order.index(DATA) and order.index("hparams.json") < order.index(DATA)
+
+
+@pytest.mark.parametrize("fault", [Fault("reset", after=300_001), Fault("ignore_range"), Fault("drop", after=123_457)])
+def test_resumed_or_restarted_downloads_still_convert_to_the_same_weights(hub_env, server, tiny_folder, sleeps,
+                                                                           no_after_path, fault):
+    if fault.kind == "ignore_range":  # the resumed request is answered from the first byte: the tap starts over
+        server.served.fault(f"/{TINY.size}/{DATA}", Fault("reset", after=200_003))
+    server.served.fault(f"/{TINY.size}/{DATA}", fault)
+    from_pretrained("gpt2-tiny", dtype="bfloat16")
+    assert len([r for r in server.served.requests("GET") if r[1].endswith(DATA)]) == 2
+    _assert_same(_stored(hub_env, "bfloat16"), _reference(tiny_folder[0], torch.bfloat16))
+
+
+def test_a_partial_file_left_by_a_killed_process_is_read_back_into_the_conversion(hub_env, server, tiny_folder,
+                                                                                  no_after_path):
+    raw = model_cache(hub_env, "openai", TINY.size).raw
+    raw.mkdir(parents=True)
+    (raw / f"{DATA}.99999.incomplete").write_bytes((tiny_folder[0] / DATA).read_bytes()[:250_001])
+    from_pretrained("gpt2-tiny", dtype="bfloat16")
+    ranges = [r[2] for r in server.served.requests("GET") if r[1].endswith(DATA)]
+    assert ranges == ["bytes=250001-"]  # resumed, not fetched again
+    _assert_same(_stored(hub_env, "bfloat16"), _reference(tiny_folder[0], torch.bfloat16))
+
+
+def test_a_corrupt_tensor_turns_streaming_off_and_the_usual_path_blames_the_file(hub_env, server, tiny_folder,
+                                                                                 monkeypatch, caplog):
+    monkeypatch.setenv("GPT2HUB_IGNORE_PINS", "1")  # a size with pins would refuse the bad file before any check
+    good = (tiny_folder[0] / DATA).read_bytes()
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0x40
+    server.served.fault(f"/{TINY.size}/{DATA}", Fault("body", body=bytes(bad)))
+    model = from_pretrained("gpt2-tiny", dtype="bfloat16")
+    assert "crc32c" in caplog.text and DATA in caplog.text  # blamed by the usual path, then fetched once more
+    assert len([r for r in server.served.requests("GET") if r[1].endswith(DATA)]) == 2
+    _assert_same(_stored(hub_env, "bfloat16"), _reference(tiny_folder[0], torch.bfloat16))
+    assert torch.equal(model.tok_emb.weight, _reference(tiny_folder[0], torch.bfloat16)["tok_emb.weight"])
+
+
+def test_a_full_disk_while_converting_never_fails_the_download(hub_env, tiny_folder, monkeypatch):
+    def full(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(StreamedWeights, "_open", full)
+    after = []
+    real = storage.save_state_dict
+    monkeypatch.setattr(storage, "save_state_dict", lambda sd, path: after.append(path) or real(sd, path))
+    model = from_pretrained("gpt2-tiny", dtype="bfloat16")  # the download went on; converted after it instead
+    assert after and torch.equal(model.tok_emb.weight, _reference(tiny_folder[0], torch.bfloat16)["tok_emb.weight"])
+    assert [p.name for p in _converted_dir(hub_env).iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_a_download_that_fails_leaves_no_converted_file(hub_env, server, sleeps):
+    server.served.fault(f"/{TINY.size}/{DATA}", Fault("status", status=404))
+    with pytest.raises(gpt2hub.DownloadError):
+        from_pretrained("gpt2-tiny", dtype="bfloat16")
+    folder = _converted_dir(hub_env)
+    assert not folder.exists() or [p.name for p in folder.iterdir()] == []
+
+
+def test_a_file_refused_by_its_pin_is_never_used_even_if_it_converted_cleanly(hub_env, server, tiny_folder):
+    for f in tiny_folder[0].iterdir():
+        server.served.files[f"/tinypindata/{f.name}"] = f.read_bytes()
+    pinned = register(replace(TINY, name="gpt2-tiny-pin-data", size="tinypindata", hf_repo="test-org/gpt2-tiny-pin-data",
+                              sha256={"openai": {DATA: "0" * 64}}))
+    with pytest.raises(IntegrityError, match="pinned"):
+        from_pretrained(pinned.name, dtype="bfloat16")
+    folder = model_cache(hub_env, "openai", "tinypindata").converted_path("bfloat16").parent
+    assert not folder.exists() or [p.name for p in folder.iterdir()] == []
+
+
+# -- the tap alone, fed in pieces of every size ------------------------------------------------------------------------
+def _tap(folder, tmp_path, dtype=torch.bfloat16):
+    entries, shards = read_index(folder / INDEX)
+    pieces = plan(entries, _cfg(folder))
+    assert shards == 1 and pieces is not None
+    return StreamedWeights(pieces, _cfg(folder), dtype, tmp_path, "bfloat16.safetensors")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_tap_gives_the_same_file_for_any_chunking(tiny_folder, tmp_path, seed):
+    folder = tiny_folder[0]
+    data = (folder / DATA).read_bytes()
+    tap = _tap(folder, tmp_path)
+    rng, pos = random.Random(seed), 0
+    while pos < len(data):
+        n = rng.choice([1, 3, 4, 7, 4096, 65_537, 300_000])
+        tap.update(data[pos:pos + n])
+        pos += n
+    made = tap.result(folder / DATA)
+    assert made is not None
+    _assert_same(load_safetensors(made[0]), _reference(folder, torch.bfloat16))
+    assert made[1] == gpt2hub.files.crc32c_file(made[0])
+    tap.close()  # the file was not moved into place: removed
+    assert not made[0].exists() and list(tmp_path.iterdir()) == []
+
+
+def test_the_tap_refuses_what_it_did_not_see_whole(tiny_folder, tmp_path):
+    folder = tiny_folder[0]
+    data = (folder / DATA).read_bytes()
+    tap = _tap(folder, tmp_path)
+    tap.update(data[:-1])
+    assert not tap.complete(folder / DATA) and tap.result(folder / DATA) is None
+    tap.update(data[-1:] + b"x")  # one byte more than the file the download accepted
+    assert not tap.complete(folder / DATA)
+    tap.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_index_that_does_not_fit_the_hyperparameters_gives_no_plan(tiny_folder):
+    entries, _ = read_index(tiny_folder[0] / INDEX)
+    cfg = _cfg(tiny_folder[0])
+    assert plan(entries, {**cfg, "n_layers": cfg["n_layers"] + 1}) is None
+    assert plan({k: v for k, v in entries.items() if not k.endswith("wpe")}, cfg) is None
+    assert plan(entries, {**cfg, "emb_dim": cfg["emb_dim"] * 2}) is None
+
+
+def test_the_converter_gives_shapes_on_meta_tensors_and_the_embedding_is_only_cast():
+    cfg = {"emb_dim": 8, "n_layers": 1}
+    conv = VariableConverter(cfg, torch.bfloat16)
+    wte = torch.randn(50, 8)
+    out = conv("wte", wte, ("tok_emb.weight",), "keep")["tok_emb.weight"]
+    assert out.is_contiguous() and torch.equal(out, wte.to(torch.bfloat16))
+    meta = conv("h0/attn/c_attn/w", torch.empty(8, 24, device="meta"), ("q", "k", "v"), "qkv")
+    assert [tuple(t.shape) for t in meta.values()] == [(8, 8)] * 3 and all(t.is_meta for t in meta.values())
+
+
+def test_the_writer_refuses_tensors_out_of_order_or_missing(tmp_path):
+    sd = {"a": torch.zeros(2, 3), "b": torch.ones(4, dtype=torch.bfloat16)}
+    crc = save_state_dict(sd, tmp_path / "ok.safetensors")
+    assert crc == gpt2hub.files.crc32c_file(tmp_path / "ok.safetensors")
+    _assert_same(load_safetensors(tmp_path / "ok.safetensors"), sd)
+    with open(tmp_path / "w", "wb") as f:
+        w = SafetensorsWriter(f, gpt2hub.safetensors_file.layout_of(sd))
+        with pytest.raises(ValueError, match="expected 'a'"):
+            w.write("b", sd["b"])
+        with pytest.raises(ValueError, match="expected 'a'"):
+            w.write("a", torch.zeros(3, 2))
+        w.write("a", sd["a"])
+        with pytest.raises(ValueError, match="'b' was never written"):
+            w.finish()
+
+
+def test_streaming_does_not_change_torch_threads(hub_env):
+    before = torch.get_num_threads()
+    from_pretrained("gpt2-tiny", dtype="bfloat16")
+    assert torch.get_num_threads() == before
