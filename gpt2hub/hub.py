@@ -61,6 +61,7 @@ class Hub:
     def weights(self, dtype: str, force: bool = False) -> Manifest:
         """The manifest of the weights for `dtype`, every file checked; fetching, repairing, converting as needed."""
         names = self.source.files
+        self.stages = {"fetch": 0.0, "prepare": 0.0}
         if not force and not self.cache.verify(names, (dtype,), quick=True) and (manifest := self.cache.manifest(dtype)):
             return manifest
         with self._locked(f"preparing {self.spec.name} ({self.source.key}, {dtype})", names, force):
@@ -114,11 +115,13 @@ class Hub:
             return manifest  # another process prepared it while we waited for the lock
         paths = self._paths(self.source.files)
         verb = "verifying" if storage.kind_of(dtype) == storage.MAPPED else "converting"
-        quiet = not self.progress or streaming.complete(paths)  # done during the download: nothing left to show
+        streamed = streaming.complete(paths)  # done while the data file downloaded: nothing left to show
         start = time.perf_counter()
-        with tqdm(desc=f"{verb} {self.spec.name} ({dtype})", unit="tensor", disable=quiet) as bar:
+        with tqdm(desc=f"{verb} {self.spec.name} ({dtype})", unit="tensor", disable=streamed or not self.progress) as bar:
             manifest = storage.prepare(self.cache, self.source, paths, dtype, fresh, bar.update, streaming)
         self.stages["prepare"] = time.perf_counter() - start
+        log.info("%s (%s): fetched in %.3f s, prepared in %.3f s%s", self.spec.name, dtype, self.stages["fetch"],
+                 self.stages["prepare"], f" ({verb} while the data file downloaded)" if streamed else "")
         return manifest
 
     def _blame(self, e: CheckpointError, refetched: set[str]) -> None:

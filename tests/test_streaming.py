@@ -3,6 +3,7 @@ afterwards, whatever the download goes through, and never a say in what is accep
 
 import errno
 import json
+import logging
 import random
 from dataclasses import replace
 
@@ -62,8 +63,11 @@ def _converted_dir(cache):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_a_cold_16bit_load_converts_while_downloading_to_the_same_weights(hub_env, tiny_folder, no_after_path, dtype):
-    model = from_pretrained("gpt2-tiny", dtype=dtype)
+def test_a_cold_16bit_load_converts_while_downloading_to_the_same_weights(hub_env, tiny_folder, no_after_path, dtype,
+                                                                          caplog):
+    with caplog.at_level(logging.INFO, logger="gpt2hub"):
+        model = from_pretrained("gpt2-tiny", dtype=dtype)
+    assert "converting while the data file downloaded" in caplog.text
     ref = _reference(tiny_folder[0], getattr(torch, dtype))
     _assert_same(_stored(hub_env, dtype), ref)
     assert torch.equal(model.tok_emb.weight, ref["tok_emb.weight"]) and not no_after_path
