@@ -4,6 +4,7 @@ afterwards, whatever the download goes through, and never a say in what is accep
 import errno
 import json
 import random
+import threading
 from dataclasses import replace
 
 import pytest
@@ -12,7 +13,7 @@ from conftest import TINY
 from server import Fault
 
 import gpt2hub
-from gpt2hub import IntegrityError, from_pretrained, storage
+from gpt2hub import IntegrityError, download, from_pretrained, storage
 from gpt2hub.cache import ModelCache, model_cache
 from gpt2hub.convert import VariableConverter, openai_state_dict, read_hparams
 from gpt2hub.hub import open_hub
@@ -209,6 +210,50 @@ def test_a_link_planted_at_converted_during_the_download_is_never_written_throug
     assert list(outside.iterdir()) == []
     _assert_same(_stored(hub_env, "bfloat16"), _reference(tiny_folder[0], torch.bfloat16))
     assert not _converted_dir(hub_env).is_symlink()
+
+
+def _tap_threads():
+    return [t.name for t in threading.enumerate() if t.name.startswith("gpt2hub-tap")]
+
+
+def test_no_tap_thread_outlives_a_load_that_succeeds_or_fails(hub_env, server, sleeps):
+    from_pretrained("gpt2-tiny", dtype="bfloat16")
+    assert _tap_threads() == []
+    server.served.fault(f"/{TINY.size}/{DATA}", Fault("status", status=404))
+    with pytest.raises(gpt2hub.DownloadError):
+        from_pretrained("gpt2-tiny", dtype="float16", force_download=True)
+    assert _tap_threads() == []
+
+
+def test_an_interrupt_mid_download_ends_the_taps_and_leaves_no_converted_file(hub_env, server, tiny_folder,
+                                                                              monkeypatch):
+    real, reads = download._read, []
+
+    def read(resp):
+        reads.append(resp.url)
+        if sum(DATA in url for url in reads) == 3:
+            raise KeyboardInterrupt
+        return real(resp)
+
+    monkeypatch.setattr(download, "_read", read)
+    with pytest.raises(KeyboardInterrupt):
+        from_pretrained("gpt2-tiny", dtype="bfloat16")
+    assert _tap_threads() == []
+    assert [p for p in _converted_dir(hub_env).iterdir() if p.name.endswith(".tmp")] == []
+    monkeypatch.setattr(download, "_read", real)
+    from_pretrained("gpt2-tiny", dtype="bfloat16")  # resumed, and converted as the rest arrives
+    _assert_same(_stored(hub_env, "bfloat16"), _reference(tiny_folder[0], torch.bfloat16))
+
+
+def test_files_downloaded_first_are_converted_after_the_download(hub_env, tiny_folder, monkeypatch):
+    gpt2hub.download_files("gpt2-tiny")  # no dtype, so nothing streams
+    after = []
+    real = storage.save_state_dict
+    monkeypatch.setattr(storage, "save_state_dict", lambda sd, path: after.append(path) or real(sd, path))
+    from_pretrained("gpt2-tiny", dtype="float16")
+    assert after
+    _assert_same(_stored(hub_env, "float16"), _reference(tiny_folder[0], torch.float16))
+    assert not model_cache(hub_env, "openai", TINY.size).verify(OPENAI_FILES, ("float16",))
 
 
 # -- the tap alone, fed in pieces of every size ------------------------------------------------------------------------
