@@ -25,7 +25,7 @@ from .__version__ import __version__
 from .cache import Manifest, ModelCache
 from .convert import openai_state_dict
 from .errors import CheckpointError, GPT2HubError
-from .files import atomic_path, fsync_dir, write_json
+from .files import atomic_path, disk_error, fsync_dir, write_json
 from .registry import INDEX_FILE, MAPPED_DTYPES
 from .safetensors_file import load_safetensors, save_state_dict
 from .sources import Source
@@ -108,12 +108,8 @@ def prepare(cache: ModelCache, source: Source, paths: dict[str, Path], dtype: st
         out, crc = weights, None
     else:
         out = cache.converted_path(dtype)
-        made = streaming.converted(paths) if streamed and streaming is not None else None
-        if made is not None:
-            tmp, crc = made
-            os.replace(tmp, out)
-            fsync_dir(out.parent)
-        else:
+        crc = _place_streamed(streaming, paths, out) if streamed and streaming is not None else None
+        if crc is None:
             get = source.tensors(paths, verify=True)  # each tensor's crc32c checked as it is read (OpenAI's checkpoint)
             sd = openai_state_dict(get, cfg, TORCH_DTYPES[dtype], progress)
             with atomic_path(out) as tmp:
@@ -127,6 +123,23 @@ def prepare(cache: ModelCache, source: Source, paths: dict[str, Path], dtype: st
         cache.converted_path(dtype).unlink(missing_ok=True)  # a copy an older gpt2hub wrote
     write_json(cache.manifest_path(dtype), manifest.to_json())
     return manifest
+
+
+def _place_streamed(streaming: Streaming, paths: dict[str, Path], out: Path) -> str | None:
+    """Rename the file converted during the download to `out`; its crc32c, or None when there is none to use (it
+    was removed since, say by a `cache prune` after the lock file was deleted: the weights are then converted)."""
+    made = streaming.converted(paths)
+    if made is None:
+        return None
+    tmp, crc = made
+    try:
+        os.replace(tmp, out)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise disk_error(out, e) from e
+    fsync_dir(out.parent)
+    return crc
 
 
 def _check_tensors(cache: ModelCache, source: Source, paths: dict[str, Path], cfg: dict,

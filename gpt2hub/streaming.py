@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import stat
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ import torch
 
 from . import names
 from .convert import VariableConverter
+from .files import stat_entry
 from .safetensors_file import SafetensorsWriter, layout_of
 from .tf_checkpoint import TensorEntry, mask_crc
 
@@ -80,6 +82,7 @@ class StreamedWeights:
         self.layout = self._layout() if self.convert is not None else {}
         self.tmp: Path | None = None
         self.file: BinaryIO | None = None
+        self.made: os.stat_result | None = None  # the temporary file as made, to know it again
         self.error: str | None = None
         self._restart()
 
@@ -163,8 +166,11 @@ class StreamedWeights:
         assert self.out_dir is not None
         if self.file is None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            st = stat_entry(self.out_dir)
+            if st is None or not stat.S_ISDIR(st.st_mode):  # a link planted since the cache's folders were checked
+                raise ValueError(f"{self.out_dir} is not a folder of the cache")
             fd, tmp = tempfile.mkstemp(prefix=f".{self.out_name}.", suffix=".tmp", dir=self.out_dir)
-            self.tmp, self.file = Path(tmp), os.fdopen(fd, "wb")
+            self.tmp, self.file, self.made = Path(tmp), os.fdopen(fd, "wb"), os.fstat(fd)
         self.file.seek(0)
         self.file.truncate()
         self.writer = SafetensorsWriter(self.file, self.layout)
@@ -192,14 +198,23 @@ class StreamedWeights:
             assert self.writer is not None and self.tmp is not None
             crc = self.writer.finish()
             self.file.close()
+            if not self._ours():
+                raise ValueError(f"{self.tmp} was removed or replaced since it was written")
             return self.tmp, crc
         except (OSError, ValueError) as e:
             self._fail(str(e))
             return None
 
+    def _ours(self) -> bool:
+        """Whether the temporary file's name still holds the file this tap made (no process removed or replaced it,
+        no link was planted at its folder)."""
+        st = stat_entry(self.tmp) if self.tmp is not None else None
+        return st is not None and self.made is not None and os.path.samestat(st, self.made)
+
     def close(self) -> None:
-        """Remove the temporary file unless it was renamed into place."""
+        """Remove the temporary file unless it was renamed into place (only the file this tap made, never another
+        found at its name)."""
         if self.file is not None and not self.file.closed:
             self.file.close()
-        if self.tmp is not None:
+        if self.tmp is not None and self._ours():
             self.tmp.unlink(missing_ok=True)

@@ -5,6 +5,7 @@ import errno
 import json
 import logging
 import random
+import threading
 from dataclasses import replace
 
 import pytest
@@ -13,9 +14,11 @@ from conftest import TINY
 from server import Fault
 
 import gpt2hub
-from gpt2hub import IntegrityError, from_pretrained, storage
-from gpt2hub.cache import model_cache
+from gpt2hub import IntegrityError, download, from_pretrained, storage
+from gpt2hub.cache import ModelCache, model_cache
 from gpt2hub.convert import VariableConverter, openai_state_dict, read_hparams
+from gpt2hub.hub import open_hub
+from gpt2hub.inventory import prune
 from gpt2hub.registry import OPENAI_FILES, register
 from gpt2hub.safetensors_file import SafetensorsWriter, load_safetensors, save_state_dict
 from gpt2hub.streaming import StreamedWeights, plan
@@ -154,6 +157,107 @@ def test_a_file_refused_by_its_pin_is_never_used_even_if_it_converted_cleanly(hu
         from_pretrained(pinned.name, dtype="bfloat16")
     folder = model_cache(hub_env, "openai", "tinypindata").converted_path("bfloat16").parent
     assert not folder.exists() or [p.name for p in folder.iterdir()] == []
+
+
+def _after_the_data_file(monkeypatch, then):
+    """Call `then()` right after the data file is recorded, before the weights are prepared."""
+    real = ModelCache.record_file
+
+    def record_file(self, name, record):
+        real(self, name, record)
+        if name == DATA:
+            then()
+
+    monkeypatch.setattr(ModelCache, "record_file", record_file)
+
+
+def test_a_converted_file_pruned_before_it_is_used_is_converted_again(hub_env, tiny_folder, monkeypatch):
+    """The lock file was deleted (see test_attacks), so `cache prune` got the lock and removed the streamed file."""
+    def prune_now():
+        (hub_env / "locks/openai--tiny.lock").unlink()
+        assert [p.action for p in prune(hub_env) if p.path.parent == _converted_dir(hub_env)] == ["removed"]
+
+    _after_the_data_file(monkeypatch, prune_now)
+    model = from_pretrained("gpt2-tiny", dtype="bfloat16")  # not a FileNotFoundError: converted after the download
+    _assert_same(_stored(hub_env, "bfloat16"), _reference(tiny_folder[0], torch.bfloat16))
+    assert torch.equal(model.tok_emb.weight, _reference(tiny_folder[0], torch.bfloat16)["tok_emb.weight"])
+    assert not model_cache(hub_env, "openai", TINY.size).verify(OPENAI_FILES, ("bfloat16",))
+
+
+def test_a_converted_file_replaced_before_it_is_used_is_not_used(hub_env, tiny_folder, monkeypatch):
+    def replace_it():
+        for p in _converted_dir(hub_env).glob(".bfloat16.safetensors.*.tmp"):
+            p.unlink()
+            p.write_bytes(b"not what the tap wrote")
+
+    _after_the_data_file(monkeypatch, replace_it)
+    open_hub("gpt2-tiny").weights("bfloat16")  # what it records, before any load could notice and convert again
+    _assert_same(_stored(hub_env, "bfloat16"), _reference(tiny_folder[0], torch.bfloat16))
+    assert not model_cache(hub_env, "openai", TINY.size).verify(OPENAI_FILES, ("bfloat16",))
+
+
+def test_a_link_planted_at_converted_during_the_download_is_never_written_through(hub_env, tiny_folder, tmp_path,
+                                                                                  monkeypatch):
+    """After the last check of the cache's folders (the index recorded) and before the first tensor is written."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    real = storage.Streaming.tap
+
+    def tap(self, name, paths):
+        made = real(self, name, paths)
+        if made is not None:
+            _converted_dir(hub_env).symlink_to(outside)
+        return made
+
+    monkeypatch.setattr(storage.Streaming, "tap", tap)
+    from_pretrained("gpt2-tiny", dtype="bfloat16")
+    assert list(outside.iterdir()) == []
+    _assert_same(_stored(hub_env, "bfloat16"), _reference(tiny_folder[0], torch.bfloat16))
+    assert not _converted_dir(hub_env).is_symlink()
+
+
+def _tap_threads():
+    return [t.name for t in threading.enumerate() if t.name.startswith("gpt2hub-tap")]
+
+
+def test_no_tap_thread_outlives_a_load_that_succeeds_or_fails(hub_env, server, sleeps):
+    from_pretrained("gpt2-tiny", dtype="bfloat16")
+    assert _tap_threads() == []
+    server.served.fault(f"/{TINY.size}/{DATA}", Fault("status", status=404))
+    with pytest.raises(gpt2hub.DownloadError):
+        from_pretrained("gpt2-tiny", dtype="float16", force_download=True)
+    assert _tap_threads() == []
+
+
+def test_an_interrupt_mid_download_ends_the_taps_and_leaves_no_converted_file(hub_env, server, tiny_folder,
+                                                                              monkeypatch):
+    real, reads = download._read, []
+
+    def read(resp):
+        reads.append(resp.url)
+        if sum(DATA in url for url in reads) == 3:
+            raise KeyboardInterrupt
+        return real(resp)
+
+    monkeypatch.setattr(download, "_read", read)
+    with pytest.raises(KeyboardInterrupt):
+        from_pretrained("gpt2-tiny", dtype="bfloat16")
+    assert _tap_threads() == []
+    assert [p for p in _converted_dir(hub_env).iterdir() if p.name.endswith(".tmp")] == []
+    monkeypatch.setattr(download, "_read", real)
+    from_pretrained("gpt2-tiny", dtype="bfloat16")  # resumed, and converted as the rest arrives
+    _assert_same(_stored(hub_env, "bfloat16"), _reference(tiny_folder[0], torch.bfloat16))
+
+
+def test_files_downloaded_first_are_converted_after_the_download(hub_env, tiny_folder, monkeypatch):
+    gpt2hub.download_files("gpt2-tiny")  # no dtype, so nothing streams
+    after = []
+    real = storage.save_state_dict
+    monkeypatch.setattr(storage, "save_state_dict", lambda sd, path: after.append(path) or real(sd, path))
+    from_pretrained("gpt2-tiny", dtype="float16")
+    assert after
+    _assert_same(_stored(hub_env, "float16"), _reference(tiny_folder[0], torch.float16))
+    assert not model_cache(hub_env, "openai", TINY.size).verify(OPENAI_FILES, ("float16",))
 
 
 # -- the tap alone, fed in pieces of every size ------------------------------------------------------------------------
