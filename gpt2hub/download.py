@@ -294,6 +294,8 @@ def download(url: str, dest: Path, *, expected_size: int | None = None, expected
     part = claim_partial(dest)
     running = _Digest(kind_for(expected_sha256))
     limit = expected_size if expected_size is not None else max_size
+    if tap is not None:
+        tap.catch_up(part, 0)  # a tap that saw an earlier download (another mirror, another partial) starts afresh
     with _Taps([running] if tap is None else [running, tap]) as taps:
         try:
             size = _fetch(url, part, timeout, _Bar(bar), taps, retries, backoff, limit)

@@ -179,6 +179,7 @@ class StreamedWeights:
     def _fail(self, why: str) -> None:
         log.debug("preparing the weights during the download stopped (%s); they are prepared after it", why)
         self.error, self.buffer = why, None
+        self.close()  # give back the disk space at once (on a full disk the download itself may need it)
 
     # -- the outcome --------------------------------------------------------------------------------------------------
     def complete(self, data_file: Path) -> bool:

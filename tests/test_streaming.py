@@ -127,16 +127,39 @@ def test_a_corrupt_tensor_turns_streaming_off_and_the_usual_path_blames_the_file
     assert torch.equal(model.tok_emb.weight, _reference(tiny_folder[0], torch.bfloat16)["tok_emb.weight"])
 
 
-def test_a_full_disk_while_converting_never_fails_the_download(hub_env, tiny_folder, monkeypatch):
-    def full(self):
-        raise OSError(errno.ENOSPC, "No space left on device")
+def _no_space(*args):
+    raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(StreamedWeights, "_open", full)
-    after = []
+
+class _FillsUp(SafetensorsWriter):
+    """A writer whose disk fills up after a few tensors."""
+
+    count = 0
+
+    def write(self, name, tensor):
+        self.count += 1
+        if self.count > 3:
+            _no_space()
+        super().write(name, tensor)
+
+
+@pytest.mark.parametrize("where", ["opening", "writing"])
+def test_a_full_disk_while_converting_never_fails_the_download(hub_env, tiny_folder, monkeypatch, where):
+    if where == "opening":
+        monkeypatch.setattr(StreamedWeights, "_open", _no_space)
+    else:  # the temporary file exists and holds part of the weights when the disk fills up
+        monkeypatch.setattr(gpt2hub.streaming, "SafetensorsWriter", _FillsUp)
+    temporaries_then = []
     real = storage.save_state_dict
-    monkeypatch.setattr(storage, "save_state_dict", lambda sd, path: after.append(path) or real(sd, path))
+
+    def after(sd, path):  # converting after the download, in atomic_path's temporary file
+        temporaries_then.extend(p.name for p in path.parent.iterdir() if p.name.endswith(".tmp"))
+        return real(sd, path)
+
+    monkeypatch.setattr(storage, "save_state_dict", after)
     model = from_pretrained("gpt2-tiny", dtype="bfloat16")  # the download went on; converted after it instead
-    assert after and torch.equal(model.tok_emb.weight, _reference(tiny_folder[0], torch.bfloat16)["tok_emb.weight"])
+    assert torch.equal(model.tok_emb.weight, _reference(tiny_folder[0], torch.bfloat16)["tok_emb.weight"])
+    assert len(temporaries_then) == 1  # atomic_path's own: the tap gave its file (and disk space) back when it failed
     assert [p.name for p in _converted_dir(hub_env).iterdir() if p.name.endswith(".tmp")] == []
 
 
@@ -336,3 +359,20 @@ def test_streaming_does_not_change_torch_threads(hub_env):
     before = torch.get_num_threads()
     from_pretrained("gpt2-tiny", dtype="bfloat16")
     assert torch.get_num_threads() == before
+
+
+def test_a_tap_reused_for_another_download_starts_afresh(server, tiny_folder, tmp_path):
+    """A tap that saw other bytes (an earlier mirror, another partial) of the very length the next download resumes
+    from must read that download's partial back, not carry on from what it saw."""
+    folder = tiny_folder[0]
+    tap = _tap(folder, tmp_path / "converted")
+    seen = tap.pieces[0].offset + tap.pieces[0].size // 2  # inside the first variable: no check has run yet
+    tap.update(b"\0" * seen)  # what an earlier download showed it
+    dest = tmp_path / "raw" / DATA
+    dest.parent.mkdir()
+    (dest.parent / f"{DATA}.99999.incomplete").write_bytes((folder / DATA).read_bytes()[:seen])
+    gpt2hub.download.download(f"{server.url}/{TINY.size}/{DATA}", dest, tap=tap)
+    made = tap.result(dest)
+    assert made is not None
+    _assert_same(load_safetensors(made[0]), _reference(folder, torch.bfloat16))
+    tap.close()
