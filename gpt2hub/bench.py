@@ -222,9 +222,9 @@ def _worker(kind: str, a: dict[str, Any]) -> dict[str, Any]:
     elif kind == "cold":  # download_s includes what is checked or converted while the bytes arrive
         hub = open_hub(a["model"], progress=False)
         hub.weights(a["dtype"])
-        t2 = time.perf_counter()
+        t2, stages = time.perf_counter(), dict(hub.stages)
         model = hub.load(a["dtype"], torch.device(a["device"]))
-        out.update(download_s=hub.stages["fetch"], convert_s=hub.stages["prepare"], load_s=time.perf_counter() - t2)
+        out.update(download_s=stages["fetch"], convert_s=stages["prepare"], load_s=time.perf_counter() - t2)
         _first_logits(model, a["device"])
     elif kind == "copy":  # the floor: the same bytes fetched from the same server into files
         dest = Path(a["dest"])

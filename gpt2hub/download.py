@@ -58,6 +58,9 @@ class _Transient(Exception):
 class Tap(Protocol):
     """Something that reads a file's bytes in order as they arrive: a digest, or `streaming.StreamedWeights`."""
 
+    # whether its work per byte rivals the network's (sha256, converting): then it runs on a thread of its own
+    heavy: bool
+
     def catch_up(self, part: Path, offset: int) -> None:
         """Make what it has seen the first `offset` bytes of `part` (a download resumes or starts over)."""
 
@@ -66,19 +69,23 @@ class Tap(Protocol):
 
 
 class _Taps:
-    """Feeds every chunk to each tap on a thread of its own, so that hashing and converting overlap the network
-    and the disk (hashlib, google_crc32c and torch release the GIL on large buffers).
+    """Feeds every chunk to each tap: a heavy one on a thread of its own, so that hashing and converting overlap the
+    network and the disk (hashlib, google_crc32c and torch release the GIL on large buffers), a light one (crc32c)
+    in the downloading thread, where handing each chunk over would cost more than the work (measured: see
+    benchmarks/results/cpu-xeon-amx-2core/cold_load.md).
 
-    At most 16 chunks (16 MiB) wait for a tap; `drain` waits until every tap has seen every chunk and re-raises
-    what a tap raised. Use as a context manager: the threads end on leaving it.
+    At most 16 chunks (16 MiB) wait for a threaded tap; `drain` waits until every tap has seen every chunk and
+    re-raises what a tap raised. Use as a context manager: the threads end on leaving it.
     """
 
     def __init__(self, taps: list[Tap]) -> None:
         self.taps = taps
-        self.queues: list[queue.Queue[bytes | None]] = [queue.Queue(maxsize=16) for _ in taps]
-        self.errors: list[BaseException | None] = [None] * len(taps)
-        self.threads = [threading.Thread(target=self._run, args=(i,), name=f"gpt2hub-tap-{i}", daemon=True)
-                        for i in range(len(taps))]
+        self.inline = [t for t in taps if not t.heavy]
+        threaded = [t for t in taps if t.heavy]
+        self.queues: list[queue.Queue[bytes | None]] = [queue.Queue(maxsize=16) for _ in threaded]
+        self.errors: list[BaseException | None] = [None] * len(threaded)
+        self.threads = [threading.Thread(target=self._run, args=(i, tap), name=f"gpt2hub-tap-{i}", daemon=True)
+                        for i, tap in enumerate(threaded)]
 
     def __enter__(self) -> _Taps:
         for t in self.threads:
@@ -91,12 +98,12 @@ class _Taps:
         for t in self.threads:
             t.join()
 
-    def _run(self, i: int) -> None:
+    def _run(self, i: int, tap: Tap) -> None:
         q = self.queues[i]
         while (chunk := q.get()) is not None:
             try:
                 if self.errors[i] is None:
-                    self.taps[i].update(chunk)
+                    tap.update(chunk)
             except BaseException as e:  # handed to the downloading thread by drain
                 self.errors[i] = e
             finally:
@@ -105,6 +112,8 @@ class _Taps:
     def update(self, chunk: bytes) -> None:
         for q in self.queues:
             q.put(chunk)
+        for tap in self.inline:
+            tap.update(chunk)
 
     def drain(self) -> None:
         for q in self.queues:
@@ -133,7 +142,7 @@ class _Digest:
     """A running sha256 or crc32c of a partial file; re-reads the file only when resuming one it has not seen."""
 
     def __init__(self, kind: str) -> None:
-        self.new = _HASHES[kind]
+        self.new, self.heavy = _HASHES[kind], kind == "sha256"  # sha256: 1.3 GB/s, crc32c: 6 GB/s on one core
         self.h, self.length = self.new(), 0
 
     def catch_up(self, part: Path, offset: int) -> None:

@@ -79,6 +79,7 @@ class StreamedWeights:
                  out_dir: Path | None = None, out_name: str = ""):
         self.pieces, self.out_dir, self.out_name = pieces, out_dir, out_name
         self.convert = VariableConverter(cfg, dtype) if dtype is not None else None
+        self.heavy = self.convert is not None  # checking crc32c alone is light: see download.Tap
         self.layout = self._layout() if self.convert is not None else {}
         self.tmp: Path | None = None
         self.file: BinaryIO | None = None

@@ -376,3 +376,25 @@ def test_a_tap_reused_for_another_download_starts_afresh(server, tiny_folder, tm
     assert made is not None
     _assert_same(load_safetensors(made[0]), _reference(folder, torch.bfloat16))
     tap.close()
+
+
+def test_heavy_taps_run_beside_the_download_and_light_ones_inline(server, tmp_path):
+    """sha256 and converting get a thread of their own; crc32c alone runs in the downloading thread, where handing
+    each chunk over would cost more than the work."""
+    seen: dict[str, set[str]] = {}
+
+    class Probe:
+        def __init__(self, heavy: bool) -> None:
+            self.heavy, self.length = heavy, 0
+
+        def catch_up(self, part, offset):
+            self.length = offset
+
+        def update(self, chunk):
+            seen.setdefault("heavy" if self.heavy else "light", set()).add(threading.current_thread().name)
+
+    url = f"{server.url}/{TINY.size}/{DATA}"
+    for heavy in (True, False):
+        gpt2hub.download.download(url, tmp_path / f"{heavy}" / DATA, tap=Probe(heavy))
+    assert seen["light"] == {threading.current_thread().name}
+    assert len(seen["heavy"]) == 1 and next(iter(seen["heavy"])).startswith("gpt2hub-tap-")

@@ -1,0 +1,101 @@
+"""Cold loads beside the copy floor, and beside another checkout of gpt2hub (a baseline), in alternating fresh processes.
+
+Each round runs, for every checkout, `gpt2hub bench`'s cold stage (an empty cache, the seven files served from
+127.0.0.1 by this process, `from_pretrained`'s own path up to the first logits), then the copy floor (the same bytes
+fetched into fsynced files). Rounds alternate so that both checkouts see the same moments of a shared machine; the
+report gives medians, every run, and each median over the median copy. The checkpoints are full-size and random
+(gpt2hub.synthetic), so the sizes' pinned sha256 values are ignored (GPT2HUB_IGNORE_PINS=1) but still computed:
+gpt2-small pays for sha256 as with real weights, the other sizes (which have no pins) for crc32c only.
+
+    python benchmarks/cold_load.py --models gpt2-small gpt2-medium --dtype float32 bfloat16 \\
+        --baseline /path/to/older/checkout --out benchmarks/results/cpu-xeon-amx-2core
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from _report import describe, machine, save, table
+
+HERE = str(Path(__file__).resolve().parents[1])
+ENV = {"GPT2HUB_DISABLE_PROGRESS_BARS": "1", "GPT2HUB_IGNORE_PINS": "1"}
+
+
+def _stage(kind: str, args: dict[str, Any], env: dict[str, str], tree: str) -> dict[str, Any]:
+    """One `gpt2hub.bench` stage in a fresh process importing gpt2hub from `tree`."""
+    proc = subprocess.run([sys.executable, "-m", "gpt2hub.bench", kind, json.dumps(args)], capture_output=True,
+                          text=True, cwd=tree, env={**os.environ, **ENV, **env, "PYTHONPATH": tree}, timeout=1800)
+    if proc.returncode:
+        raise RuntimeError(f"{kind} in {tree} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(model: str, dtype: str, trees: dict[str, str], repeats: int, work: Path) -> dict[str, Any]:
+    """Cold loads of `model` in `dtype` for each checkout in `trees`, and the copy floor, `repeats` rounds."""
+    from gpt2hub import bench
+    from gpt2hub.registry import resolve
+
+    spec, root, _ = bench.prepare(resolve(model), work / model, False)
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in trees}
+    copies = []
+    with bench.serve(root) as url:
+        base = {"model": spec.name, "device": "cpu", "dtype": dtype, "spec": asdict(spec)}
+        for _ in range(repeats):
+            for label, tree in trees.items():
+                os.sync()  # no run pays for the writes of the one before
+                runs[label].append(_stage("cold", base, {"GPT2HUB_CACHE": str(work / "cache"), "GPT2HUB_OPENAI_URL": url},
+                                          tree))
+                shutil.rmtree(work / "cache", ignore_errors=True)
+            os.sync()
+            copies.append(_stage("copy", {**base, "url": url, "size": spec.size, "dest": str(work / "copy")}, {},
+                                 HERE)["total_s"])
+            shutil.rmtree(work / "copy", ignore_errors=True)
+    copy = statistics.median(copies)
+    result: dict[str, Any] = {"model": model, "dtype": dtype, "copy_s": copy, "copies": copies}
+    for label, got in runs.items():
+        med = {k: statistics.median(r[k] for r in got) for k in got[0]}
+        result[label] = {**med, "over_copy": med["total_s"] / copy, "runs": got}
+    return result
+
+
+def report(results: list[dict[str, Any]], trees: dict[str, str], info: dict[str, Any], repeats: int) -> list[str]:
+    rows = []
+    for r in results:
+        for label in trees:
+            m = r[label]
+            rows.append([r["model"], r["dtype"], label, f"{m['total_s']:.3f} s", f"{m['download_s']:.3f} s",
+                         f"{m['convert_s']:.3f} s", f"{m['load_s']:.3f} s", f"{r['copy_s']:.3f} s",
+                         f"**{m['over_copy']:.2f}x**", f"{m['peak_rss_delta_mib']:.0f} MiB"])
+    return [f"Cold loads to first logits, {describe(info)}; medians of {repeats} alternating rounds "
+            f"({', '.join(f'{k}: {v}' for k, v in trees.items())})", "",
+            *table(["model", "dtype", "checkout", "cold total", "download (with streaming)", "convert (after)", "load",
+                    "copy floor", "cold / copy", "peak RSS delta"], rows)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["gpt2-small"])
+    ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--baseline", help="another checkout of gpt2hub, measured in the same rounds")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args()
+    trees = {"this": HERE, **({"baseline": str(Path(a.baseline).resolve())} if a.baseline else {})}
+    info = machine()
+    with tempfile.TemporaryDirectory(prefix="gpt2hub-cold-") as tmp:
+        results = [measure(m, d, trees, a.repeats, Path(tmp)) for m in a.models for d in a.dtype]
+    save(report(results, trees, info, a.repeats), a.out, "cold_load", {"machine": info, "trees": trees, "results": results})
+
+
+if __name__ == "__main__":
+    main()
