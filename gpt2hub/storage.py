@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from collections.abc import Callable
@@ -71,6 +72,19 @@ class Streaming:
                                         out.parent, out.name)
         return self.streamed
 
+    def read(self, paths: dict[str, Path], progress: Callable[[], Any] | None = None) -> bool:
+        """Convert the weights file already in the cache with the same converter, read once front to back: one tensor
+        in memory at a time, no mapping of the data file. Whether that worked (see `complete`); when it did not, the
+        usual path converts the file and reports what is wrong."""
+        tap = self.tap(self.source.weights_file, paths)
+        if tap is None or not tap.heavy:
+            return False
+        tap.progress = progress
+        data = paths[self.source.weights_file]
+        with contextlib.suppress(OSError):
+            tap.catch_up(data, data.stat().st_size)
+        return tap.complete(data)
+
     def complete(self, paths: dict[str, Path]) -> bool:
         """Whether the weights file in `paths` was seen whole by the tap, every tensor passing its check."""
         return self.streamed is not None and self.streamed.complete(paths[self.source.weights_file])
@@ -108,8 +122,10 @@ def prepare(cache: ModelCache, source: Source, paths: dict[str, Path], dtype: st
         out, crc = weights, None
     else:
         out = cache.converted_path(dtype)
+        if streaming is not None and not streamed:  # downloaded earlier: the same converter reads the file
+            streamed = streaming.read(paths, progress)
         crc = _place_streamed(streaming, paths, out) if streamed and streaming is not None else None
-        if crc is None:
+        if crc is None:  # not OpenAI's checkpoint, or something is wrong with it: this path says what
             get = source.tensors(paths, verify=True)  # each tensor's crc32c checked as it is read (OpenAI's checkpoint)
             sd = openai_state_dict(get, cfg, TORCH_DTYPES[dtype], progress)
             with atomic_path(out) as tmp:

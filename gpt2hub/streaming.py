@@ -23,7 +23,7 @@ import math
 import os
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -80,6 +80,7 @@ class StreamedWeights:
         self.pieces, self.out_dir, self.out_name = pieces, out_dir, out_name
         self.convert = VariableConverter(cfg, dtype) if dtype is not None else None
         self.heavy = self.convert is not None  # checking crc32c alone is light: see download.Tap
+        self.progress: Callable[[], Any] | None = None  # called once per variable checked or converted
         self.layout = self._layout() if self.convert is not None else {}
         self.tmp: Path | None = None
         self.file: BinaryIO | None = None
@@ -154,6 +155,8 @@ class StreamedWeights:
         if p.crc32c is not None and mask_crc(self.crc) != p.crc32c:
             raise ValueError(f"variable {p.name!r} fails its crc32c check")
         self.crc = 0
+        if self.progress is not None:
+            self.progress()
         if self.convert is None:
             return
         assert self.buffer is not None

@@ -4,6 +4,7 @@ afterwards, whatever the download goes through, and never a say in what is accep
 import errno
 import json
 import logging
+import os
 import random
 import threading
 from dataclasses import replace
@@ -228,9 +229,12 @@ def test_a_link_planted_at_converted_during_the_download_is_never_written_throug
 
     def tap(self, name, paths):
         made = real(self, name, paths)
-        if made is not None:
+        if made is not None and not planted:  # once: while the data file downloads
             _converted_dir(hub_env).symlink_to(outside)
+            planted.append(True)
         return made
+
+    planted: list[bool] = []
 
     monkeypatch.setattr(storage.Streaming, "tap", tap)
     from_pretrained("gpt2-tiny", dtype="bfloat16")
@@ -272,15 +276,29 @@ def test_an_interrupt_mid_download_ends_the_taps_and_leaves_no_converted_file(hu
     _assert_same(_stored(hub_env, "bfloat16"), _reference(tiny_folder[0], torch.bfloat16))
 
 
-def test_files_downloaded_first_are_converted_after_the_download(hub_env, tiny_folder, monkeypatch):
+def test_files_downloaded_first_are_converted_by_the_same_converter_reading_the_file(hub_env, tiny_folder,
+                                                                                     no_after_path, caplog):
     gpt2hub.download_files("gpt2-tiny")  # no dtype, so nothing streams
-    after = []
-    real = storage.save_state_dict
-    monkeypatch.setattr(storage, "save_state_dict", lambda sd, path: after.append(path) or real(sd, path))
-    from_pretrained("gpt2-tiny", dtype="float16")
-    assert after
+    with caplog.at_level(logging.INFO, logger="gpt2hub"):
+        from_pretrained("gpt2-tiny", dtype="float16")  # read front to back, one tensor in memory at a time
     _assert_same(_stored(hub_env, "float16"), _reference(tiny_folder[0], torch.float16))
     assert not model_cache(hub_env, "openai", TINY.size).verify(OPENAI_FILES, ("float16",))
+    assert "while the data file downloaded" not in caplog.text
+
+
+def test_a_damaged_cached_data_file_is_still_blamed_when_converting_it_later(hub_env, server, tiny_folder, caplog):
+    gpt2hub.download_files("gpt2-tiny")
+    data = model_cache(hub_env, "openai", TINY.size).raw_path(DATA)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    st = data.stat()
+    data.write_bytes(bytes(raw))
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))  # size and time kept: only reading can tell
+    with caplog.at_level(logging.WARNING, logger="gpt2hub"):
+        model = from_pretrained("gpt2-tiny", dtype="bfloat16")
+    assert "crc32c" in caplog.text and DATA in caplog.text
+    assert len([r for r in server.served.requests("GET") if r[1].endswith(DATA)]) == 2  # fetched once more
+    assert torch.equal(model.tok_emb.weight, _reference(tiny_folder[0], torch.bfloat16)["tok_emb.weight"])
 
 
 # -- the tap alone, fed in pieces of every size ------------------------------------------------------------------------
