@@ -178,6 +178,22 @@ def _first_logits(model: Any, device: str, hf: bool = False) -> None:
         (out.logits if hf else out).sum().item()
 
 
+def _notebook_model(tf: Any, folder: Path, model_class: Any, config_from_hparams: Any, load_weights: Any) -> Any:
+    """The book's way: every variable through `tf.train.load_variable`, a randomly initialised GPTModel, a copy."""
+    ckpt = tf.train.latest_checkpoint(str(folder)) or str(folder / "model.ckpt")
+    settings = json.loads((folder / "hparams.json").read_text())
+    params: dict[str, Any] = {"blocks": [{} for _ in range(settings["n_layer"])]}
+    for name, _ in tf.train.list_variables(ckpt):  # the book's load_gpt2_params_from_tf_ckpt
+        parts = name.split("/")[1:]
+        target = params["blocks"][int(parts[0][1:])] if parts[0].startswith("h") else params
+        for key in parts[1:-1]:
+            target = target.setdefault(key, {})
+        target[parts[-1]] = tf.train.load_variable(ckpt, name).squeeze()
+    model = model_class(config_from_hparams(settings))
+    load_weights(model, params)
+    return model
+
+
 def _worker(kind: str, a: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -209,17 +225,7 @@ def _worker(kind: str, a: dict[str, Any]) -> dict[str, Any]:
         out["load_s"] = time.perf_counter() - t0
         _first_logits(model, a["device"], hf=True)
     elif kind == "notebook":
-        ckpt = tf.train.latest_checkpoint(a["folder"]) or str(Path(a["folder"]) / "model.ckpt")
-        settings = json.loads((Path(a["folder"]) / "hparams.json").read_text())
-        params: dict[str, Any] = {"blocks": [{} for _ in range(settings["n_layer"])]}
-        for name, _ in tf.train.list_variables(ckpt):  # the book's load_gpt2_params_from_tf_ckpt
-            parts = name.split("/")[1:]
-            target = params["blocks"][int(parts[0][1:])] if parts[0].startswith("h") else params
-            for key in parts[1:-1]:
-                target = target.setdefault(key, {})
-            target[parts[-1]] = tf.train.load_variable(ckpt, name).squeeze()
-        model = GPTModel(config_from_hparams(settings))
-        load_weights_into_gpt(model, params)
+        model = _notebook_model(tf, Path(a["folder"]), GPTModel, config_from_hparams, load_weights_into_gpt)
         model = model.to(a["device"], dtype).eval()
         out["load_s"] = time.perf_counter() - t0
         _first_logits(model, a["device"])
@@ -306,11 +312,44 @@ def _copy_bandwidth(device: str) -> float:
 
 
 # -- the whole run ------------------------------------------------------------------------------------------------------
-def run(cfg: BenchConfig, out: Path) -> dict[str, Any]:
+def _cold_loads(repeats: int, base: dict[str, Any], env: dict[str, str], url: str, work: Path,
+                size: str) -> dict[str, Any]:
+    """Cold loads and copies of the same bytes, alternating, each in a fresh process after a flush of the disk; then
+    one load that fills the cache the warm loads use."""
+    colds, copies = [], []
+    for i in range(repeats):
+        cold_env = {**env, "GPT2HUB_CACHE": str(work / f"cold-{i}"), "GPT2HUB_OPENAI_URL": url}
+        _settle()
+        colds.append(_in_subprocess("cold", base, cold_env))
+        shutil.rmtree(work / f"cold-{i}", ignore_errors=True)
+        _settle()
+        copies.append(_in_subprocess("copy", {**base, "url": url, "size": size, "dest": str(work / "copy")}, env))
+        shutil.rmtree(work / "copy", ignore_errors=True)
+    _in_subprocess("ours", base, {**env, "GPT2HUB_OPENAI_URL": url})  # fills the warm cache
+    return {"cold": {k: stats([c[k] for c in colds]) for k in colds[0]},
+            "copy": {k: stats([c[k] for c in copies]) for k in copies[0]}}
+
+
+def _generation_models(name: str, device: str, dtype: str, warm_env: dict[str, str], hf_folder: Path | None) -> tuple:
+    """gpt2hub's model from the warm cache, and transformers' on the same weights (None without it), in this process."""
     import torch
-    from tqdm.auto import tqdm
 
     from .hub import from_pretrained
+
+    with _env(warm_env):
+        ours = from_pretrained(name, device=device, dtype=dtype, progress=False)
+    hf = None
+    if hf_folder:
+        from transformers import GPT2LMHeadModel
+
+        hf = GPT2LMHeadModel.from_pretrained(str(hf_folder), dtype=getattr(torch, dtype))
+        # transformers types its `to` through functools.wraps, whose signature keeps `self` unbound
+        hf = hf.to(device).eval()  # type: ignore[arg-type]
+    return ours, hf
+
+
+def run(cfg: BenchConfig, out: Path) -> dict[str, Any]:
+    from tqdm.auto import tqdm
 
     have_hf = cfg.transformers and _importable("transformers")
     have_tf = cfg.notebook and _importable("tensorflow")
@@ -338,19 +377,7 @@ def run(cfg: BenchConfig, out: Path) -> dict[str, Any]:
                     base = {"model": spec.name, "device": device, "dtype": dtype, "spec": spec_arg}
                     entry: dict[str, Any] = {"device": device, "dtype": dtype, "load": {}}
                     if not cfg.real_cache:
-                        colds, copies = [], []
-                        for i in range(cfg.repeats):
-                            cold_env = {**env, "GPT2HUB_CACHE": str(work / f"cold-{i}"), "GPT2HUB_OPENAI_URL": url}
-                            _settle()
-                            colds.append(_in_subprocess("cold", base, cold_env))
-                            shutil.rmtree(work / f"cold-{i}", ignore_errors=True)
-                            _settle()
-                            copies.append(_in_subprocess("copy", {**base, "url": url, "size": spec.size,
-                                                                  "dest": str(work / "copy")}, env))
-                            shutil.rmtree(work / "copy", ignore_errors=True)
-                        entry["load"]["cold"] = {k: stats([c[k] for c in colds]) for k in colds[0]}
-                        entry["load"]["copy"] = {k: stats([c[k] for c in copies]) for k in copies[0]}
-                        _in_subprocess("ours", base, {**env, "GPT2HUB_OPENAI_URL": url})  # fills the warm cache
+                        entry["load"].update(_cold_loads(cfg.repeats, base, env, url, work, spec.size))
                     bar.update(4)
                     warm_env = {**env, "GPT2HUB_OFFLINE": "1"}
                     kinds = {"ours": base}
@@ -364,15 +391,7 @@ def run(cfg: BenchConfig, out: Path) -> dict[str, Any]:
                             samples.append(_in_subprocess(kind, args, warm_env))
                             bar.update(1)
                         entry["load"][kind] = {k: stats([s[k] for s in samples]) for k in samples[0]}
-                    with _env(warm_env):
-                        ours = from_pretrained(spec.name, device=device, dtype=dtype, progress=False)
-                    hf = None
-                    if hf_folder:
-                        from transformers import GPT2LMHeadModel
-
-                        hf = GPT2LMHeadModel.from_pretrained(str(hf_folder), dtype=getattr(torch, dtype))
-                        # transformers types its `to` through functools.wraps, whose signature keeps `self` unbound
-                        hf = hf.to(device).eval()  # type: ignore[arg-type]
+                    ours, hf = _generation_models(spec.name, device, dtype, warm_env, hf_folder)
                     entry["generation"] = _generation(cfg, ours, hf, device, bar)
                     if device.startswith("cuda"):
                         entry["copy_bandwidth_bytes_per_s"] = _copy_bandwidth(device)
@@ -465,7 +484,12 @@ def plot(all_results: list[dict[str, Any]], out: Path) -> list[Path]:
     except ImportError:
         print("matplotlib is not installed: no plots (pip install 'gpt2hub[bench]')", file=sys.stderr)
         return []
-    paths = []
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    return [_plot_loads(plt, all_results, out / "load_stages.png", plain, NullFormatter()),
+            _plot_tokens(plt, all_results, out / "tokens_per_s.png", plain, NullFormatter(), FuncFormatter)]
+
+
+def _plot_loads(plt: Any, all_results: list[dict[str, Any]], path: Path, plain: Any, no_label: Any) -> Path:
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     labels: list[str] = []
     series: dict[str, list[float | None]] = {"gpt2hub warm": [], "transformers warm": [], "notebook path": [], "gpt2hub cold": []}
@@ -477,7 +501,6 @@ def plot(all_results: list[dict[str, Any]], out: Path) -> list[Path]:
             series["transformers warm"].append(_med(ld.get("transformers"), "total_s"))
             series["notebook path"].append(_med(ld.get("notebook"), "total_s"))
             series["gpt2hub cold"].append(_med(ld.get("cold"), "total_s"))
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
     width = 0.8 / len(series)
     for i, (name, values) in enumerate(series.items()):
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
@@ -486,15 +509,18 @@ def plot(all_results: list[dict[str, Any]], out: Path) -> list[Path]:
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_minor_formatter(no_label)
     ax.set_ylabel("seconds until the first logits (log scale)")
     ax.set_title("Loading GPT-2: warm and cold, against transformers and the notebook path")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(out / "load_stages.png")
-    fig.savefig(paths[-1])
+    fig.savefig(path)
     plt.close(fig)
+    return path
 
+
+def _plot_tokens(plt: Any, all_results: list[dict[str, Any]], path: Path, plain: Any, no_label: Any,
+                 formatter: Any) -> Path:
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     for res in all_results:
         for r in res["runs"]:
@@ -507,20 +533,19 @@ def plot(all_results: list[dict[str, Any]], out: Path) -> list[Path]:
     batches = sorted({g["batch"] for res in all_results for r in res["runs"] for g in r["generation"]})
     ax.set_xscale("log", base=2)
     ax.set_xticks(batches, [str(b) for b in batches])
-    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_minor_formatter(no_label)
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(v)[0] in "25" else ""))
+    ax.yaxis.set_minor_formatter(formatter(lambda v, _: f"{v:g}" if str(v)[0] in "25" else ""))
     ax.set_xlabel("batch size (sequences)")
     ax.set_ylabel("generated tokens per second (log scale)")
     ax.set_title(f"Greedy generation, {all_results[0]['model']}, shortest prompt")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    paths.append(out / "tokens_per_s.png")
-    fig.savefig(paths[-1])
+    fig.savefig(path)
     plt.close(fig)
-    return paths
+    return path
 
 
 def compare(files: list[Path], out: Path) -> str:

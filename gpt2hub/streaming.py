@@ -35,7 +35,7 @@ import torch
 from . import names
 from .convert import VariableConverter
 from .files import stat_entry
-from .safetensors_file import SafetensorsWriter, layout_of
+from .safetensors_file import Layout, SafetensorsWriter, layout_of
 from .tf_checkpoint import TensorEntry, mask_crc
 
 log = logging.getLogger("gpt2hub")
@@ -71,6 +71,14 @@ def plan(entries: Mapping[str, TensorEntry], cfg: Mapping[str, Any]) -> list[Pie
     return pieces
 
 
+def converted_layout(pieces: list[Piece], convert: VariableConverter) -> Layout:
+    """The converted file's tensors, in the order they will arrive (computed on "meta" tensors: no data)."""
+    sd: dict[str, torch.Tensor] = {}
+    for p in pieces:
+        sd.update(convert(p.name, torch.empty(p.shape, device="meta"), p.targets, p.transform))
+    return layout_of(sd)
+
+
 class StreamedWeights:
     """A download tap that checks each variable of the data file as it arrives and, given a 16-bit `dtype`, converts
     it and appends it to a safetensors file (a temporary file in `out_dir`, named after `out_name`)."""
@@ -81,20 +89,12 @@ class StreamedWeights:
         self.convert = VariableConverter(cfg, dtype) if dtype is not None else None
         self.heavy = self.convert is not None  # checking crc32c alone is light: see download.Tap
         self.progress: Callable[[], Any] | None = None  # called once per variable checked or converted
-        self.layout = self._layout() if self.convert is not None else {}
+        self.layout = converted_layout(pieces, self.convert) if self.convert is not None else {}
         self.tmp: Path | None = None
         self.file: BinaryIO | None = None
         self.made: os.stat_result | None = None  # the temporary file as made, to know it again
         self.error: str | None = None
         self._restart()
-
-    def _layout(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-        """The converted file's tensors, in the order they will arrive (computed on "meta" tensors: no data)."""
-        assert self.convert is not None
-        sd: dict[str, torch.Tensor] = {}
-        for p in self.pieces:
-            sd.update(self.convert(p.name, torch.empty(p.shape, device="meta"), p.targets, p.transform))
-        return layout_of(sd)
 
     def _restart(self) -> None:
         self.length, self.done, self.crc = 0, 0, 0
