@@ -14,6 +14,8 @@ and again from the start whenever the download starts over (`catch_up`). The cas
   and blames the file at fault. Streaming only ever saves time; it never decides what is accepted.
 - the process dies: the converted file is a temporary one beside its final name (`.{name}.*.tmp`, as every atomic
   write of the cache), which `cache prune` removes; `close` removes it on every other exit.
+A data file downloaded earlier is converted by the same tap fed from the file on disk (`storage.Streaming.read`):
+one tensor in memory at a time, the file read once front to back.
 """
 
 from __future__ import annotations
