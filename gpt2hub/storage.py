@@ -75,7 +75,10 @@ class Streaming:
     def read(self, paths: dict[str, Path], progress: Callable[[], Any] | None = None) -> bool:
         """Convert the weights file already in the cache with the same converter, read once front to back: one tensor
         in memory at a time, no mapping of the data file. Whether that worked (see `complete`); when it did not, the
-        usual path converts the file and reports what is wrong."""
+        usual path converts the file and reports what is wrong. Not after a tap saw this download and stopped: the
+        same bytes would stop it again."""
+        if self.streamed is not None:
+            return False
         tap = self.tap(self.source.weights_file, paths)
         if tap is None or not tap.heavy:
             return False
@@ -122,7 +125,7 @@ def prepare(cache: ModelCache, source: Source, paths: dict[str, Path], dtype: st
         out, crc = weights, None
     else:
         out = cache.converted_path(dtype)
-        if streaming is not None and not streamed:  # downloaded earlier: the same converter reads the file
+        if streaming is not None and not streamed:  # downloaded earlier (no tap saw it): the converter reads the file
             streamed = streaming.read(paths, progress)
         crc = _place_streamed(streaming, paths, out) if streamed and streaming is not None else None
         if crc is None:  # not OpenAI's checkpoint, or something is wrong with it: this path says what

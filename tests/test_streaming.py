@@ -121,7 +121,11 @@ def test_a_corrupt_tensor_turns_streaming_off_and_the_usual_path_blames_the_file
     bad = bytearray(good)
     bad[len(bad) // 2] ^= 0x40
     server.served.fault(f"/{TINY.size}/{DATA}", Fault("body", body=bytes(bad)))
+    taps = []
+    made = StreamedWeights.__init__
+    monkeypatch.setattr(StreamedWeights, "__init__", lambda self, *a, **k: taps.append(self) or made(self, *a, **k))
     model = from_pretrained("gpt2-tiny", dtype="bfloat16")
+    assert len(taps) == 2  # one per download: the bad file is not read again by the same converter after its tap stopped
     assert "crc32c" in caplog.text and DATA in caplog.text  # blamed by the usual path, then fetched once more
     assert len([r for r in server.served.requests("GET") if r[1].endswith(DATA)]) == 2
     _assert_same(_stored(hub_env, "bfloat16"), _reference(tiny_folder[0], torch.bfloat16))
