@@ -68,6 +68,15 @@ class Tap(Protocol):
         """The next bytes."""
 
 
+def replay(part: Path, offset: int, update: Callable[[bytes], None]) -> None:
+    """Hand the first `offset` bytes of `part` to `update`, in chunks: how a tap catches up with a partial file."""
+    done = 0
+    with open(part, "rb") as f:
+        while done < offset and (chunk := f.read(min(CHUNK, offset - done))):
+            update(chunk)
+            done += len(chunk)
+
+
 class _Taps:
     """Feeds every chunk to each tap: a heavy one on a thread of its own, so that hashing and converting overlap the
     network and the disk (hashlib, google_crc32c and torch release the GIL on large buffers), a light one (crc32c)
@@ -150,9 +159,7 @@ class _Digest:
             self.h, self.length = self.new(), 0
             if offset == 0:  # starting over (the partial file may be gone)
                 return
-            with open(part, "rb") as f:
-                while self.length < offset and (chunk := f.read(min(CHUNK, offset - self.length))):
-                    self.update(chunk)
+            replay(part, offset, self.update)
 
     def update(self, chunk: bytes) -> None:
         self.h.update(chunk)

@@ -36,6 +36,7 @@ import torch
 
 from . import names
 from .convert import VariableConverter
+from .download import replay
 from .files import stat_entry
 from .safetensors_file import Layout, SafetensorsWriter, layout_of
 from .tf_checkpoint import TensorEntry, mask_crc
@@ -112,9 +113,7 @@ class StreamedWeights:
         if offset == 0:  # starting over (the partial file may be gone)
             return
         try:
-            with open(part, "rb") as f:
-                while self.length < offset and (chunk := f.read(min(1 << 20, offset - self.length))):
-                    self.update(chunk)
+            replay(part, offset, self.update)
         except OSError as e:
             self._fail(f"cannot read {part} back: {e}")
 
