@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .cache import ModelCache
+from .cache import Cache, EntryKey
 from .files import default_root
 from .registry import OPENAI_FILES, ModelSpec, register, resolve
 
@@ -97,7 +97,7 @@ def prepare(spec: ModelSpec, work: Path, real_cache: bool) -> tuple[ModelSpec, P
     """(spec to load, folder whose `{size}/` holds OpenAI's seven files, "real" or "synthetic")."""
     from .synthetic import write_openai_folder
 
-    cached = ModelCache(default_root(), "openai", spec.size)
+    cached = Cache(default_root()).entry(EntryKey("openai", spec.size))
     root = work / "served"
     root.mkdir(parents=True, exist_ok=True)
     if all(cached.raw_path(n).exists() for n in OPENAI_FILES):
@@ -202,6 +202,8 @@ def _worker(kind: str, a: dict[str, Any]) -> dict[str, Any]:
     from .convert import config_from_hparams
     from .hub import from_pretrained, open_hub
     from .model import GPTModel
+    from .registry import dtype_name
+    from .storage import storage_for
 
     if kind == "notebook":
         import tensorflow as tf
@@ -230,10 +232,10 @@ def _worker(kind: str, a: dict[str, Any]) -> dict[str, Any]:
         out["load_s"] = time.perf_counter() - t0
         _first_logits(model, a["device"])
     elif kind == "cold":  # download_s includes what is checked or converted while the bytes arrive
-        hub = open_hub(a["model"], progress=False)
-        hub.weights(a["dtype"])
+        hub, store = open_hub(a["model"], progress=False), storage_for(dtype_name(a["dtype"]))
+        hub.weights(store)
         t2, stages = time.perf_counter(), dict(hub.stages)
-        model = hub.load(a["dtype"], torch.device(a["device"]))
+        model = hub.load(store, torch.device(a["device"]))
         out.update(download_s=stages["fetch"], convert_s=stages["prepare"], load_s=time.perf_counter() - t2)
         _first_logits(model, a["device"])
     elif kind == "copy":  # the floor: the same bytes fetched from the same server into files

@@ -13,11 +13,10 @@ import torch
 
 from .convert import params_from_tf, state_dict_from_params
 from .errors import ConversionError
-from .files import atomic_path
+from .files import atomic_path, clone_file, disk_errors, user_mode
 from .hub import download_files
 from .model import GPT_CONFIG_124M, GPTModel
 from .registry import model_configs, resolve
-from .sources import clone_file
 from .tf_checkpoint import TFCheckpoint
 
 __all__ = ["GPT_CONFIG_124M", "assign", "book_state_dict", "download_and_load_gpt2", "load_weights_into_gpt",
@@ -26,11 +25,21 @@ __all__ = ["GPT_CONFIG_124M", "assign", "book_state_dict", "download_and_load_gp
 
 def _place(src: Path, dst: Path) -> None:
     """Copy a cached file to `dst`, a reflink where the filesystem can (never a hard or symbolic link: editing the
-    notebook's copy must not touch the cache). A file already there that the cache adopted is left as it is."""
+    notebook's copy must not touch the cache), with the process's umask. A file already there that the cache adopted
+    is left as it is."""
     if dst.is_file() and dst.stat().st_size == src.stat().st_size and filecmp.cmp(src, dst, shallow=False):
         return
-    with atomic_path(dst) as tmp:
+    with atomic_path(dst, user_mode()) as tmp:
         clone_file(src, tmp)
+
+
+def _models_folder(models_dir: str | os.PathLike, size: str) -> Path:
+    """`models_dir/size`, refused before any download when it (or models_dir) exists and is not a folder."""
+    for path in (Path(models_dir), Path(models_dir) / size):
+        if os.path.lexists(path) and not path.is_dir():
+            raise ValueError(f"models_dir: {path} exists and is not a folder: pass a folder (the book uses "
+                             "models_dir=\"gpt2\"), or move that file away")
+    return Path(models_dir) / size
 
 
 def download_and_load_gpt2(model_size: str, models_dir: str | os.PathLike) -> tuple[dict, dict]:
@@ -40,9 +49,10 @@ def download_and_load_gpt2(model_size: str, models_dir: str | os.PathLike) -> tu
     check a download would (size, pinned sha256, structure), instead of being downloaded again.
     """
     spec = resolve(model_size)
-    folder = Path(models_dir) / spec.size
+    folder = _models_folder(models_dir, spec.size)
     paths = download_files(spec, source="openai", adopt_from=folder if folder.is_dir() else None)
-    folder.mkdir(parents=True, exist_ok=True)
+    with disk_errors(folder):
+        folder.mkdir(parents=True, exist_ok=True)
     for name, path in paths.items():
         _place(path, folder / name)
     settings = json.loads((folder / "hparams.json").read_text())

@@ -1,88 +1,106 @@
-"""The cache: layout, records, verification, and the only code that deletes (files.py writes, inventory.py lists).
+"""The cache: what a folder of gpt2hub's is, what each entry in it is, its records, and the only code that deletes.
 
-    {root}/{source}/{size}/raw/{file}                     published files, byte for byte (openai source)
-    {root}/{source}/{size}/raw/{file}.{pid}.incomplete    a download in progress, resumed (and claimed) by a later call
-    {root}/{source}/{size}/files.json                     size, sha256 or crc32c, origin and mtime of each file
-    {root}/{source}/{size}/converted/{dtype}.json         manifest: kind "mapped" (float32: the published weights file
-                                                          itself) or "converted" (16-bit safetensors beside it)
-    {root}/{source}/{size}/converted/{dtype}.safetensors  GPTModel weights in that dtype (converted kind only)
-    {root}/locks/{source}--{size}.lock                    per-model lock (flock: released when its process dies)
+    {root}/CACHEDIR.TAG                                 the Cache Directory Tagging marker (backup tools skip the folder)
+    {root}/gpt2hub-cache.json                           {"gpt2hub_cache": 3, ...}: with the tag, what makes it gpt2hub's
+    {root}/openai/{size}/raw/{file}                     OpenAI's published files, byte for byte, read-only
+    {root}/openai/{size}/raw/{file}.{pid}.incomplete    a download in progress, resumed (and claimed) by a later call
+    {root}/openai/{size}/files.json                     size, sha256 or crc32c, origin and mtime of each file
+    {root}/openai/{size}/converted/{dtype}.json         manifest: how the weights of one dtype are stored (storage.py)
+    {root}/openai/{size}/converted/{dtype}.safetensors  converted or quantized weights, read-only
+    {root}/hf/{size}/refs.json                          Hugging Face revision -> the commit it resolved to
+    {root}/hf/{size}/{commit}/files.json, converted/    one entry per commit (the files stay in Hugging Face's cache)
+    {root}/locks/{source}--{size}.lock                  per-model lock (flock: released when its process dies)
+
+Identity:
+- A cache is a folder gpt2hub created: it holds CACHEDIR.TAG and gpt2hub-cache.json. Commands that list or delete
+  refuse any other folder, touching nothing. A cache written by an earlier gpt2hub (no marker, but its own records,
+  checked) is marked when next used; a new or empty folder (or one holding only gpt2hub's folder names) is marked
+  when a model is first written to it; a folder holding anything else is refused.
+- An entry's key holds everything that makes its bytes what they are: the source, the size and, for the Hugging
+  Face Hub, the resolved commit. A revision never answers for another.
 
 Invariants:
-- Cache correctness does not depend on the lock. Every file appears under its final name whole or not at all
-  (temporary name unique to the writing process, fsync, atomic rename, fsync of the folder); a partial download is
-  claimed by renaming it to the claiming process's own name; a file present but unrecorded is verified before use.
-  The lock only keeps two processes from doing the same work (NFS and Lustre may not honour flock).
-- Nothing read from disk names a path to delete. Names in files.json and manifests must be files of the source's
-  published list; a record's "path" (Hugging Face's cache) must lie inside that cache. Only regular files under
-  the cache's own folder are deleted; a symbolic link found there is unlinked, never followed. Hugging Face's blob
-  behind a link is deleted only when the link resolves inside that Hugging Face cache's `blobs/` folder.
+- Correctness does not depend on the lock: every file appears under its final name whole or not at all (a name
+  unique to the writing process, fsync, atomic rename, fsync of the folder); the lock only avoids duplicated work.
+- Only a `Gate` (arrival.py) makes what `Entry.record` accepts: no file is recorded without the format's arrival
+  check and the published-file check.
+- Nothing read from disk names a path to delete. Deletion is by name, from the format's file list, of regular files
+  under the cache's own folders; a link is unlinked, never followed; files gpt2hub did not write are left in place.
+  Hugging Face's blob behind a link is deleted only when it lies in that repo's `blobs/` and no other link of the
+  repo points to it.
 """
 
 from __future__ import annotations
 
-import abc
 import contextlib
+import datetime
 import logging
 import os
+import re
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
 
-from .errors import CacheError
+from .__version__ import __version__
+from .config import ModelConfig
+from .errors import CacheError, NotACacheError
 from .files import (
     HEX,
-    crc32c_file,
-    digest_kind,
+    disk_errors,
     hold_lock,
-    matches_record,
     read_json,
     real_folder,
     regular_file,
-    remove_tree,
     stat_entry,
     unlink_entry,
     valid_record,
     write_json,
 )
-from .registry import DTYPE_NAMES, MAPPED_DTYPES, SOURCE_FILES, SOURCES
+from .registry import DTYPES, SOURCE_FILES, SOURCES
 
 log = logging.getLogger("gpt2hub")
-FORMAT_VERSION = 2
-KINDS = ("mapped", "converted")
-
-
-_CONFIG_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
-
-
-def _sizes_ok(config: Any) -> bool:
-    """Whether a stored config has every size as a positive integer."""
-    return isinstance(config, dict) and all(
-        isinstance(config.get(k), int) and not isinstance(config.get(k), bool) and config[k] > 0 for k in _CONFIG_KEYS)
+FORMAT_VERSION = 2  # of manifests
+CACHE_FORMAT = 3  # of the cache as a whole (the version file)
+TAG, VERSION_FILE = "CACHEDIR.TAG", "gpt2hub-cache.json"
+TAG_SIGNATURE = "Signature: 8a477f597d28d172789f06886806bc55"
+TAG_TEXT = (f"{TAG_SIGNATURE}\n# This file is a cache directory tag created by gpt2hub.\n"
+            "# For information about cache directory tags, see https://bford.info/cachedir/\n")
+OWN_NAMES = ("openai", "hf", "locks")  # the only folders gpt2hub makes at the root
+COMMIT = re.compile(r"[0-9a-f]{40}")
+_TEMPORARY = re.compile(r"\.(.+)\.[A-Za-z0-9_]{4,}\.tmp")  # files.atomic_path's temporary names
 
 
 @dataclass(frozen=True)
-class Problem:
-    """One thing wrong in the cache: the file, what is wrong, and what gpt2hub does about it."""
+class EntryKey:
+    """What makes an entry's bytes what they are: the source, OpenAI's size folder and, for the Hub, the commit."""
 
-    path: Path
-    what: str
-    action: str
-    name: str = ""  # the published file's name, or "" for a converted file
-    dtype: str = ""  # the dtype of a converted file or manifest
+    source: str
+    size: str
+    commit: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.size):
+            raise ValueError(f"not a cache entry: {self.source!r}/{self.size!r}")
+        if (self.source == "hf") != (self.commit is not None and bool(COMMIT.fullmatch(self.commit))):
+            raise ValueError(f"a Hugging Face entry needs a 40-hex commit, another none: {self.commit!r}")
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return (self.source, self.size) if self.commit is None else (self.source, self.size, self.commit)
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.what}; {self.action}"
+        return "/".join(self.parts)
 
 
 @dataclass(frozen=True)
 class Manifest:
     """converted/{dtype}.json: how the weights of one dtype are stored, and what was checked."""
 
-    kind: str  # "mapped": the published weights file itself; "converted": {dtype}.safetensors
+    kind: str  # the storage (registry.DTYPES): "mapped" is the published file itself, others a file of their own
     dtype: str
-    weights: str  # the published file mapped, or the converted file's name
+    weights: str  # the published file mapped, or the stored file's name
     config: dict
     bytes: int
     mtime_ns: int
@@ -90,23 +108,21 @@ class Manifest:
     extra: dict
 
     @classmethod
-    def parse(cls, data: Any, source: str, dtype: str) -> Manifest | None:
+    def parse(cls, data: Any, published: tuple[str, ...], dtype: str) -> Manifest | None:
         """A manifest from JSON, or None unless every field has the type and value gpt2hub writes."""
         if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION or data.get("dtype") != dtype:
             return None
-        kind, weights = data.get("kind"), data.get("weights")
-        if kind != ("mapped" if dtype in MAPPED_DTYPES else "converted") or not _sizes_ok(data.get("config")):
+        kind, weights, crc = data.get("kind"), data.get("weights"), data.get("crc32c")
+        if dtype not in DTYPES or kind != DTYPES[dtype].storage or data.get("damaged"):
             return None
-        allowed = SOURCE_FILES[source] if kind == "mapped" else (f"{dtype}.safetensors",)
-        size, mtime_ns = data.get("bytes"), data.get("mtime_ns")
-        if kind not in KINDS or weights not in allowed or not isinstance(data.get("config"), dict):
+        allowed = published if kind == "mapped" else (f"{dtype}.safetensors",)
+        if weights not in allowed or not _sizes_ok(data.get("config")):
             return None
-        if not _plain_int(size) or not _plain_int(mtime_ns):
+        if not _plain_int(data.get("bytes")) or not _plain_int(data.get("mtime_ns")):
             return None
-        crc = data.get("crc32c")
-        if kind == "converted" and not (isinstance(crc, str) and HEX["crc32c"].fullmatch(crc)):
+        if kind != "mapped" and not (isinstance(crc, str) and HEX["crc32c"].fullmatch(crc)):
             return None
-        return cls(kind, dtype, weights, data["config"], size, mtime_ns, crc, data)
+        return cls(kind, dtype, weights, data["config"], data["bytes"], data["mtime_ns"], crc, data)
 
     def to_json(self) -> dict:
         return {**self.extra, "format": FORMAT_VERSION, "kind": self.kind, "dtype": self.dtype, "weights": self.weights,
@@ -118,281 +134,452 @@ def _plain_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-class CacheChecks(abc.ABC):
-    """What can be wrong with one model's files in the cache; `ModelCache` adds the layout, records and deletion."""
+def _sizes_ok(config: Any) -> bool:
+    try:
+        ModelConfig.from_hparams(config)
+    except Exception:  # noqa: BLE001 - any way a stored config fails makes it unusable
+        return False
+    return True
 
-    source: str
-    dir: Path
-    names: tuple[str, ...]
-    files_manifest: Path
 
-    @abc.abstractmethod
-    def records(self) -> dict[str, dict]: ...
-    @abc.abstractmethod
-    def file_path(self, name: str, record: dict | None = None) -> Path: ...
-    @abc.abstractmethod
-    def raw_path(self, name: str) -> Path: ...
-    @abc.abstractmethod
-    def manifest_path(self, dtype: str) -> Path: ...
-    @abc.abstractmethod
-    def converted_path(self, dtype: str) -> Path: ...
-    @abc.abstractmethod
-    def record_file(self, name: str, record: dict) -> None: ...
-    @abc.abstractmethod
-    def secure(self) -> None: ...
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
-    # checks ---------------------------------------------------------------------------------------------------
-    def check_file(self, name: str, record: dict | None, quick: bool = False) -> Problem | None:
-        """What is wrong with one published file, or None. `quick` trusts a file whose size and mtime are unchanged."""
-        if record is None:
-            return Problem(self.raw_path(name), "not downloaded", "it is downloaded on the next load", name)
-        path = self.file_path(name, record)
-        st = regular_file(path) if "path" not in record else stat_entry(path, follow=True)
-        if st is None or not stat.S_ISREG(st.st_mode):
-            what = "missing" if not os.path.lexists(path) else "not a regular file (a link, folder or FIFO)"
-            return Problem(path, what, "it is removed and downloaded again", name)
-        if st.st_size != record["size"]:
-            return Problem(path, f"{st.st_size} bytes, recorded {record['size']}", "it is removed and downloaded again", name)
-        if quick and st.st_mtime_ns == record.get("mtime_ns"):
-            return None
-        if not matches_record(path, record):
-            return Problem(path, f"{digest_kind(record)} differs from {self.files_manifest.name}",
-                           "it is removed and downloaded again", name)
-        if st.st_mtime_ns != record.get("mtime_ns"):  # whole but touched (copied from another machine): remember it
+
+class Cache:
+    """One cache folder: its identity (the marker), its entries, the refs of Hugging Face revisions, its locks."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    # identity ---------------------------------------------------------------------------------------------------
+    def state(self) -> str:
+        """"missing", "marked", "legacy" (an earlier gpt2hub's, recognised by its records), "unmarked" (empty, or
+        only gpt2hub's folder names), "newer" (a later gpt2hub's format) or "foreign" (anything else)."""
+        try:
+            st = os.stat(self.root)  # the root itself may be a link (~/.cache/gpt2hub -> /data/gpt2hub)
+        except FileNotFoundError:
+            return "missing"
+        except OSError:
+            return "foreign"
+        if not stat.S_ISDIR(st.st_mode):
+            return "foreign"
+        version = read_json(self.root / VERSION_FILE)
+        if self._tagged() and isinstance(version, dict) and _plain_int(version.get("gpt2hub_cache")):
+            return "marked" if version["gpt2hub_cache"] <= CACHE_FORMAT else "newer"
+        try:
+            top = {p.name for p in self.root.iterdir()}
+        except OSError:
+            return "foreign"
+        if not all(n in OWN_NAMES or n in (TAG, VERSION_FILE) or _marker_temporary(n) for n in top):
+            return "foreign"  # (the marker's own files: another process is marking it right now)
+        return "legacy" if any(self._own_records(p) for p in self._candidate_dirs()) else "unmarked"
+
+    def _tagged(self) -> bool:
+        try:
+            return regular_file(self.root / TAG) is not None and (self.root / TAG).read_text()[:200].startswith(TAG_SIGNATURE)
+        except (OSError, UnicodeDecodeError):
+            return False
+
+    def _candidate_dirs(self) -> Iterator[Path]:
+        for source in SOURCES:
+            for d in _subdirs(self.root / source):
+                yield d
+                yield from (c for c in _subdirs(d) if COMMIT.fullmatch(c.name))
+
+    @staticmethod
+    def holds_records(folder: Path) -> bool:
+        """Whether a folder holds gpt2hub's records (a files.json of published files, or a manifest)."""
+        return Cache._own_records(folder) or any(
+            isinstance(read_json(folder / "converted" / f"{d}.json"), dict) for d in DTYPES)
+
+    @staticmethod
+    def _own_records(folder: Path) -> bool:
+        data = read_json(folder / "files.json")
+        return isinstance(data, dict) and bool(data) and all(
+            isinstance(k, str) and any(k in files for files in SOURCE_FILES.values()) and valid_record(v)
+            for k, v in data.items())
+
+    def _refusal(self, state: str, doing: str) -> NotACacheError:
+        why = {"newer": "it was written by a newer gpt2hub: upgrade gpt2hub to use it",
+               "foreign": f"it is not a gpt2hub cache (no {TAG} and {VERSION_FILE}, and it holds files gpt2hub did not "
+                          "write); nothing in it was touched: point GPT2HUB_CACHE or --cache-dir at the cache folder, or "
+                          "at a new or empty folder"}[state]
+        return NotACacheError(f"not {doing} {self.root}: {why}")
+
+    def mark(self) -> None:
+        """Write the marker (CACHEDIR.TAG and the version file); the folder is created if needed."""
+        with disk_errors(self.root):
+            self.root.mkdir(parents=True, exist_ok=True)
+        if not self._tagged():
+            with disk_errors(self.root / TAG):
+                (self.root / TAG).unlink(missing_ok=True)
+            from .files import atomic_write
+
+            with atomic_write(self.root / TAG, file_mode=0o444) as f:
+                f.write(TAG_TEXT)
+        write_json(self.root / VERSION_FILE, {"gpt2hub_cache": CACHE_FORMAT, "created_by": f"gpt2hub {__version__}",
+                                              "created": now()})
+
+    def open_for_loading(self) -> None:
+        """Before a load or download: mark a new, empty or earlier gpt2hub's folder; refuse a foreign or newer one.
+        A read-only cache that cannot be marked is still read (what it holds loads)."""
+        state = self.state()
+        if state in ("foreign", "newer"):
+            raise self._refusal(state, "using")
+        if state != "marked":
+            try:
+                self.mark()
+            except CacheError:
+                if state == "missing":
+                    raise
+                log.info("cannot mark %s as a gpt2hub cache (read-only?); reading it as it is", self.root)
+
+    def open_existing(self, doing: str) -> bool:
+        """Before a command that lists or deletes: False when there is no folder at all; True for a gpt2hub cache
+        (marking an earlier gpt2hub's); NotACacheError for any other folder, touching nothing."""
+        state = self.state()
+        if state == "missing":
+            return False
+        if state == "legacy":
             with contextlib.suppress(CacheError):
-                self.record_file(name, record)
-        return None
+                self.mark()
+            return True
+        if state == "unmarked" and not any(self.root.iterdir()):
+            return True  # an empty folder: nothing to list or delete
+        if state != "marked":
+            raise self._refusal("foreign" if state == "unmarked" else state, doing)
+        return True
 
-    def manifest(self, dtype: str) -> Manifest | None:
-        return Manifest.parse(read_json(self.manifest_path(dtype)), self.source, dtype)
+    # entries ----------------------------------------------------------------------------------------------------
+    def entry(self, key: EntryKey, names: tuple[str, ...] | None = None, config: ModelConfig | None = None,
+              external: Path | None = None) -> Entry:
+        return Entry(self, key, names or SOURCE_FILES[key.source], config, external)
 
-    def check_weights(self, dtype: str, quick: bool = False) -> Problem | None:
-        """What is wrong with the stored weights of one dtype (its manifest and, if converted, its file), or None."""
-        path = self.manifest_path(dtype)
-        m = self.manifest(dtype)
-        if m is None:
-            what = "missing" if not os.path.lexists(path) else "unreadable or from another gpt2hub version"
-            return Problem(path, what, "the weights are prepared again on the next load", dtype=dtype)
-        expected = getattr(self, "config", None)
-        if expected and any(m.config.get(k) != expected[k] for k in _CONFIG_KEYS):
-            return Problem(path, "describes another model", "the weights are prepared again on the next load",
-                           dtype=dtype)
-        if m.kind == "mapped":
-            return None  # the mapped file is a published file: check_file covers it
-        weights = self.converted_path(dtype)
-        st = regular_file(weights)
-        if st is None or st.st_size != m.bytes:
-            return Problem(weights, "missing or of the wrong size", "it is converted again on the next load", dtype=dtype)
-        if quick and st.st_mtime_ns == m.mtime_ns:
+    def entry_keys(self) -> list[EntryKey]:
+        """Every entry folder the cache holds (real folders with gpt2hub's names or records; links are not entries)."""
+        keys = []
+        for d in _subdirs(self.root / "openai"):
+            with contextlib.suppress(ValueError):
+                keys.append(EntryKey("openai", d.name))
+        for d in _subdirs(self.root / "hf"):
+            for c in _subdirs(d):
+                if COMMIT.fullmatch(c.name):
+                    with contextlib.suppress(ValueError):
+                        keys.append(EntryKey("hf", d.name, c.name))
+        return keys
+
+    def adopt_legacy_hf(self, size: str, ref: str) -> str | None:
+        """An earlier gpt2hub kept the Hub's records at hf/{size}/ with no commit level: when they are all of revision
+        `ref` and of one commit's files, move them (and the weights it prepared) into that commit's entry, remember
+        `ref` for it, and return the commit. None when there is nothing such to move (nothing is downloaded again)."""
+        folder = self.root / "hf" / size
+        records = read_json(folder / "files.json")
+        if not isinstance(records, dict) or not records or not all(isinstance(r, dict) for r in records.values()):
             return None
-        if crc32c_file(weights) != m.crc32c:
-            return Problem(weights, f"crc32c differs from {path.name}", "it is converted again on the next load",
-                           dtype=dtype)
-        if st.st_mtime_ns != m.mtime_ns:  # whole but touched: remember, so the next load need not read it again
-            with contextlib.suppress(CacheError):
-                write_json(path, {**m.to_json(), "mtime_ns": st.st_mtime_ns})
-        return None
+        commits = {Path(r["path"]).parent.name if isinstance(r.get("path"), str) else "" for r in records.values()}
+        revisions = {r.get("revision", "main") for r in records.values()}
+        commit = commits.pop() if len(commits) == 1 else ""
+        if not COMMIT.fullmatch(commit) or revisions != {ref} or os.path.lexists(folder / commit):
+            return None
+        try:
+            (folder / commit).mkdir()
+            os.replace(folder / "files.json", folder / commit / "files.json")
+            if (st := stat_entry(folder / "converted")) is not None and stat.S_ISDIR(st.st_mode):
+                os.replace(folder / "converted", folder / commit / "converted")
+        except OSError:
+            return None  # another process moved them first, or the cache is read-only: resolved as usual
+        self.set_ref(size, ref, commit)
+        log.info("moved %s's records of %s into %s (the cache now keeps one entry per commit)", folder, ref, commit)
+        return commit
 
-    def stored_dtypes(self) -> list[str]:
-        folder = self.dir / "converted"
-        found = {p.stem for p in folder.glob("*.json")} if folder.is_dir() else set()
-        return sorted(found & set(DTYPE_NAMES.values()))
+    # refs of Hugging Face revisions -----------------------------------------------------------------------------
+    def refs_path(self, size: str) -> Path:
+        return self.root / "hf" / size / "refs.json"
 
-    def verify(self, names: tuple[str, ...] | None = None, dtypes: tuple[str, ...] | None = None,
-               quick: bool = False) -> list[Problem]:
-        """Every problem of the given published files (default: all) and stored dtypes (default: those present).
+    def refs(self, size: str) -> dict[str, str]:
+        data = read_json(self.refs_path(size))
+        if not isinstance(data, dict):
+            return {}
+        return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str) and COMMIT.fullmatch(v)}
 
-        The one check behind `gpt2hub cache verify` and behind repair on load, so the two cannot drift.
-        """
-        self.secure()
-        records = self.records()
-        problems = [p for n in (self.names if names is None else names)
-                    if (p := self.check_file(n, records.get(n), quick)) is not None]
-        for dtype in self.stored_dtypes() if dtypes is None else dtypes:
-            problem = self.check_weights(dtype, quick)
-            if problem is not None:
-                problems.append(problem)
-        return problems
+    def set_ref(self, size: str, revision: str, commit: str) -> None:
+        real_folder(self.root / "hf")
+        real_folder(self.root / "hf" / size)
+        write_json(self.refs_path(size), {**self.refs(size), revision: commit})
+
+    def forget_stale_refs(self) -> None:
+        """Drop the refs that name a commit no longer cached, and a size's folder once it is empty."""
+        for folder in _subdirs(self.root / "hf"):
+            commits = {c.name for c in _subdirs(folder) if COMMIT.fullmatch(c.name)}
+            refs = self.refs(folder.name)
+            if refs and not commits:
+                unlink_entry(self.refs_path(folder.name))
+            elif any(c not in commits for c in refs.values()):
+                write_json(self.refs_path(folder.name), {r: c for r, c in refs.items() if c in commits})
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+    def lock_path(self, key: EntryKey) -> Path:
+        return self.root / "locks" / f"{key.source}--{key.size}.lock"
 
 
+def _marker_temporary(name: str) -> bool:
+    m = _TEMPORARY.fullmatch(name)
+    return m is not None and m.group(1) in (TAG, VERSION_FILE)
 
-class ModelCache(CacheChecks):
-    """One model of one source in the cache: its files, records, manifests, lock, checks and deletions."""
 
-    def __init__(self, root: Path, source: str, size: str, external_root: Path | None = None,
-                 config: dict | None = None):
-        if source not in SOURCES:
-            raise ValueError(f"unknown source {source!r}")
-        self.root, self.source, self.size = Path(root), source, size
-        self.names = SOURCE_FILES[source]
-        self.dir = self.root / source / size
-        self.raw = self.dir / "raw"
-        self.files_manifest = self.dir / "files.json"
-        self.lock_path = self.root / "locks" / f"{source}--{size}.lock"
-        self.external_root = external_root  # this repo's folder in Hugging Face's cache (the hf source's files)
-        self.config = config  # the model's book config: stored weights describing another model are not used
+def _subdirs(folder: Path) -> list[Path]:
+    """The real folders inside `folder` (never through a link), sorted; [] when it is not a real folder."""
+    st = stat_entry(folder)
+    if st is None or not stat.S_ISDIR(st.st_mode):
+        return []
+    try:
+        return sorted(p for p in folder.iterdir() if (s := stat_entry(p)) is not None and stat.S_ISDIR(s.st_mode))
+    except OSError:
+        return []
 
-    # names and paths ------------------------------------------------------------------------------------------
-    def _check_name(self, name: str) -> str:
+
+class EntryRecords:
+    """One entry of the cache: one model of one source (and commit). Its files, records, manifests and lock;
+    `Entry` adds deletion."""
+
+    def __init__(self, cache: Cache, key: EntryKey, names: tuple[str, ...], config: ModelConfig | None = None,
+                 external: Path | None = None):
+        self.cache, self.key, self.names, self.config = cache, key, names, config
+        self.dir = cache.root.joinpath(*key.parts)
+        self.raw, self.converted = self.dir / "raw", self.dir / "converted"
+        self.files_json = self.dir / "files.json"
+        self.lock_path = cache.lock_path(key)
+        # the hf source: this repo's folder in Hugging Face's cache, where its files stay
+        self.external = external
+        self.snapshot = external / "snapshots" / key.commit if external is not None and key.commit else None
+
+    def __repr__(self) -> str:
+        return f"Entry({self.dir})"
+
+    def lock(self, why: str, timeout: float | None = None) -> contextlib.AbstractContextManager[None]:
+        """Hold this model's lock (see files.hold_lock)."""
+        return hold_lock(self.lock_path, why, timeout)
+
+    def secure(self) -> None:
+        """Make every folder from the cache root down to this entry's files a real folder: a link (or a file) where
+        one belongs is removed (the link itself, never what it points to). Called before any write."""
+        folders = [self.cache.root.joinpath(*self.key.parts[:i]) for i in range(1, len(self.key.parts) + 1)]
+        for folder in (*folders, self.raw, self.converted):
+            real_folder(folder)
+
+    # names and paths --------------------------------------------------------------------------------------------
+    def check_name(self, name: str) -> str:
         if name not in self.names:
-            raise CacheError(f"{name!r} is not a file of the {self.source} source ({', '.join(self.names)})")
+            raise CacheError(f"{name!r} is not a file of the {self.key.source} source ({', '.join(self.names)})")
         return name
 
     def raw_path(self, name: str) -> Path:
-        return self.raw / self._check_name(name)
+        return self.raw / self.check_name(name)
 
-    def converted_path(self, dtype: str) -> Path:
-        return self.dir / "converted" / f"{DTYPE_NAMES[dtype]}.safetensors"
+    def stored_path(self, dtype: str) -> Path:
+        """The file a non-mapped storage keeps the weights of `dtype` in."""
+        return self.converted / f"{DTYPES[dtype].name}.safetensors"
 
     def manifest_path(self, dtype: str) -> Path:
-        return self.dir / "converted" / f"{DTYPE_NAMES[dtype]}.json"
+        return self.converted / f"{DTYPES[dtype].name}.json"
 
-    def _external(self, value: Any) -> Path | None:
-        """A record's "path" if it is a file under this repo's `snapshots/` in Hugging Face's cache, reached through
-        real folders only (compared without following links; the file itself is Hugging Face's link to a blob)."""
-        if self.external_root is None or not isinstance(value, str):
+    def external_path(self, value: Any) -> Path | None:
+        """A record's "path" if it is a file of this entry's commit in Hugging Face's cache (`snapshots/{commit}/`),
+        reached through real folders only (the file itself is Hugging Face's link to a blob)."""
+        if self.snapshot is None or not isinstance(value, str):
             return None
-        path, snapshots = Path(os.path.abspath(value)), Path(os.path.abspath(self.external_root)) / "snapshots"
-        if snapshots not in path.parents:
+        path, snapshot = Path(os.path.abspath(value)), Path(os.path.abspath(self.snapshot))
+        if path.parent != snapshot or path.name not in self.names:
             return None
-        folders = [p for p in path.parents if snapshots in p.parents or p == snapshots]
+        folders = [snapshot, *(p for p in snapshot.parents if Path(os.path.abspath(self.external or "")) in p.parents)]
         return path if all((st := stat_entry(p)) is None or stat.S_ISDIR(st.st_mode) for p in folders) else None
 
-    def secure(self) -> None:
-        """Make every folder from the cache root down to this model's files a real folder of the cache: a link (or a
-        file) where one belongs is removed, the link itself, never what it points to. Called before any write."""
-        for folder in (self.root / self.source, self.dir, self.raw, self.dir / "converted"):
-            real_folder(folder)
+    def file_path(self, name: str, record: dict | None = None) -> Path:
+        """Where a published file lives: raw/{name}, or this commit's file in Hugging Face's cache."""
+        record = self.records().get(name) if record is None else record
+        external = self.external_path(record.get("path")) if record else None
+        return external or self.raw_path(name)
 
-    # records --------------------------------------------------------------------------------------------------
+    def paths(self, names: tuple[str, ...] | None = None) -> dict[str, Path]:
+        records = self.records()
+        return {n: self.file_path(n, records.get(n, {})) for n in (names or self.names)}
+
+    # records ----------------------------------------------------------------------------------------------------
     def records(self) -> dict[str, dict]:
-        """files.json, keeping only well-formed records of the source's own files (others are logged and ignored)."""
-        data = read_json(self.files_manifest)
+        """files.json, keeping only well-formed records of this source's own files (others logged and ignored)."""
+        data = read_json(self.files_json)
         if data is None:
             return {}
         if not isinstance(data, dict):
-            log.warning("%s is not a JSON object; its records are ignored and the files checked again", self.files_manifest)
+            log.warning("%s is not a JSON object; its records are ignored and the files checked again", self.files_json)
             return {}
         good = {}
         for name, record in data.items():
-            if name in self.names and valid_record(record) and ("path" not in record or self._external(record["path"])):
+            if name in self.names and valid_record(record) and ("path" not in record or self.external_path(record["path"])):
                 good[name] = record
             else:
-                log.warning("%s: ignoring the malformed or foreign record %r", self.files_manifest, str(name)[:80])
+                log.warning("%s: ignoring the malformed or foreign record %r", self.files_json, str(name)[:80])
         return good
 
-    def file_path(self, name: str, record: dict | None = None) -> Path:
-        """Where a published file lives: raw/{name}, or inside Hugging Face's cache for the hf source."""
-        record = self.records().get(name) if record is None else record
-        external = self._external(record.get("path")) if record else None
-        return external or self.raw_path(name)
+    def record(self, accepted: Any) -> None:
+        """Record a file that passed its gate (arrival.Gate made `accepted`; nothing else is recorded)."""
+        from .arrival import Accepted
 
-    def record_file(self, name: str, record: dict) -> None:
+        if not isinstance(accepted, Accepted) or accepted.gate.entry is not self:
+            raise TypeError("Entry.record takes what this entry's Gate accepted")
+        self._write_record(accepted.name, accepted.record)
+
+    def _write_record(self, name: str, record: dict) -> None:
         self.secure()
-        path = self.file_path(name, record)
         with contextlib.suppress(OSError):
-            record = {**record, "mtime_ns": os.stat(path).st_mtime_ns}
+            record = {**record, "mtime_ns": os.stat(self.file_path(name, record)).st_mtime_ns}
         files = self.records()
-        files[self._check_name(name)] = record
-        write_json(self.files_manifest, files)
+        files[self.check_name(name)] = record
+        write_json(self.files_json, files)
 
-    def forget_file(self, name: str) -> None:
+    def touch_record(self, name: str, record: dict) -> None:
+        """Remember a recorded file's new timestamp after it was checked whole (copied from another machine)."""
+        with contextlib.suppress(CacheError):
+            self._write_record(name, {k: v for k, v in record.items() if k != "damaged"})
+
+    def mark_damaged(self, name: str, what: str) -> None:
+        """Flag a recorded file so that the next load replaces it (what `cache verify` does without --repair)."""
+        records = self.records()
+        if name in records:
+            records[name] = {**records[name], "damaged": what}
+            write_json(self.files_json, records)
+
+    def forget(self, name: str) -> None:
         files = self.records()
         if files.pop(name, None) is not None:
-            write_json(self.files_manifest, files)
+            write_json(self.files_json, files)
 
-    def present(self, name: str) -> Path | None:
-        """The path of a recorded file that is there with its recorded size (no hashing, no network), else None."""
-        record = self.records().get(name)
-        if record is None:
-            return None
-        path = self.file_path(name, record)
-        try:
-            st = os.stat(path) if "path" in record else regular_file(path)
-        except OSError:
-            return None
-        return path if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == record["size"] else None
+    # manifests --------------------------------------------------------------------------------------------------
+    def manifest(self, dtype: str) -> Manifest | None:
+        return Manifest.parse(read_json(self.manifest_path(dtype)), self.names, dtype)
 
-    # deletion -------------------------------------------------------------------------------------------------
-    def discard(self, name: str) -> None:
-        """Delete a published file and its record: raw/{name} (a link there is unlinked, not followed), or for the
-        hf source the link in Hugging Face's cache and the blob it points to, if that blob is in its `blobs/`."""
+    def write_manifest(self, manifest: Manifest) -> None:
         self.secure()
-        record = self.records().get(self._check_name(name))
-        external = self._external(record.get("path")) if record else None
-        if external is not None:
-            self._discard_external(external)
-        unlink_entry(self.raw_path(name))
-        self.forget_file(name)
+        write_json(self.manifest_path(manifest.dtype), manifest.to_json())
 
-    def _discard_external(self, link: Path) -> None:
-        if self.external_root is None:  # never: `_external` finds no link without a root
-            return
-        blobs = Path(os.path.abspath(self.external_root)) / "blobs"
+    def mark_weights_damaged(self, dtype: str, what: str) -> None:
+        data = read_json(self.manifest_path(dtype))
+        if isinstance(data, dict):
+            write_json(self.manifest_path(dtype), {**data, "damaged": what})
+
+    def stored_dtypes(self) -> list[str]:
+        """The dtypes whose manifests are here (valid or not: `verify` says which are wrong)."""
+        return [d for d in DTYPES if regular_file(self.manifest_path(d)) is not None]
+
+    def touch_used(self, dtype: str) -> None:
+        """Remember that the weights of `dtype` were just loaded (the manifest's mtime; its content is unchanged)."""
         with contextlib.suppress(OSError):
-            target = link.resolve()
-            if (st := stat_entry(blobs)) is not None and stat.S_ISDIR(st.st_mode) and target.parent == blobs \
-                    and regular_file(target):
-                target.unlink()
-        unlink_entry(link)
+            os.utime(self.manifest_path(dtype))
+
+
+class Entry(EntryRecords):
+    """An entry of the cache, with the only code that deletes its files (see the module docstring)."""
+
+    def discard(self, name: str) -> None:
+        """Delete a published file and its record: raw/{name} (a link there is unlinked, never followed), or for the
+        hf source this commit's link in Hugging Face's cache and its blob, unless another link of the repo needs it."""
+        self.secure()
+        record = self.records().get(self.check_name(name))
+        external = self.external_path(record.get("path")) if record else None
+        if external is not None and self.external is not None:
+            discard_external(self.external, external)
+        unlink_entry(self.raw_path(name))
+        self.forget(name)
+
+    def discard_external(self, path: Path) -> bool:
+        """Delete a file of this commit that the Hub's cache handed over and that failed its gate: the link and its
+        blob, only when `path` is this commit's file in this repo's folder, reached through real folders."""
+        link = self.external_path(str(path))
+        if link is None or self.external is None:
+            return False
+        discard_external(self.external, link)
+        return True
 
     def discard_weights(self, dtype: str) -> None:
-        """Delete the stored weights of a dtype (its manifest, and its converted file if any)."""
+        """Delete the stored weights of a dtype (its manifest, and its own file if any)."""
         self.secure()
-        unlink_entry(self.converted_path(dtype))
+        unlink_entry(self.stored_path(dtype))
         unlink_entry(self.manifest_path(dtype))
 
+    def own_files(self) -> dict[Path, tuple[str, ...]]:
+        """Each folder of the entry, with the names of the files gpt2hub keeps there."""
+        stored = tuple(f"{d}.{ext}" for d in DTYPES for ext in ("json", "safetensors"))
+        return {self.raw: self.names, self.dir: ("files.json",), self.converted: stored}
+
     def partials(self) -> list[Path]:
-        """Partial downloads and temporary files left by interrupted processes (regular files only)."""
+        """Partial downloads and temporary files left by interrupted processes, recognised by the names gpt2hub
+        gives them (`{file}.{pid}.incomplete`, `.{file}.XXXXXXXX.tmp`) and regular files only."""
         self.secure()
         found = []
-        for folder in (self.raw, self.dir, self.dir / "converted"):
-            if folder.is_dir():
-                found += [p for p in folder.iterdir() if (p.name.endswith(".incomplete") or p.name.endswith(".tmp"))
-                          and regular_file(p)]
+        incomplete = re.compile("(" + "|".join(map(re.escape, self.names)) + r")\.(\d+\.)?incomplete")
+        for folder, finals in self.own_files().items():
+            for p in _listing(folder):
+                temp = _TEMPORARY.fullmatch(p.name)
+                ours = (temp and temp.group(1) in finals) or (folder == self.raw and incomplete.fullmatch(p.name))
+                if ours and regular_file(p) is not None:
+                    found.append(p)
         return sorted(found)
 
-    def remove_all(self) -> int:
-        """Delete this model's folder (regular files and folders only, links unlinked); returns the bytes freed."""
-        return remove_tree(self.dir)
+    def remove(self, include_external: bool = False) -> tuple[int, list[Path]]:
+        """Delete every file gpt2hub keeps for this entry, by name, then its folders if they are left empty.
+        Returns (bytes freed, files left in place because gpt2hub did not write them)."""
+        self.secure()
+        freed = 0
+        if include_external and self.external is not None:
+            for record in self.records().values():
+                if (path := self.external_path(record.get("path"))) is not None:
+                    freed += discard_external(self.external, path)
+        for path in self.partials():
+            freed += _unlink_counted(path)
+        for folder, finals in self.own_files().items():
+            for name in finals:
+                freed += _unlink_counted(folder / name)
+        for folder in (self.raw, self.converted, self.dir):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty: what gpt2hub did not write stays
+        left = [p for folder in self.own_files() for p in _listing(folder)
+                if (st := stat_entry(p)) is not None and not stat.S_ISDIR(st.st_mode)]
+        return freed, left
 
-    # lock -----------------------------------------------------------------------------------------------------
-    def lock(self, why: str, timeout: float | None = None) -> contextlib.AbstractContextManager[None]:
-        """Hold this model's lock (see `hold_lock`)."""
-        return hold_lock(self.lock_path, why, timeout)
 
-
-def hf_cache_root() -> Path:
-    """Hugging Face's hub cache folder, as huggingface_hub resolves it now (HF_HUB_CACHE, HF_HOME)."""
-    import huggingface_hub.constants
-
-    return Path(huggingface_hub.constants.HF_HUB_CACHE)
-
-
-def model_cache(root: Path, source: str, size: str) -> ModelCache:
-    """The ModelCache of one model: the hf source's files live in this repo's folder of Hugging Face's cache, and
-    stored weights must describe the registered model of this size (when one is registered)."""
-    from .registry import resolve
-
+def _listing(folder: Path) -> list[Path]:
+    st = stat_entry(folder)
+    if st is None or not stat.S_ISDIR(st.st_mode):
+        return []
     try:
-        spec = resolve(size)
-    except ValueError:
-        return ModelCache(root, source, size)
-    repo = hf_cache_root() / f"models--{spec.hf_repo.replace('/', '--')}" if source == "hf" else None
-    return ModelCache(root, source, size, repo, spec.config())
+        return sorted(folder.iterdir())
+    except OSError:
+        return []
 
 
-def cached_models(root: Path) -> list[ModelCache]:
-    """Every model folder in the cache (folders only; links and stray files are not models)."""
-    found = []
-    for source in SOURCES:
-        if (root / source).is_dir() and not (root / source).is_symlink():
-            found += [model_cache(root, source, d.name) for d in sorted((root / source).iterdir())
-                      if (st := stat_entry(d)) is not None and stat.S_ISDIR(st.st_mode)]
-    return found
+def _unlink_counted(path: Path) -> int:
+    """Unlink a regular file or link (never a folder, never through a link); the bytes a regular file freed."""
+    st = stat_entry(path)
+    if st is None or stat.S_ISDIR(st.st_mode):
+        return 0
+    unlink_entry(path)
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
 
 
-def touch_used(m: ModelCache, dtype: str) -> None:
-    """Remember that the weights of `dtype` were just loaded (the manifest's mtime; its content is unchanged)."""
+def discard_external(repo: Path, link: Path) -> int:
+    """Delete a file of a repo in Hugging Face's cache: the link (snapshots/{commit}/{name}) and the blob it points to,
+    when that blob lies in the repo's `blobs/` and no other snapshot's link points to it. Returns the bytes freed."""
+    blobs = Path(os.path.abspath(repo)) / "blobs"
+    freed = 0
     with contextlib.suppress(OSError):
-        os.utime(m.manifest_path(dtype))
+        target = link.resolve()
+        st = stat_entry(blobs)
+        if st is not None and stat.S_ISDIR(st.st_mode) and target.parent == blobs and regular_file(target):
+            others = [p for snap in _listing(Path(os.path.abspath(repo)) / "snapshots") for p in _listing(snap)
+                      if p != Path(os.path.abspath(link)) and p.is_symlink() and p.resolve() == target]
+            if not others:
+                freed = _unlink_counted(target)
+    unlink_entry(link)
+    return freed

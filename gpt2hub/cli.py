@@ -16,6 +16,7 @@ from typing import Any
 
 from .__version__ import __version__
 from .errors import GPT2HubError
+from .registry import SOURCES, dtype_choices
 
 log = logging.getLogger("gpt2hub")
 
@@ -116,7 +117,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_model
 
     folder = export_model(args.name, args.folder, format=args.format, dtype=args.dtype, source=args.source,
-                          revision=args.revision, cache_dir=args.cache_dir)
+                          revision=args.revision, cache_dir=args.cache_dir, overwrite=args.overwrite)
     print(f"wrote {args.format} files of {args.name} to {folder}")
     return 0
 
@@ -124,7 +125,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_mirror(args: argparse.Namespace) -> int:
     from .mirror import SUMS, write_mirror
 
-    written = write_mirror(args.folder, args.names or None, cache_dir=args.cache_dir)
+    written = write_mirror(args.folder, args.names or None, cache_dir=args.cache_dir, link=args.link)
     for f in written:
         print(f"{f.how}\t{_human(f.size)}\t{f.path}")
     folder = Path(args.folder)
@@ -137,6 +138,9 @@ def cmd_cache_list(args: argparse.Namespace) -> int:
     from .inventory import scan_cache
 
     info = scan_cache(args.cache_dir)
+    if not info.exists and not args.json:
+        print(f"there is no gpt2hub cache at {info.root} yet: nothing is cached")
+        return 0
     if args.json:
         print(json.dumps({"root": str(info.root), "total_bytes": info.total_bytes,
                           "models": [{**asdict(m), "path": str(m.path), "status": m.status} for m in info.models]},
@@ -146,29 +150,44 @@ def cmd_cache_list(args: argparse.Namespace) -> int:
         print(f"the cache at {info.root} is empty")
         return 0
     print(f"cache: {info.root}")
-    print(f"{'model':14} {'source':6} {'size':8} {'status':8} {'on disk':>10}  {'dtypes':24} {'modified':16}  last used")
+    rows = [(m.name, m.source + (f"@{m.commit[:8]}" if m.commit else ""), m.size, m.status, _human(m.bytes_on_disk),
+             ",".join(m.dtypes) or "-", _when(m.last_modified), _when(m.last_used)) for m in info.models]
+    heads = ("model", "source", "size", "status", "on disk", "dtypes", "modified", "last used")
+    widths = [max(len(r[i]) for r in [heads, *rows]) for i in range(len(heads))]
+    for row in [heads, *rows]:
+        print("  ".join(c.rjust(w) if i == 4 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip())
     for m in info.models:
-        extra = f" (+{_human(m.bytes_elsewhere)} in the Hugging Face cache)" if m.bytes_elsewhere else ""
-        print(f"{m.name:14} {m.source:6} {m.size:8} {m.status:8} {_human(m.bytes_on_disk):>10}  "
-              f"{', '.join(m.dtypes) or '-':24} {_when(m.last_modified):16}  {_when(m.last_used)}{extra}")
+        if m.bytes_elsewhere or m.revisions:
+            refs = f", revision {', '.join(m.revisions)}" if m.revisions else ""
+            print(f"  {m.name} ({m.source}{refs}): +{_human(m.bytes_elsewhere)} in the Hugging Face cache")
     print(f"total: {_human(info.total_bytes)} in {len(info.models)} model folder(s)")
     return 0
 
 
 def cmd_cache_verify(args: argparse.Namespace) -> int:
-    from .cache import cached_models
-    from .files import default_root
+    from .hub import repair
+    from .inventory import check_cache
 
+    checked = check_cache(args.cache_dir, mark_problems=not args.repair)
+    if checked.entries is None:
+        print(f"there is no gpt2hub cache at {checked.root}: nothing to verify")
+        return 0
+    if not checked.entries:
+        print(f"the cache at {checked.root} holds no model: nothing to verify")
     bad = 0
-    for m in cached_models(Path(args.cache_dir) if args.cache_dir else default_root()):
-        problems = m.verify()
-        bad += len(problems)
-        print(f"{m.source}/{m.size}: {'ok' if not problems else f'{len(problems)} problem(s)'}")
+    for entry, problems in checked.entries:
+        print(f"{entry.key}: {'ok' if not problems else f'{len(problems)} problem(s)'}")
         for p in problems:
             print(f"  {p}")
-    if bad:
-        print(f"{bad} missing or damaged file(s): the next load repairs them, or run `gpt2hub cache rm MODEL`",
-              file=sys.stderr)
+        if problems and args.repair:
+            left = repair(entry)
+            print(f"  repaired{'' if not left else f'; {len(left)} problem(s) left: ' + '; '.join(map(str, left))}")
+            bad += len(left)
+        else:
+            bad += len(problems)
+    if bad and not args.repair:
+        print(f"{bad} missing or damaged file(s), marked: the next load repairs them; `gpt2hub cache verify --repair` "
+              "repairs them now", file=sys.stderr)
     return 1 if bad else 0
 
 
@@ -179,7 +198,11 @@ def cmd_cache_rm(args: argparse.Namespace) -> int:
         raise ValueError("name a model to remove (gpt2hub cache rm gpt2-small) or pass --all")
     plan = plan_removal(args.cache_dir, None if args.all else args.name, args.source, args.dtype, args.include_hf)
     if not plan:
-        print(f"nothing to remove: {args.name or 'no model'} is not in the cache")
+        what = args.name or "no model"
+        if args.dtype and args.name and plan_removal(args.cache_dir, args.name, args.source):
+            print(f"nothing to remove: {args.name} is cached, but no {args.dtype} weights of it are stored")
+        else:
+            print(f"nothing to remove: {what} is not in the cache")
         return 0
     for item in plan:
         print(f"{'would remove' if args.dry_run else 'remove'} {item.what} ({_human(item.bytes)})")
@@ -189,7 +212,10 @@ def cmd_cache_rm(args: argparse.Namespace) -> int:
     if not args.yes and sys.stdin.isatty() and input("proceed? [y/N] ").strip().lower() not in ("y", "yes"):
         print("nothing removed")
         return 1
-    print(f"freed {_human(remove(plan, timeout=args.timeout))}")
+    removed = remove(plan, timeout=args.timeout)
+    print(f"freed {_human(removed.bytes)}")
+    if removed.left:
+        print(f"left {len(removed.left)} file(s) gpt2hub did not write, e.g. {removed.left[0]}", file=sys.stderr)
     return 0
 
 
@@ -245,7 +271,7 @@ def _common(p: argparse.ArgumentParser, source: bool = True) -> None:
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="cache folder (default: GPT2HUB_CACHE, else the platform's user cache folder)")
     if source:
-        p.add_argument("--source", default="openai", choices=["openai", "hf"],
+        p.add_argument("--source", default="openai", choices=list(SOURCES),
                        help="OpenAI's published files, or openai-community/* on the Hugging Face Hub")
         p.add_argument("--revision", default=None, help="Hugging Face revision (branch, tag or commit; --source hf)")
 
@@ -273,7 +299,7 @@ def _generate_parser(sub: Any) -> None:
                    help="stop once the text contains TEXT (may be given several times); TEXT is not printed")
     g.add_argument("--num-return-sequences", type=POSITIVE_SMALL, default=1, help="continuations to sample and print")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights' dtype")
+    g.add_argument("--dtype", default="float32", choices=dtype_choices(), help="weights' dtype")
     g.set_defaults(func=cmd_generate)
 
 
@@ -283,7 +309,7 @@ def _bench_parser(sub: Any) -> None:
              "  gpt2hub bench compare cpu/results.json gpu/results.json --out compare/")
     b.add_argument("--model", type=MODEL, default="gpt2-small", help="model whose size to time")
     b.add_argument("--device", nargs="+", default=["cpu"], help="one or more devices, e.g. cpu cuda")
-    b.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"],
+    b.add_argument("--dtype", nargs="+", default=["float32"], choices=dtype_choices(),
                    help="one or more dtypes")
     b.add_argument("--batch-sizes", nargs="+", type=POSITIVE, default=[1, 4], help="batch sizes for generation")
     b.add_argument("--prompt-lengths", nargs="+", type=POSITIVE, default=[16, 512], help="prompt lengths in tokens")
@@ -309,15 +335,17 @@ def _cache_parser(sub: Any) -> None:
     ls = _sub(csub, "list", "models, sources, dtypes, bytes on disk, status and dates", "  gpt2hub cache list --json")
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ls.set_defaults(func=cmd_cache_list)
-    v = _sub(csub, "verify", "re-hash every file; one line per missing or damaged file; exit 1 on any",
-             "  gpt2hub cache verify")
+    v = _sub(csub, "verify", "re-hash every file; one line per missing or damaged file, marked so that the next load "
+             "repairs it (or repaired now with --repair); exit 1 on any",
+             "  gpt2hub cache verify\n  gpt2hub cache verify --repair")
+    v.add_argument("--repair", action="store_true", help="download or convert again what is damaged, now")
     v.set_defaults(func=cmd_cache_verify)
     rm = _sub(csub, "rm", "delete models (or one dtype's weights) from the cache, reporting the bytes freed",
               "  gpt2hub cache rm gpt2-small\n  gpt2hub cache rm --all --dry-run\n  gpt2hub cache rm 124M --dtype bfloat16 -y")
     rm.add_argument("name", nargs="?", type=MODEL, help="model name or size folder (as `cache list` shows it)")
     rm.add_argument("--all", action="store_true", help="every model in the cache")
-    rm.add_argument("--source", choices=["openai", "hf"], default=None, help="only this source (default: both)")
-    rm.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+    rm.add_argument("--source", choices=list(SOURCES), default=None, help="only this source (default: both)")
+    rm.add_argument("--dtype", choices=dtype_choices(), default=None,
                     help="only the prepared weights of this dtype (the published files stay)")
     rm.add_argument("--include-hf", action="store_true", help="also delete the files in the Hugging Face cache")
     rm.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
@@ -349,8 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("name", type=MODEL, help="a model name, size, Hugging Face id or folder")
     e.add_argument("folder", help="the folder to write (created if needed)")
     e.add_argument("--format", default="hf", choices=["hf", "safetensors"], help="Hugging Face's layout or gpt2hub's")
-    e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+    e.add_argument("--dtype", default=None, choices=dtype_choices(exportable=True),
                    help="dtype of the written weights (default: float32)")
+    e.add_argument("--overwrite", action="store_true",
+                   help="export into a folder that is not empty, first removing the files an export writes or its readers read")
     _common(e)
     e.set_defaults(func=cmd_export)
     mi = _sub(sub, "mirror", "write cached models in OpenAI's layout with SHA256SUMS, for other machines to download",
@@ -358,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
               "  GPT2HUB_OPENAI_URL=http://THIS_HOST:8000 gpt2hub download gpt2-small   # on another machine")
     mi.add_argument("folder", help="the folder to fill (FOLDER/<size>/<file>, FOLDER/SHA256SUMS)")
     mi.add_argument("names", nargs="*", type=MODEL, help="models to mirror (default: every fully cached OpenAI model)")
+    mi.add_argument("--link", action="store_true", help="hard-link instead of copying: no second copy on disk, but an "
+                    "edit of a mirrored file in place (rsync --inplace) then changes the cache too")
     _common(mi, source=False)
     mi.set_defaults(func=cmd_mirror)
     _generate_parser(sub)

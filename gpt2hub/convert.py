@@ -24,50 +24,27 @@ import numpy as np
 import torch
 
 from . import names
+from .config import ModelConfig, book_config
 from .errors import ConversionError
 from .tf_checkpoint import TFCheckpoint
 
 Getter = Callable[[str], Any]
 
 
-_HPARAMS = {"vocab_size": ("n_vocab", "vocab_size"), "context_length": ("n_ctx", "n_positions"),
-            "emb_dim": ("n_embd",), "n_heads": ("n_head",), "n_layers": ("n_layer",)}
-
-
 def config_from_hparams(hparams: Any, where: str = "hyperparameters") -> dict:
-    """The book's config dict from OpenAI's hparams.json or Hugging Face's config.json, checked.
-
-    Every size must be a positive integer (no floats, bools or nulls) and `n_embd` a multiple of `n_head`;
-    anything else raises ConversionError naming `where` (the file) and the bad value.
-    """
-    if not isinstance(hparams, Mapping):
-        raise ConversionError(f"{where} is not a JSON object (got {type(hparams).__name__})")
-    cfg: dict[str, Any] = {}
-    for key, keys in _HPARAMS.items():
-        found = [hparams[n] for n in keys if n in hparams]
-        if not found:
-            raise ConversionError(f"{where} lacks {' or '.join(keys)}")
-        value = found[0]
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConversionError(f"{where}: {keys[0]} must be a positive integer, got {value!r}")
-        cfg[key] = value
-    if cfg["emb_dim"] % cfg["n_heads"]:
-        raise ConversionError(f"{where}: n_embd {cfg['emb_dim']} is not a multiple of n_head {cfg['n_heads']}")
-    return {**cfg, "drop_rate": 0.0, "qkv_bias": True}
+    """The book's config dict from OpenAI's hparams.json or Hugging Face's config.json, checked (see
+    `config.ModelConfig.from_hparams`): every size a positive integer in range, n_embd a multiple of n_head."""
+    return book_config(hparams, where)
 
 
 def hparams_from_config(cfg: Mapping[str, Any]) -> dict:
     """OpenAI's hparams.json for a book config: the inverse of `config_from_hparams`."""
-    return {"n_vocab": cfg["vocab_size"], "n_ctx": cfg["context_length"], "n_embd": cfg["emb_dim"],
-            "n_head": cfg["n_heads"], "n_layer": cfg["n_layers"]}
+    return ModelConfig.from_hparams(cfg, "config").hparams()
 
 
 def hf_config(hp: Mapping[str, Any]) -> dict:
     """config.json of a Hugging Face GPT-2 (`GPT2Config`'s fields) with OpenAI's hyperparameters `hp`."""
-    return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": hp["n_vocab"],
-            "n_positions": hp["n_ctx"], "n_ctx": hp["n_ctx"], "n_embd": hp["n_embd"], "n_head": hp["n_head"],
-            "n_layer": hp["n_layer"], "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
-            "bos_token_id": 50256, "eos_token_id": 50256}
+    return ModelConfig.from_hparams(hp, "hparams").hf()
 
 
 def read_hparams(path: str | Path) -> dict:

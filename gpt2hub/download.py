@@ -5,8 +5,9 @@ What can go wrong, and what happens:
 - 404, 403 and other 4xx: `DownloadError` at once, naming the URL.
 - 5xx, 408, 429, a reset or a closed connection mid-body, no byte for GPT2HUB_READ_TIMEOUT seconds: retried with a
   Range request from the bytes already written, a few times with short backoff, then `DownloadError`.
-- the complete file has the wrong size, the wrong pinned sha256, or fails `validate`: deleted, `IntegrityError`
-  (the caller tries the next mirror). Network errors are never reported as disk errors, nor the reverse.
+- the complete file has the wrong size, or its `accept` (the cache's gate: arrival.Gate) refuses it: deleted,
+  `IntegrityError` (the caller tries the next mirror). Network errors are never reported as disk errors, nor the
+  reverse.
 """
 
 from __future__ import annotations
@@ -31,16 +32,14 @@ import google_crc32c
 from tqdm.auto import tqdm
 
 from .errors import DownloadError, IntegrityError
-from .files import disk_errors, env_flag, env_seconds, fsync_dir, ignore_pins, kind_for, regular_file
+from .files import CACHE_MODE, disk_errors, fsync_dir, regular_file
+from .settings import progress_disabled as progress_disabled  # re-exported: where the bars are drawn
+from .settings import read_timeout
 
 log = logging.getLogger("gpt2hub")
 CHUNK = 1 << 20
 USER_AGENT = "gpt2hub (+https://pypi.org/project/gpt2hub)"
-Validator = Callable[[Path], None]
-
-
-def progress_disabled() -> bool:
-    return env_flag("GPT2HUB_DISABLE_PROGRESS_BARS") or env_flag("HF_HUB_DISABLE_PROGRESS_BARS")
+Acceptor = Callable[[Path, str], Any]  # (the complete file, its digest) -> what to return; IntegrityError refuses it
 
 
 class MirrorDown(DownloadError):
@@ -290,25 +289,24 @@ def claim_partial(dest: Path) -> Path:
     return mine
 
 
-def download(url: str, dest: Path, *, expected_size: int | None = None, expected_sha256: str | None = None,
-             validate: Validator | None = None, retries: int = 3, timeout: float | None = None,
-             backoff: float = 0.25, bar: tqdm | None = None, max_size: int = 64 << 20,
-             tap: Tap | None = None) -> dict[str, Any]:
-    """Download `url` to `dest` atomically; returns its record: size and sha256 (when one is expected) or crc32c.
+def download(url: str, dest: Path, accept: Acceptor | None = None, *, digest_kind: str = "crc32c",
+             expected_size: int | None = None, retries: int = 3, timeout: float | None = None, backoff: float = 0.25,
+             bar: tqdm | None = None, max_size: int = 64 << 20, tap: Tap | None = None, mode: int = CACHE_MODE) -> Any:
+    """Download `url` to `dest` atomically; returns what `accept` returns (default: the file's size and digest).
 
     Bytes go to a partial file unique to this process (an earlier process's is claimed and resumed with a Range
-    request). `bar`, if given, is a progress bar shared by every file of the download: this file's bytes are added
-    to its total and its count. `validate` is called on the complete file before it takes its final name. On a size, hash or
-    validation failure the file is deleted and IntegrityError names it, the URL and what was wrong. A body longer
-    than `expected_size` (or `max_size` when the size is not known) is cut off as an IntegrityError. `tap`, if given,
-    sees every byte of the file in order, on a thread of its own (see `Tap`); the download does not wait for its
-    verdict.
+    request), hashed as they arrive (`digest_kind`: "sha256" or "crc32c"). `accept(part, digest)` judges the complete
+    file before it takes its final name (read-only, `mode`): it raises IntegrityError to refuse it, and the file is
+    then deleted and the error names it, the URL and what was wrong. A body longer than `expected_size` (or
+    `max_size` when the size is not known) is cut off as an IntegrityError. `bar`, if given, is a progress bar
+    shared by every file of the download. `tap`, if given, sees every byte of the file in order (see `Tap`); the
+    download does not wait for its verdict.
     """
-    timeout = env_seconds("GPT2HUB_READ_TIMEOUT", 60.0) if timeout is None else timeout
+    timeout = read_timeout() if timeout is None else timeout
     with disk_errors(dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
     part = claim_partial(dest)
-    running = _Digest(kind_for(expected_sha256))
+    running = _Digest(digest_kind)
     limit = expected_size if expected_size is not None else max_size
     if tap is not None:
         tap.catch_up(part, 0)  # a tap that saw an earlier download (another mirror, another partial) starts afresh
@@ -319,7 +317,11 @@ def download(url: str, dest: Path, *, expected_size: int | None = None, expected
             part.unlink(missing_ok=True)
             raise IntegrityError(f"{dest.name} from {url} {e}") from None
         taps.catch_up(part, size)  # waits for the taps; reads the file only if it was whole already (416)
-    return _finish(url, part, dest, size, running, expected_size, expected_sha256, validate)
+    return _finish(url, part, dest, size, running, expected_size, accept or _record(digest_kind), mode)
+
+
+def _record(kind: str) -> Acceptor:
+    return lambda part, digest: {"size": part.stat().st_size, kind: digest}
 
 
 def _fetch(url: str, part: Path, timeout: float, bar: _Bar, taps: _Taps, retries: int, backoff: float,
@@ -340,28 +342,16 @@ def _fetch(url: str, part: Path, timeout: float, bar: _Bar, taps: _Taps, retries
 
 
 def _finish(url: str, part: Path, dest: Path, size: int, digest: _Digest, expected_size: int | None,
-            expected_sha256: str | None, validate: Validator | None) -> dict[str, Any]:
-    kind = kind_for(expected_sha256)
-    value = digest.hexdigest()
-    problem = None
-    if expected_size is not None and size != expected_size:
-        problem = f"is {size} bytes, expected {expected_size}"
-    elif expected_sha256 is not None and value != expected_sha256:
-        if not ignore_pins():
-            problem = (f"has sha256 {value}, but the published file's is {expected_sha256} (pinned); a server that "
-                       "serves other weights under these names needs GPT2HUB_IGNORE_PINS=1")
-        else:
-            log.warning("%s from %s differs from the published file's pinned sha256; kept because "
-                        "GPT2HUB_IGNORE_PINS is set", dest.name, url)
-    if problem is None and validate is not None:
-        try:
-            validate(part)
-        except IntegrityError as e:
-            problem = str(e)
-    if problem:
-        part.unlink()
-        raise IntegrityError(f"{dest.name} from {url} {problem}")
+            accept: Acceptor, mode: int) -> Any:
+    try:
+        if expected_size is not None and size != expected_size:
+            raise IntegrityError(f"is {size} bytes, expected {expected_size}")
+        accepted = accept(part, digest.hexdigest())
+    except IntegrityError as e:
+        part.unlink(missing_ok=True)
+        raise IntegrityError(f"{dest.name} from {url} {e}") from None
     with disk_errors(dest):
+        os.chmod(part, mode)
         os.replace(part, dest)
     fsync_dir(dest.parent)
-    return {"size": size, kind: value}
+    return accepted

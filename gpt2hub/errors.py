@@ -46,3 +46,11 @@ class OfflineError(GPT2HubError):
 
 class DeviceError(GPT2HubError):
     """A device that this machine or this PyTorch build does not have."""
+
+
+class SettingError(GPT2HubError, ValueError):
+    """An environment variable with a value gpt2hub does not accept (its message names the variable)."""
+
+
+class NotACacheError(CacheError):
+    """A folder that is not a gpt2hub cache, given where one is expected: nothing in it is touched."""

@@ -7,12 +7,19 @@ W_value are concatenated back into c_attn. A tied head is stored once, as in ope
 lm_head.weight, and config.json says tie_word_embeddings true; a head of its own is lm_head.weight.
 
 format="safetensors" writes GPTModel's own state_dict (gpt2hub.safetensors, the tied head once) and its config
-(gpt2hub.json). Every file appears whole or not at all (written beside its place, then renamed).
+(gpt2hub.json). `gpt2hub.from_pretrained(folder)` loads both formats back.
+
+An export owns its folder: it refuses a folder that is not empty unless told to overwrite, and then first removes
+every file it would write and every file a reader of that format would also read (for "hf": tokenizer.json,
+special_tokens_map.json and the other weights and tokenizer files transformers looks for), so that nothing of an
+earlier model is mixed into the new one. Every file appears whole or not at all (written beside its place, then
+renamed) with the process's umask (0644 by default), so a server running as another user can read it.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -21,25 +28,41 @@ import torch
 from . import names
 from .convert import hf_config, hparams_from_config, openai_variables
 from .errors import GPT2HubError
-from .files import atomic_path, atomic_write, write_json
+from .files import atomic_path, atomic_write, unlink_entry, user_mode, write_json
 from .hub import download_files, from_pretrained
 from .model import GPTModel
-from .registry import HF_TOKENIZER_FILES, HF_WEIGHTS, OPENAI_TOKENIZER_FILES, ModelSpec, dtype_name
-from .sources import FolderSource
-from .storage import TORCH_DTYPES, save_state_dict
+from .registry import (
+    DTYPES,
+    HF_TOKENIZER_FILES,
+    HF_WEIGHTS,
+    OPENAI_TOKENIZER_FILES,
+    ModelSpec,
+    dtype_choices,
+    dtype_name,
+)
+from .safetensors_file import save_state_dict
+from .storage import TORCH_DTYPES
 from .tokenizer import mergeable_ranks
+from .transports import LocalFolder
 
 FORMATS = ("hf", "safetensors")
 HF_CONFIG, HF_TOKENIZER_CONFIG = "config.json", "tokenizer_config.json"
 OWN_WEIGHTS, OWN_CONFIG = "gpt2hub.safetensors", "gpt2hub.json"
+# what each format writes, and what readers of it would also pick up from the folder: removed before an overwrite
+OWNED = {"hf": (HF_WEIGHTS, HF_CONFIG, *HF_TOKENIZER_FILES, HF_TOKENIZER_CONFIG, "tokenizer.json",
+                "special_tokens_map.json", "added_tokens.json", "generation_config.json", "model.safetensors.index.json",
+                "pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack",
+                "chat_template.jinja", "chat_template.json", "vocab.txt", "spiece.model", "tokenizer.model"),
+         "safetensors": (OWN_WEIGHTS, OWN_CONFIG, *OPENAI_TOKENIZER_FILES)}
+SHARDS = re.compile(r"(model|pytorch_model)-\d{5}-of-\d{5}\.(safetensors|bin)")
 HEAD = "out_head.weight"
 PathLike = str | os.PathLike[str]
 TokenizerFiles = PathLike | Sequence[PathLike] | Mapping[str, PathLike]
 
 
 def save_pretrained(model: GPTModel, folder: PathLike, format: str = "hf", dtype: torch.dtype | str | None = None,
-                    tokenizer_files: TokenizerFiles | None = None) -> Path:
-    """Write `model` into `folder` (created if missing; files of the same names are replaced); returns the folder.
+                    tokenizer_files: TokenizerFiles | None = None, overwrite: bool = False) -> Path:
+    """Write `model` into `folder` (created if missing; it must be empty unless `overwrite`); returns the folder.
 
     format="hf": config.json and model.safetensors as `GPT2LMHeadModel.save_pretrained` writes them (the layout
     vLLM and TGI serve), which `transformers.GPT2LMHeadModel.from_pretrained(folder)` and
@@ -55,25 +78,28 @@ def save_pretrained(model: GPTModel, folder: PathLike, format: str = "hf", dtype
     (encoder.json or vocab.json, then vocab.bpe or merges.txt), a folder holding such a pair, or the dict
     `download_files` returns. It is checked (the two files must agree) before anything is written.
 
-    Raises ValueError naming the argument for an unknown format or dtype, a folder path that is an existing file,
-    or unusable tokenizer files; CacheError when the folder cannot be written.
+    overwrite: a folder that already holds files is refused (ValueError naming it) unless True; then the files this
+    format writes or its readers read are removed first (see the module docstring) and the others are left alone.
+
+    Raises ValueError naming the argument for an unknown format or dtype, a folder path that is an existing file, a
+    non-empty folder without `overwrite`, or unusable tokenizer files; CacheError when the folder cannot be written.
     """
     if not isinstance(model, GPTModel):
         raise ValueError(f"model must be a gpt2hub GPTModel, got {type(model).__name__}")
     if format not in FORMATS:
         raise ValueError(f"format={format!r} is not one of {', '.join(FORMATS)}")
     out = Path(folder)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"folder={str(folder)!r} is an existing file, not a folder: pass a folder path")
     dt = torch_dtype(model, dtype)
     vocab = _read_vocab(tokenizer_files, model.cfg["vocab_size"]) if tokenizer_files is not None else None
+    _claim(out, format, overwrite)
+    mode = user_mode()
     if format == "hf":
         tensors = hf_state_dict(model, dt)
-        _write_weights(out / HF_WEIGHTS, tensors)
-        write_json(out / HF_CONFIG, _hf_config(model, dt, tied=names.HF_HEAD not in tensors))
+        _write_weights(out / HF_WEIGHTS, tensors, mode)
+        write_json(out / HF_CONFIG, _hf_config(model, dt, tied=names.HF_HEAD not in tensors), mode)
     else:
-        _write_weights(out / OWN_WEIGHTS, state_dict(model, dt))
-        write_json(out / OWN_CONFIG, model.cfg)
+        _write_weights(out / OWN_WEIGHTS, state_dict(model, dt), mode)
+        write_json(out / OWN_CONFIG, model.cfg, mode)
     if vocab is not None:
         _write_vocab(out, vocab, format, model.cfg["context_length"])
     return out
@@ -81,7 +107,10 @@ def save_pretrained(model: GPTModel, folder: PathLike, format: str = "hf", dtype
 
 def torch_dtype(model: GPTModel, dtype: torch.dtype | str | None) -> torch.dtype:
     """The torch dtype an export writes: `dtype` by any of its names, or the model's own for None."""
-    return TORCH_DTYPES[dtype_name(model.tok_emb.weight.dtype if dtype is None else dtype)]
+    name = dtype_name(model.tok_emb.weight.dtype if dtype is None else dtype)
+    if not DTYPES[name].exportable:
+        raise ValueError(f"dtype={name!r} is not written by export: use one of {', '.join(dtype_choices(exportable=True))}")
+    return TORCH_DTYPES[name]
 
 
 def head_is_tied(model: GPTModel) -> bool:
@@ -129,21 +158,25 @@ def contiguous_copy(model: GPTModel) -> GPTModel:
 
 def export_model(name: str | ModelSpec, folder: PathLike, *, format: str = "hf", dtype: torch.dtype | str | None = None,
                  source: str = "openai", revision: str | None = None, cache_dir: PathLike | None = None,
-                 local_files_only: bool = False, progress: bool = True) -> Path:
+                 local_files_only: bool = False, progress: bool = True, overwrite: bool = False) -> Path:
     """Load a model by name (or from a local folder), then `save_pretrained` it with its vocabulary; returns the folder.
 
     The weights are read as float32 (mapped from the cache, no converted copy is written) and cast to `dtype` as they
     are written; the other arguments are `from_pretrained`'s. The vocabulary comes from the cache, or from the
     folder itself (which must then hold it). This is what `gpt2hub export` runs.
     """
+    if format not in FORMATS:
+        raise ValueError(f"format={format!r} is not one of {', '.join(FORMATS)}")
+    if os.path.lexists(folder) and (not Path(folder).is_dir() or (any(Path(folder).iterdir()) and not overwrite)):
+        _claim(Path(folder), format, overwrite)  # refuse before loading anything
     model = from_pretrained(name, source=source, revision=revision, cache_dir=cache_dir,
                             local_files_only=local_files_only, progress=progress)
-    if FolderSource.holds_model(name):
-        vocab: TokenizerFiles = Path(name)
+    if LocalFolder.holds_model(name):
+        vocab: TokenizerFiles = Path(name)  # type: ignore[arg-type]  # holds_model checked it
     else:
         vocab = download_files(name, source=source, revision=revision, cache_dir=cache_dir,
                                local_files_only=local_files_only, progress=progress)
-    return save_pretrained(model, folder, format, dtype, vocab)
+    return save_pretrained(model, folder, format, dtype, vocab, overwrite)
 
 
 def _hf_config(model: GPTModel, dtype: torch.dtype, tied: bool) -> dict:
@@ -153,8 +186,23 @@ def _hf_config(model: GPTModel, dtype: torch.dtype, tied: bool) -> dict:
             "embd_pdrop": p, "resid_pdrop": p, "attn_pdrop": p}
 
 
-def _write_weights(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    with atomic_path(path) as tmp:
+def _claim(out: Path, format: str, overwrite: bool) -> None:
+    """Make `out` an export's own: refuse an existing file, or a folder holding anything unless `overwrite`; with it,
+    remove what this format writes or its readers read (regular files and links only, never through a link)."""
+    if os.path.lexists(out) and not out.is_dir():
+        raise ValueError(f"folder={str(out)!r} is an existing file, not a folder: pass a folder path")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not overwrite:
+        shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
+        raise ValueError(f"{out} is not empty (it holds {shown}): export into a new or empty folder, or pass "
+                         "--overwrite (overwrite=True) to replace an earlier export there")
+    for name in held:
+        if name in OWNED[format] or SHARDS.fullmatch(name):
+            unlink_entry(out / name)
+
+
+def _write_weights(path: Path, tensors: dict[str, torch.Tensor], mode: int) -> None:
+    with atomic_path(path, mode) as tmp:
         save_state_dict(tensors, tmp)
 
 
@@ -190,8 +238,9 @@ def _read_vocab(tokenizer_files: TokenizerFiles, vocab_size: int) -> tuple[bytes
 
 
 def _write_vocab(folder: Path, vocab: tuple[bytes, bytes], format: str, context_length: int) -> None:
+    mode = user_mode()
     for name, blob in zip(HF_TOKENIZER_FILES if format == "hf" else OPENAI_TOKENIZER_FILES, vocab, strict=True):
-        with atomic_write(folder / name, "wb") as f:
+        with atomic_write(folder / name, "wb", mode) as f:
             f.write(blob)
     if format == "hf":
-        write_json(folder / HF_TOKENIZER_CONFIG, {"model_max_length": context_length})
+        write_json(folder / HF_TOKENIZER_CONFIG, {"model_max_length": context_length}, mode)

@@ -1,7 +1,7 @@
 """Files as gpt2hub writes and checks them: settings, disk errors, atomic writes, digests, records, the lock.
 
 Every write goes to a temporary name unique to the process, is fsynced and renamed (then the folder fsynced), so a
-file appears whole or not at all. Deleting goes through `unlink_entry` and `remove_tree`, which never follow a link.
+file appears whole or not at all. Deleting goes through `unlink_entry`, which never follows a link.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import stat
 import tempfile
 import time
@@ -25,51 +26,16 @@ import google_crc32c
 import numpy as np
 
 from .errors import CacheError, LockTimeoutError
+from .settings import check_settings as check_settings  # re-exported: settings live in settings.py
+from .settings import default_root as default_root
+from .settings import env_flag as env_flag
+from .settings import env_seconds as env_seconds
+from .settings import ignore_pins as ignore_pins
+from .settings import lock_timeout
+from .settings import offline as offline
 
 log = logging.getLogger("gpt2hub")
-
-
-def default_root() -> Path:
-    """GPT2HUB_CACHE, else the platform's user cache folder (e.g. ~/.cache/gpt2hub)."""
-    env = os.environ.get("GPT2HUB_CACHE")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("gpt2hub"))
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def offline() -> bool:
-    return env_flag("GPT2HUB_OFFLINE") or env_flag("HF_HUB_OFFLINE")
-
-
-def ignore_pins() -> bool:
-    """GPT2HUB_IGNORE_PINS=1: accept published files whose sha256 differs from the pinned one (loudly)."""
-    return env_flag("GPT2HUB_IGNORE_PINS")
-
-
-def env_seconds(name: str, default: float) -> float:
-    """A number of seconds from the environment; a bad value is an error naming the variable."""
-    raw = os.environ.get(name)
-    if raw is None or not raw.strip():
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not value >= 0 or value == float("inf"):
-        raise CacheError(f"{name}={raw!r} is not a number of seconds: set it to a number >= 0 (default {default:g})")
-    return value
-
-
-def check_settings() -> None:
-    """Read every numeric setting now, so a bad value is an error before any work rather than in the middle of it."""
-    env_seconds("GPT2HUB_LOCK_TIMEOUT", 600.0)
-    env_seconds("GPT2HUB_READ_TIMEOUT", 60.0)
+CACHE_MODE = 0o444  # files the cache keeps: an accidental write in place (by anyone but root) fails
 
 
 def disk_error(path: Path, e: OSError) -> CacheError:
@@ -101,9 +67,21 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def user_mode() -> int:
+    """The mode a new file gets from the process's umask (0644 under the usual 022): for files handed to users."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    mask = os.umask(0o22)  # no /proc: read it the only portable way, and put it back at once
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temp path beside `path`, unique to this process; on success it is fsynced and renamed over `path`."""
+def atomic_path(path: Path, mode: int | None = None) -> Iterator[Path]:
+    """A temp path beside `path`, unique to this process; on success it is fsynced, given `mode` (default: the
+    temporary file's 0600) and renamed over `path`."""
     with disk_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -114,6 +92,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
             fd = os.open(tmp, os.O_RDONLY)
             try:
                 os.fsync(fd)
+                if mode is not None:
+                    os.fchmod(fd, mode)
             finally:
                 os.close(fd)
             os.replace(tmp, path)
@@ -124,14 +104,15 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_write(path: Path, mode: str = "w") -> Iterator[Any]:
-    """Open a file that appears at `path` whole or not at all."""
-    with atomic_path(path) as tmp, open(tmp, mode) as f:
+def atomic_write(path: Path, mode: str = "w", file_mode: int | None = None) -> Iterator[Any]:
+    """Open a file that appears at `path` whole or not at all (with `file_mode`, see atomic_path)."""
+    with atomic_path(path, file_mode) as tmp, open(tmp, mode) as f:
         yield f
 
 
-def write_json(path: Path, data: Any) -> None:
-    with atomic_write(path) as f:
+def write_json(path: Path, data: Any, file_mode: int | None = CACHE_MODE) -> None:
+    """JSON written atomically; read-only by default, as the cache keeps its records."""
+    with atomic_write(path, file_mode=file_mode) as f:
         json.dump(data, f, indent=2, sort_keys=True)
 
 
@@ -224,30 +205,6 @@ def unlink_entry(path: Path) -> None:
         os.unlink(path)
 
 
-def remove_tree(folder: Path) -> int:
-    """Delete a folder's contents bottom-up without following any link; returns the bytes of regular files freed."""
-    st = stat_entry(folder)
-    if st is None:
-        return 0
-    if not stat.S_ISDIR(st.st_mode):  # a link (or file) where a model folder should be: remove the entry itself
-        unlink_entry(folder)
-        return 0
-    freed = 0
-    for dirpath, dirnames, filenames in os.walk(folder, topdown=False, followlinks=False):
-        for entry in [*filenames, *dirnames]:
-            path = Path(dirpath) / entry
-            est = os.lstat(path)
-            with disk_errors(path):
-                if stat.S_ISDIR(est.st_mode):
-                    os.rmdir(path)
-                else:
-                    freed += est.st_size if stat.S_ISREG(est.st_mode) else 0
-                    os.unlink(path)
-    with disk_errors(folder):
-        os.rmdir(folder)
-    return freed
-
-
 @contextlib.contextmanager
 def hold_lock(lock_path: Path, why: str, timeout: float | None = None) -> Iterator[None]:
     """Hold a model's lock; a waiting process says who holds it and for what.
@@ -256,7 +213,7 @@ def hold_lock(lock_path: Path, why: str, timeout: float | None = None) -> Iterat
     work: cache correctness does not depend on it.
     """
     if timeout is None:
-        timeout = env_seconds("GPT2HUB_LOCK_TIMEOUT", 600.0)
+        timeout = lock_timeout()
     real_folder(lock_path.parent)
     with disk_errors(lock_path):
         lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -303,3 +260,29 @@ def _acquire(lock: filelock.FileLock, lock_path: Path, owner: Path, why: str, ti
             f"gave up after {timeout:.0f} s waiting for {lock_path}, held by {holder}; if no other "
             "gpt2hub process is running, run `gpt2hub cache prune`, or raise GPT2HUB_LOCK_TIMEOUT") from None
     log.info("got %s after %.1f s", lock_path, time.monotonic() - start)
+
+
+def clone_file(src: Path, dst: Path) -> str:
+    """Copy `src` to `dst` as cheaply as the filesystem allows; returns how: "reflink" (btrfs, XFS: the blocks are
+    shared until either file is written, so it costs no disk space and an edit of one never reaches the other),
+    "copy_file_range" or "copy". Never a hard or symbolic link."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        with contextlib.suppress(OSError, ImportError):
+            import fcntl
+
+            fcntl.ioctl(fout.fileno(), 0x40049409, fin.fileno())  # FICLONE
+            return "reflink"
+        size, offset = os.fstat(fin.fileno()).st_size, 0
+        try:
+            while offset < size:
+                n = os.copy_file_range(fin.fileno(), fout.fileno(), size - offset)
+                if n == 0:
+                    break
+                offset += n
+            return "copy_file_range"
+        except (OSError, AttributeError):
+            fin.seek(0)
+            fout.seek(0)
+            fout.truncate()
+            shutil.copyfileobj(fin, fout, 1 << 20)
+            return "copy"

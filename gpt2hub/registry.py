@@ -6,6 +6,7 @@ import difflib
 import re
 from dataclasses import dataclass, field
 
+from .config import ModelConfig
 from .errors import UnknownModelError
 
 DATA_FILE = "model.ckpt.data-00000-of-00001"
@@ -25,11 +26,36 @@ HF_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
 HF_TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
 SOURCES = ("openai", "hf")
-MAPPED_DTYPES = ("float32",)  # stored as the published file itself; every other dtype is converted once
 SOURCE_FILES = {"openai": OPENAI_FILES, "hf": HF_FILES}  # every file a source may put in the cache
-# every spelling a user may pass -> the dtype's canonical name (storage.py maps names to torch dtypes)
-DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-               "float16": "float16", "fp16": "float16", "half": "float16"}
+
+
+@dataclass(frozen=True)
+class DType:
+    """One way gpt2hub can hold a model's weights: the name users pass (`dtype=`), its other spellings, the storage
+    that keeps it in the cache (storage.py registers one class per storage name) and the torch dtype of its
+    floating-point tensors."""
+
+    name: str
+    storage: str  # "mapped": the published float32 file itself; "converted": a 16-bit copy; "quantized": int8/int4
+    tensors: str  # the torch dtype (by name) of the model's floating-point tensors
+    aliases: tuple[str, ...] = ()
+    exportable: bool = True  # whether `export` / `save_pretrained` write it
+
+
+# The one dtype table: every spelling, the CLI's choices, the manifests' storage kinds and the export dtypes come
+# from it (no other module lists dtype names).
+DTYPES: dict[str, DType] = {d.name: d for d in (
+    DType("float32", "mapped", "float32", ("fp32", "float")),
+    DType("bfloat16", "converted", "bfloat16", ("bf16",)),
+    DType("float16", "converted", "float16", ("fp16", "half")),
+)}
+DTYPE_NAMES = {alias: d.name for d in DTYPES.values() for alias in (d.name, *d.aliases)}  # spelling -> name
+MAPPED_DTYPES = tuple(n for n, d in DTYPES.items() if d.storage == "mapped")
+
+
+def dtype_choices(exportable: bool = False) -> list[str]:
+    """The canonical dtype names (those `export` writes, with `exportable`): what the CLI offers."""
+    return [n for n, d in DTYPES.items() if d.exportable or not exportable]
 
 # tiktoken pins these (tiktoken_ext/openai_public.py); every size ships the same two files.
 TOKENIZER_SHA256 = {
@@ -59,38 +85,26 @@ class ModelSpec:
         return f"{self.name} ({self.size})"
 
     @property
+    def arch(self) -> ModelConfig:
+        """The architecture, as `config.ModelConfig`."""
+        return ModelConfig(self.vocab_size, self.context_length, self.emb_dim, self.n_heads, self.n_layers)
+
+    @property
     def n_params(self) -> int:
         """Parameters in OpenAI's checkpoint (wte counted once: the output head is tied)."""
-        d, n_layers = self.emb_dim, self.n_layers
-        per_block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
-        return self.vocab_size * d + self.context_length * d + n_layers * per_block + 2 * d
+        return self.arch.n_params
 
     def config(self, drop_rate: float = 0.0) -> dict:
         """The book's config dict (GPT_CONFIG_124M with this size's dimensions)."""
-        return {
-            "vocab_size": self.vocab_size,
-            "context_length": self.context_length,
-            "emb_dim": self.emb_dim,
-            "n_heads": self.n_heads,
-            "n_layers": self.n_layers,
-            "drop_rate": drop_rate,
-            "qkv_bias": True,
-        }
+        return self.arch.book(drop_rate)
 
     def hparams(self) -> dict:
         """The content of OpenAI's hparams.json for this size."""
-        return {
-            "n_vocab": self.vocab_size,
-            "n_ctx": self.context_length,
-            "n_embd": self.emb_dim,
-            "n_head": self.n_heads,
-            "n_layer": self.n_layers,
-        }
+        return self.arch.hparams()
 
-    def expected_sizes(self) -> dict[str, int]:
-        """Byte sizes of published files we can state exactly (the data file is float32 tensors back to back)."""
-        vocab = {n: TOKENIZER_SIZES[n] for n in self.expected_sha256("openai") if n in TOKENIZER_SIZES}
-        return {**vocab, DATA_FILE: 4 * self.n_params}
+    def pinned_sizes(self, source: str) -> dict[str, int]:
+        """Byte sizes that come with a pin (the vocabulary files'): part of the published-file check."""
+        return {n: TOKENIZER_SIZES[n] for n in self.sha256.get(source, {}) if n in TOKENIZER_SIZES}
 
     def expected_sha256(self, source: str, revision: str | None = None) -> dict[str, str]:
         """Pinned sha256 of this source's files; Hugging Face pins hold for the default revision only."""
@@ -140,12 +154,12 @@ register(ModelSpec("gpt2-xl", "1558M", "openai-community/gpt2-xl", 1600, 48, 25,
 
 
 def dtype_name(dtype: object) -> str:
-    """The canonical name ("float32", "bfloat16", "float16") of a dtype given as a name or a torch.dtype; None is float32."""
+    """The canonical name (a key of DTYPES) of a dtype given by any spelling or as a torch.dtype; None is float32."""
     if dtype is None:
         return "float32"
     key = str(dtype).removeprefix("torch.")
     if key not in DTYPE_NAMES:
-        raise ValueError(f"unsupported dtype {dtype!r}: use float32, bfloat16 or float16")
+        raise ValueError(f"unsupported dtype {str(dtype)[:40]!r}: use one of {', '.join(DTYPES)}")
     return DTYPE_NAMES[key]
 
 

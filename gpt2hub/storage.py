@@ -1,192 +1,215 @@
-"""How the weights of one dtype are stored in the cache, named once:
+"""How the cache keeps the weights of a dtype, and the model built from them: one class per storage.
 
-- MAPPED (float32): the verified published file itself (OpenAI's data file or Hugging Face's model.safetensors).
-  It already holds every matrix as GPTModel multiplies it, so after one check (each tensor's crc32c for OpenAI's
-  checkpoint, the digest taken on arrival for Hugging Face's file) it is mapped copy-on-write and the state_dict is
-  views of it. Nothing is written but the manifest.
-- CONVERTED (bfloat16, float16): a safetensors file in nn.Linear's layout, written once with its crc32c.
+- `Mapped` (float32): the verified published file itself (OpenAI's data file or Hugging Face's model.safetensors).
+  It already holds every matrix as GPTModel multiplies it, so once checked it is mapped copy-on-write and the
+  state_dict is views of it. Nothing is written but the manifest.
+- `Converted` (bfloat16, float16): a safetensors file in nn.Linear's layout, written once with its crc32c, while the
+  data file downloads where the format allows (a download tap), else from the file on disk.
 
-`prepare` runs under the model's lock and writes converted/{dtype}.json (with "kind"); `state_dict` reads it back.
+Each storage prepares its weights once, under the entry's lock, and records how in the manifest
+(converted/{dtype}.json, whose "kind" is the storage's name); every load then builds the model from them. A storage
+is one class registered in `STORAGES` under the name that registry.DTYPES gives its dtypes.
 """
 
 from __future__ import annotations
 
-import contextlib
+import abc
 import datetime
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import safetensors
 import torch
 
-from . import names
 from .__version__ import __version__
-from .cache import Manifest, ModelCache
+from .cache import Entry, Manifest
+from .config import ModelConfig
 from .convert import openai_state_dict
-from .errors import CheckpointError, GPT2HubError
-from .files import atomic_path, disk_error, fsync_dir, write_json
-from .registry import INDEX_FILE, MAPPED_DTYPES
+from .errors import CheckpointError
+from .files import CACHE_MODE, atomic_path, disk_error, fsync_dir
+from .formats import Format, Paths
+from .model import GPTModel
+from .registry import DTYPES
 from .safetensors_file import load_safetensors, save_state_dict
-from .sources import Source
-from .streaming import StreamedWeights, plan
-from .tf_checkpoint import read_index
+from .streaming import StreamedWeights
 
-MAPPED, CONVERTED = "mapped", "converted"
 # what reading stored weights raises when a file is damaged in a way its size and timestamp do not show
 UNREADABLE = (CheckpointError, safetensors.SafetensorError, ValueError)
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {name: getattr(torch, d.tensors) for name, d in DTYPES.items()}
+Progress = Callable[[], Any] | None
 
 
-def kind_of(dtype: str) -> str:
-    """MAPPED for float32 (the published file is already GPTModel's weights), CONVERTED for 16-bit dtypes."""
-    return MAPPED if dtype in MAPPED_DTYPES else CONVERTED
+@dataclass
+class Arrived:
+    """What the fetch step leaves for the storage: the files fetched in this call (their digests and arrival checks
+    just taken) and the tap that saw the weights file arrive, if any (`close` removes what it made and was not used)."""
 
+    fresh: set[str] = field(default_factory=set)
+    tap: StreamedWeights | None = None
 
-class Streaming:
-    """Preparing `dtype` while OpenAI's data file downloads (see streaming): `tap` makes the download tap when the
-    data file is about to be fetched (the index and hparams.json are in by then); `prepare` uses what it made if the
-    downloaded file is exactly what it saw. Use as a context manager: leaving it removes what was not used."""
-
-    def __init__(self, cache: ModelCache, source: Source, dtype: str):
-        self.cache, self.source, self.dtype = cache, source, dtype
-        self.streamed: StreamedWeights | None = None
-
-    def tap(self, name: str, paths: dict[str, Path]) -> StreamedWeights | None:
-        """The tap for downloading `name`: None unless it is OpenAI's data file and its index and hparams.json are good
-        (what is wrong with them is then reported by the usual path)."""
-        if self.source.key != "openai" or name != self.source.weights_file:
-            return None
-        try:
-            cfg = self.source.config(paths)
-            entries, shards = read_index(paths[INDEX_FILE])
-        except (GPT2HubError, OSError, ValueError):
-            return None
-        pieces = plan(entries, cfg) if shards == 1 else None
-        if pieces is None:
-            return None
-        out = self.cache.converted_path(self.dtype)
-        self.close()
-        self.streamed = StreamedWeights(pieces, cfg, None if kind_of(self.dtype) == MAPPED else TORCH_DTYPES[self.dtype],
-                                        out.parent, out.name)
-        return self.streamed
-
-    def read(self, paths: dict[str, Path], progress: Callable[[], Any] | None = None) -> bool:
-        """Convert the weights file already in the cache with the same converter, read once front to back: one tensor
-        in memory at a time, no mapping of the data file. Whether that worked (see `complete`); when it did not, the
-        usual path converts the file and reports what is wrong. Not after a tap saw this download and stopped: the
-        same bytes would stop it again."""
-        if self.streamed is not None:
-            return False
-        tap = self.tap(self.source.weights_file, paths)
-        if tap is None or not tap.heavy:
-            return False
-        tap.progress = progress
-        data = paths[self.source.weights_file]
-        with contextlib.suppress(OSError):
-            tap.catch_up(data, data.stat().st_size)
-        return tap.complete(data)
-
-    def complete(self, paths: dict[str, Path]) -> bool:
-        """Whether the weights file in `paths` was seen whole by the tap, every tensor passing its check."""
-        return self.streamed is not None and self.streamed.complete(paths[self.source.weights_file])
-
-    def converted(self, paths: dict[str, Path]) -> tuple[Path, str] | None:
-        """(the converted file, not yet in place, and its crc32c) once `complete(paths)`, else None."""
-        return self.streamed.result(paths[self.source.weights_file]) if self.streamed is not None else None
+    def streamed(self, weights: Path) -> bool:
+        """Whether the tap saw the weights file now at `weights` arrive whole, every tensor passing its check."""
+        return self.tap is not None and self.tap.complete(weights)
 
     def close(self) -> None:
-        """Remove the converted file unless `prepare` moved it into place."""
-        if self.streamed is not None:
-            self.streamed.close()
-
-    def __enter__(self) -> Streaming:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        if self.tap is not None:
+            self.tap.close()
 
 
-def prepare(cache: ModelCache, source: Source, paths: dict[str, Path], dtype: str, fresh: set[str],
-            progress: Callable[[], Any] | None = None, streaming: Streaming | None = None) -> Manifest:
-    """Check (MAPPED) or convert (CONVERTED) the weights for `dtype` and record how they are stored.
+class Storage(abc.ABC):
+    """One way of keeping a dtype's weights in the cache."""
 
-    `fresh` names files whose digest was taken moments ago, so need no second read; `streaming` holds what was
-    checked or converted while the weights file arrived, used only if it saw that very file whole. A damaged
-    checkpoint raises CheckpointError whose `file` is the file at fault.
-    """
-    cfg = source.config(paths)
-    weights = paths[source.weights_file]
-    streamed = streaming is not None and source.weights_file in fresh and streaming.complete(paths)
-    if kind_of(dtype) == MAPPED:
-        if not streamed and (source.key == "openai" or source.weights_file not in fresh):
-            _check_tensors(cache, source, paths, cfg, progress)
-        out, crc = weights, None
-    else:
-        out = cache.converted_path(dtype)
-        if streaming is not None and not streamed:  # downloaded earlier (no tap saw it): the converter reads the file
-            streamed = streaming.read(paths, progress)
-        crc = _place_streamed(streaming, paths, out) if streamed and streaming is not None else None
+    kind: ClassVar[str]  # the manifest's "kind", registry.DType.storage
+
+    def __init__(self, dtype: str):
+        self.dtype, self.torch_dtype = dtype, TORCH_DTYPES[dtype]
+
+    def tap(self, fmt: Format, entry: Entry, paths: Paths, cfg: ModelConfig) -> StreamedWeights | None:
+        """The tap for the weights file's download: each tensor checked as its last byte arrives (see streaming)."""
+        pieces = fmt.stream_plan(paths, cfg)
+        return StreamedWeights(pieces, cfg.book()) if pieces is not None else None
+
+    @abc.abstractmethod
+    def prepare(self, entry: Entry, fmt: Format, paths: Paths, cfg: ModelConfig, arrived: Arrived,
+                progress: Progress = None) -> Manifest:
+        """Check or convert the weights once and return the manifest to write (the hub writes it)."""
+
+    @abc.abstractmethod
+    def state_dict(self, entry: Entry, fmt: Format, paths: Paths, manifest: Manifest,
+                   device: torch.device) -> dict[str, torch.Tensor]:
+        """GPTModel's tensors from the stored weights, on `device`."""
+
+    def build(self, cfg: dict, sd: dict[str, torch.Tensor], tie_weights: bool = True) -> GPTModel:
+        """The model (eval mode) holding `sd`; without an `out_head.weight`, the head is tied or copied."""
+        return GPTModel.from_state_dict(cfg, sd, tie_weights=tie_weights)
+
+    def in_memory(self, fmt: Format, paths: Paths, cfg: ModelConfig, device: torch.device) -> dict[str, torch.Tensor]:
+        """GPTModel's tensors straight from a folder's files (each tensor's checksum checked), nothing cached."""
+        sd = openai_state_dict(fmt.tensors(paths, cfg, verify=True), cfg.book(), self.torch_dtype)
+        head = fmt.head(paths, cfg)
+        if head is not None:
+            sd["out_head.weight"] = head.to(self.torch_dtype)
+        return {k: v.to(device) for k, v in sd.items()}
+
+    def manifest(self, entry: Entry, weights: Path, cfg: ModelConfig, crc32c: str | None, **extra: Any) -> Manifest:
+        st = weights.stat()
+        return Manifest(self.kind, self.dtype, weights.name, cfg.book(), st.st_size, st.st_mtime_ns, crc32c, {
+            "gpt2hub": __version__, "source": entry.key.source, "size": entry.key.size, **extra,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat()})
+
+
+class Mapped(Storage):
+    """float32: the published weights file itself, checked once, then mapped (see the module docstring)."""
+
+    kind = "mapped"
+
+    def prepare(self, entry: Entry, fmt: Format, paths: Paths, cfg: ModelConfig, arrived: Arrived,
+                progress: Progress = None) -> Manifest:
+        from .checks import check_file
+
+        name = fmt.weights_file
+        how = "while downloading" if arrived.streamed(paths[name]) else "on arrival"
+        if name not in arrived.fresh:  # fetched earlier (`gpt2hub download`): check it whole before its first mapping
+            how = "before its first mapping"
+            record = entry.records().get(name)
+            problem = check_file(entry, name, record)
+            if problem is not None:
+                raise CheckpointError(f"{problem.path} {problem.what}", file=paths[name])
+            if record is not None and record.get("tensors") != "checked":  # recorded by an earlier gpt2hub
+                fmt.check_tensors(paths, cfg, progress)
+        entry.stored_path(self.dtype).unlink(missing_ok=True)  # a copy an older gpt2hub wrote
+        return self.manifest(entry, paths[name], cfg, None, prepared=f"checked {how}")
+
+    def state_dict(self, entry: Entry, fmt: Format, paths: Paths, manifest: Manifest,
+                   device: torch.device) -> dict[str, torch.Tensor]:
+        cfg = ModelConfig.from_hparams(manifest.config)
+        get = fmt.tensors(paths, cfg, verify=False)  # checked when the manifest was written; size and mtime since
+        if device.type != "cpu":
+            cpu_get = get
+
+            def get(name: str) -> Any:  # each published tensor copied whole, so c_attn stays one matrix there too
+                return torch.as_tensor(cpu_get(name)).to(device)
+
+        return openai_state_dict(get, manifest.config, torch.float32)
+
+
+class Converted(Storage):
+    """bfloat16 and float16: a safetensors file of GPTModel's tensors, converted once (see the module docstring)."""
+
+    kind = "converted"
+
+    def tap(self, fmt: Format, entry: Entry, paths: Paths, cfg: ModelConfig) -> StreamedWeights | None:
+        """The tap that converts each tensor as it arrives and appends it to a temporary file beside its place."""
+        pieces = fmt.stream_plan(paths, cfg)
+        if pieces is None:
+            return None
+        out = entry.stored_path(self.dtype)
+        entry.secure()
+        return StreamedWeights(pieces, cfg.book(), self.torch_dtype, out.parent, out.name)
+
+    def prepare(self, entry: Entry, fmt: Format, paths: Paths, cfg: ModelConfig, arrived: Arrived,
+                progress: Progress = None) -> Manifest:
+        entry.secure()
+        out = entry.stored_path(self.dtype)
+        weights = paths[fmt.weights_file]
+        crc, how = None, "from the mapped file"
+        if fmt.weights_file in arrived.fresh and arrived.tap is not None:
+            crc, how = self._place(arrived.tap, weights, out), "while downloading"
+        elif fmt.weights_file not in arrived.fresh:  # downloaded earlier: the same converter reads it once
+            crc, how = self._convert_from_disk(fmt, entry, paths, cfg, out, progress), "reading the file once"
         if crc is None:  # not OpenAI's checkpoint, or something is wrong with it: this path says what
-            get = source.tensors(paths, verify=True)  # each tensor's crc32c checked as it is read (OpenAI's checkpoint)
-            sd = openai_state_dict(get, cfg, TORCH_DTYPES[dtype], progress)
-            with atomic_path(out) as tmp:
+            how = "from the mapped file"
+            sd = openai_state_dict(fmt.tensors(paths, cfg, verify=True), cfg.book(), self.torch_dtype, progress)
+            with atomic_path(out, CACHE_MODE) as tmp:
                 crc = save_state_dict(sd, tmp)
-    st = out.stat()
-    manifest = Manifest(kind_of(dtype), dtype, out.name if kind_of(dtype) == CONVERTED else source.weights_file, cfg,
-                        st.st_size, st.st_mtime_ns, crc, {
-                            "gpt2hub": __version__, "source": source.key, "size": cache.size,
-                            "created": datetime.datetime.now(datetime.timezone.utc).isoformat()})
-    if kind_of(dtype) == MAPPED:
-        cache.converted_path(dtype).unlink(missing_ok=True)  # a copy an older gpt2hub wrote
-    write_json(cache.manifest_path(dtype), manifest.to_json())
-    return manifest
+        return self.manifest(entry, out, cfg, crc, prepared=f"converted {how}")
+
+    def _convert_from_disk(self, fmt: Format, entry: Entry, paths: Paths, cfg: ModelConfig, out: Path,
+                           progress: Progress) -> str | None:
+        """Feed the weights file on disk to the converting tap, read front to back: one tensor in memory at a time,
+        no mapping. Its crc32c, or None when it did not convert every tensor (the usual path then says why)."""
+        tap = self.tap(fmt, entry, paths, cfg)
+        if tap is None:
+            return None
+        try:
+            tap.progress = progress
+            data = paths[fmt.weights_file]
+            tap.catch_up(data, data.stat().st_size)
+            return self._place(tap, data, out)
+        except OSError:
+            return None
+        finally:
+            tap.close()
+
+    @staticmethod
+    def _place(tap: StreamedWeights, data: Path, out: Path) -> str | None:
+        """Rename the file the tap converted to `out` (read-only); its crc32c, or None when there is none to use (the
+        tap stopped, or its file was removed since, say by a `cache prune`: the weights are then converted)."""
+        made = tap.result(data)
+        if made is None:
+            return None
+        tmp, crc = made
+        try:
+            os.chmod(tmp, CACHE_MODE)
+            os.replace(tmp, out)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise disk_error(out, e) from e
+        fsync_dir(out.parent)
+        return crc
+
+    def state_dict(self, entry: Entry, fmt: Format, paths: Paths, manifest: Manifest,
+                   device: torch.device) -> dict[str, torch.Tensor]:
+        return load_safetensors(entry.stored_path(manifest.dtype), device)
 
 
-def _place_streamed(streaming: Streaming, paths: dict[str, Path], out: Path) -> str | None:
-    """Rename the file converted during the download to `out`; its crc32c, or None when there is none to use (it
-    was removed since, say by a `cache prune` after the lock file was deleted: the weights are then converted)."""
-    made = streaming.converted(paths)
-    if made is None:
-        return None
-    tmp, crc = made
-    try:
-        os.replace(tmp, out)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise disk_error(out, e) from e
-    fsync_dir(out.parent)
-    return crc
+STORAGES: dict[str, type[Storage]] = {cls.kind: cls for cls in (Mapped, Converted)}
 
 
-def _check_tensors(cache: ModelCache, source: Source, paths: dict[str, Path], cfg: dict,
-                   progress: Callable[[], Any] | None) -> None:
-    """Check the published weights file once before it is first mapped: every tensor's crc32c in OpenAI's
-    checkpoint; for Hugging Face's file, the digest recorded when it arrived."""
-    if source.key == "openai":
-        get = source.tensors(paths, verify=True)
-        for name in names.openai_names(cfg["n_layers"]):
-            get(name)
-            if progress is not None:
-                progress()
-        return
-    problem = cache.check_file(source.weights_file, cache.records().get(source.weights_file))
-    if problem is not None:
-        raise CheckpointError(f"{problem.path} {problem.what}", file=paths[source.weights_file])
-
-
-def state_dict(source: Source, paths: dict[str, Path], manifest: Manifest, cache: ModelCache,
-               device: torch.device) -> dict[str, torch.Tensor]:
-    """The GPTModel tensors of stored weights: views of the mapped published file, or of the converted file."""
-    if manifest.kind == CONVERTED:
-        return load_safetensors(cache.converted_path(manifest.dtype), device)
-    get = source.tensors(paths, verify=False)  # checked when the manifest was written; size and mtime since
-    if device.type != "cpu":
-        cpu_get = get
-
-        def get(name: str) -> Any:  # each published tensor copied whole, so c_attn stays one matrix there too
-            return torch.as_tensor(cpu_get(name)).to(device)
-
-    return openai_state_dict(get, manifest.config, torch.float32)
+def storage_for(dtype: str) -> Storage:
+    """The storage of a dtype (a canonical name: registry.dtype_name)."""
+    return STORAGES[DTYPES[dtype].storage](dtype)

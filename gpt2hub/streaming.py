@@ -7,14 +7,14 @@ arrives: converting overlaps the download instead of following it, and the data 
 A `StreamedWeights` is a download tap (`download.Tap`): it sees the data file's bytes in order from the first byte,
 and again from the start whenever the download starts over (`catch_up`). The cases:
 - every variable arrives and passes its crc32c: `result` gives the converted file (or, for float32, says that every
-  variable was checked), which `storage.prepare` uses only for the file the download then accepted, whole (size,
+  variable was checked), which the storage (storage.py) uses only for the file the download then accepted, whole (size,
   pinned sha256, validation) and exactly as long as what the tap saw.
 - anything unexpected (an index that does not match the hyperparameters, a failed crc32c, a full disk) turns the
   tap off, silently: the weights are then prepared from the downloaded file afterwards, the path that reports errors
   and blames the file at fault. Streaming only ever saves time; it never decides what is accepted.
 - the process dies: the converted file is a temporary one beside its final name (`.{name}.*.tmp`, as every atomic
   write of the cache), which `cache prune` removes; `close` removes it on every other exit.
-A data file downloaded earlier is converted by the same tap fed from the file on disk (`storage.Streaming.read`):
+A data file downloaded earlier is converted by the same tap fed from the file on disk (`storage.Converted`):
 one tensor in memory at a time, the file read once front to back.
 """
 
@@ -28,18 +28,21 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import google_crc32c
 import numpy as np
-import torch
 
 from . import names
-from .convert import VariableConverter
 from .download import replay
 from .files import stat_entry
-from .safetensors_file import Layout, SafetensorsWriter, layout_of
 from .tf_checkpoint import TensorEntry, mask_crc
+
+if TYPE_CHECKING:  # torch only where tensors are converted: checking a download needs none of it
+    import torch
+
+    from .convert import VariableConverter
+    from .safetensors_file import Layout, SafetensorsWriter
 
 log = logging.getLogger("gpt2hub")
 _F32 = np.dtype("<f4")
@@ -76,6 +79,10 @@ def plan(entries: Mapping[str, TensorEntry], cfg: Mapping[str, Any]) -> list[Pie
 
 def converted_layout(pieces: list[Piece], convert: VariableConverter) -> Layout:
     """The converted file's tensors, in the order they will arrive (computed on "meta" tensors: no data)."""
+    import torch
+
+    from .safetensors_file import layout_of
+
     sd: dict[str, torch.Tensor] = {}
     for p in pieces:
         sd.update(convert(p.name, torch.empty(p.shape, device="meta"), p.targets, p.transform))
@@ -89,10 +96,14 @@ class StreamedWeights:
     def __init__(self, pieces: list[Piece], cfg: Mapping[str, Any], dtype: torch.dtype | None = None,
                  out_dir: Path | None = None, out_name: str = ""):
         self.pieces, self.out_dir, self.out_name = pieces, out_dir, out_name
-        self.convert = VariableConverter(cfg, dtype) if dtype is not None else None
+        self.convert: VariableConverter | None = None
+        if dtype is not None:
+            from .convert import VariableConverter
+
+            self.convert = VariableConverter(cfg, dtype)
         self.heavy = self.convert is not None  # checking crc32c alone is light: see download.Tap
         self.progress: Callable[[], Any] | None = None  # called once per variable checked or converted
-        self.layout = converted_layout(pieces, self.convert) if self.convert is not None else {}
+        self.layout: Layout = converted_layout(pieces, self.convert) if self.convert is not None else {}
         self.tmp: Path | None = None
         self.file: BinaryIO | None = None
         self.made: os.stat_result | None = None  # the temporary file as made, to know it again
@@ -106,8 +117,11 @@ class StreamedWeights:
 
     # -- the Tap protocol ---------------------------------------------------------------------------------------------
     def catch_up(self, part: Path, offset: int) -> None:
-        """Make what this tap has seen the first `offset` bytes of `part` (the download resumes or starts over)."""
-        if offset == self.length or self.error:
+        """Make what this tap has seen the first `offset` bytes of `part` (the download resumes or starts over: a
+        tap that stopped on bad bytes starts afresh on a download from the first byte)."""
+        if offset == 0 and self.error:
+            self.error, self.file, self.tmp, self.made = None, None, None, None
+        elif offset == self.length or self.error:
             return
         self._restart()
         if offset == 0:  # starting over (the partial file may be gone)
@@ -161,6 +175,8 @@ class StreamedWeights:
         if self.convert is None:
             return
         assert self.buffer is not None
+        import torch
+
         t = torch.from_numpy(self.buffer.view(_F32)).reshape(p.shape)
         writer = self.writer or self._open()
         for k, v in self.convert(p.name, t, p.targets, p.transform).items():
@@ -168,6 +184,8 @@ class StreamedWeights:
         self.buffer = None
 
     def _open(self) -> SafetensorsWriter:
+        from .safetensors_file import SafetensorsWriter
+
         assert self.out_dir is not None
         if self.file is None:
             self.out_dir.mkdir(parents=True, exist_ok=True)

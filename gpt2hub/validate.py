@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import names
-from .convert import config_from_hparams
+from .config import ModelConfig
 from .errors import CheckpointError, ConversionError, IntegrityError
 from .registry import HF_WEIGHTS, INDEX_FILE, ModelSpec
 from .tf_checkpoint import proto_fields, read_index
@@ -38,14 +38,12 @@ def read_json_file(path: Path, name: str) -> Any:
 def check_config(data: Any, spec: ModelSpec | None, name: str) -> dict:
     """The book's config from hyperparameters, which must match `spec` when one is given."""
     try:
-        cfg = config_from_hparams(data, name)
+        cfg = ModelConfig.from_hparams(data, name)
     except ConversionError as e:
         raise IntegrityError(str(e)) from None
-    if spec is not None:
-        want = spec.config()
-        if any(cfg[k] != want[k] for k in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")):
-            raise bad_file(name, f"it describes {cfg}, not {spec.name} ({want})")
-    return cfg
+    if spec is not None and cfg != spec.arch:
+        raise bad_file(name, f"it describes {cfg.hparams()}, not {spec.name} ({spec.hparams()})")
+    return cfg.book()
 
 
 def check_index(path: Path, cfg: dict, data_size: int | None) -> None:

@@ -8,10 +8,12 @@ import socket
 import struct
 import threading
 import time
+import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"  # what "main" resolves to on the stand-in Hub
 
 
 @dataclass
@@ -20,7 +22,8 @@ class Fault:
 
     kinds: status, drop (close after `after` bytes), reset (a TCP reset after `after` bytes), stall (send `after`
     bytes, then nothing for `delay` seconds, then close), corrupt, slow (`delay` seconds per 64 KiB), ignore_range,
-    body (serve `body` instead of the file: an HTML page, a truncated file).
+    body (serve `body` instead of the file: an HTML page, a truncated file), hook (send `after` bytes, call `hook()`
+    in the server's thread, then send the rest: something that happens to the client's machine mid-download).
     """
 
     kind: str
@@ -29,6 +32,7 @@ class Fault:
     delay: float = 0.0
     times: int = 1  # how many requests it applies to
     body: bytes = b""
+    hook: Callable[[], None] | None = None
 
 
 @dataclass
@@ -37,6 +41,12 @@ class Served:
     faults: dict[str, list[Fault]] = field(default_factory=dict)
     log: list[tuple[str, str, str | None]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # the Hub's branches and tags -> commits; a commit's files are files["/hf/{org}/{repo}/{file}"] for COMMIT, else
+    # files["/hf/{commit}/{org}/{repo}/{file}"]; any other revision is answered 404 RevisionNotFound
+    revisions: dict[str, str] = field(default_factory=lambda: {"main": COMMIT})
+
+    def commit_of(self, revision: str) -> str | None:
+        return self.revisions.get(revision) or (revision if revision in self.revisions.values() else None)
 
     def fault(self, path: str, fault: Fault) -> None:
         with self.lock:
@@ -58,10 +68,14 @@ class Served:
             return [r for r in self.log if (method is None or r[0] == method) and path_part in r[1]]
 
 
-def _hf_path(path: str) -> str | None:
-    """/{org}/{repo}/resolve/{rev}/{file} -> hf/{org}/{repo}/{file}"""
-    m = re.fullmatch(r"/([^/]+)/([^/]+)/resolve/[^/]+/(.+)", path)
-    return f"/hf/{m.group(1)}/{m.group(2)}/{m.group(3)}" if m else None
+def _hf_path(path: str, served: Served) -> tuple[str, str | None] | None:
+    """/{org}/{repo}/resolve/{rev}/{file} -> (/hf/{org}/{repo}/{file} or /hf/{commit}/..., the commit or None)"""
+    m = re.fullmatch(r"/([^/]+)/([^/]+)/resolve/([^/]+)/(.+)", path)
+    if not m:
+        return None
+    commit = served.commit_of(urllib.parse.unquote(m.group(3)))
+    where = "" if commit in (None, COMMIT) else f"/{commit}"
+    return f"/hf{where}/{m.group(1)}/{m.group(2)}/{m.group(4)}", commit
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -73,7 +87,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def _lookup(self) -> tuple[str, bytes | None]:
         path = self.path.split("?")[0]
-        key = _hf_path(path) or path
+        hub = _hf_path(path, self.served)
+        self.commit = hub[1] if hub else None
+        key = hub[0] if hub else path
         return key, self.served.files.get(key)
 
     def do_HEAD(self) -> None:
@@ -89,6 +105,8 @@ class Handler(BaseHTTPRequestHandler):
         fault = None if head else self.served.take_fault(key)  # faults are for GETs (the Hub client HEADs first)
         if fault and fault.kind == "status":
             return self._empty(fault.status)
+        if key.startswith("/hf/") and self.commit is None:
+            return self._empty(404, {"X-Error-Code": "RevisionNotFound", "X-Error-Message": "Invalid rev id"})
         if data is None:
             return self._empty(404)
         start = 0
@@ -115,7 +133,7 @@ class Handler(BaseHTTPRequestHandler):
         if key.startswith("/hf/"):
             etag = hashlib.sha256(data).hexdigest()
             self.send_header("ETag", f'"{etag}"')
-            self.send_header("X-Repo-Commit", COMMIT)
+            self.send_header("X-Repo-Commit", self.commit or COMMIT)
             self.send_header("X-Linked-Size", str(len(data)))
             self.send_header("X-Linked-Etag", f'"{etag}"')
         self.end_headers()
@@ -133,6 +151,11 @@ class Handler(BaseHTTPRequestHandler):
                 return
             self.connection.shutdown(2)
             return
+        if fault and fault.kind == "hook" and fault.hook is not None:
+            self.wfile.write(body[:fault.after])
+            self.wfile.flush()
+            fault.hook()
+            body = body[fault.after:]
         for i in range(0, len(body), 1 << 16):
             if fault and fault.kind == "slow":
                 time.sleep(fault.delay)
@@ -141,8 +164,10 @@ class Handler(BaseHTTPRequestHandler):
             except (BrokenPipeError, ConnectionResetError):
                 return
 
-    def _empty(self, status: int) -> None:
+    def _empty(self, status: int, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         self.send_header("Content-Length", "0")
         self.end_headers()
 

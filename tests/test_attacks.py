@@ -21,12 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY
+from server import COMMIT
 
 from gpt2hub import from_pretrained
-from gpt2hub.cache import model_cache
+from gpt2hub.checks import verify
 from gpt2hub.cli import main
 from gpt2hub.errors import GPT2HubError
 from gpt2hub.files import regular_file
+from gpt2hub.inventory import model_entry
 from gpt2hub.registry import OPENAI_FILES
 
 DATA, INDEX = "model.ckpt.data-00000-of-00001", "model.ckpt.index"
@@ -270,7 +272,7 @@ def hf_hub(monkeypatch, tmp_path):
 
 def test_hf_records_pointing_outside_the_hf_cache_are_ignored(hub_env, server, hf_hub, victim_file, tmp_path):
     first = _logits(from_pretrained("gpt2-tiny", source="hf"))
-    files_json = hub_env / "hf/tiny/files.json"
+    files_json = hub_env / f"hf/tiny/{COMMIT}/files.json"
     files = json.loads(files_json.read_text())
     for name, path in (("config.json", str(victim_file)), ("vocab.json", f"{hf_hub}/../../outside/precious.bin")):
         files[name] = {"size": len(VICTIM), "crc32c": "00000000", "path": path}
@@ -293,7 +295,7 @@ def test_a_linked_snapshot_folder_in_the_hf_cache_deletes_nothing_outside(hub_en
 def test_an_hf_record_cannot_delete_another_repos_blob(hub_env, server, hf_hub):
     from_pretrained("gpt2-tiny", source="hf")
     other = _plant(hf_hub / "models--someone--else" / "blobs", "f" * 64)
-    files_json = hub_env / "hf/tiny/files.json"
+    files_json = hub_env / f"hf/tiny/{COMMIT}/files.json"
     files = json.loads(files_json.read_text())
     files["config.json"] = {**files["config.json"], "path": str(other[0])}
     files_json.write_text(json.dumps(files))
@@ -509,7 +511,7 @@ def test_kill_9_mid_download_then_load_resumes(hub_env, server, name, fault, ref
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert torch.equal(_logits(from_pretrained("gpt2-tiny")), reference)
-    assert model_cache(hub_env, "openai", "tiny").verify() == []
+    assert verify(model_entry(hub_env, "tiny")) == []
     if fault["kind"] == "slow":  # the bytes on disk were kept: resumed with a Range request
         assert any(r for _, p, r in server.served.requests("GET") if p.endswith(name))
     _cli(capsys, "cache", "prune")
@@ -521,18 +523,18 @@ def test_kill_9_while_converting_during_the_download_leaves_a_temporary_file_tha
     from server import Fault
 
     server.served.fault(f"/tiny/{DATA}", Fault("slow", delay=0.03))
-    converted = model_cache(hub_env, "openai", "tiny").converted_path("bfloat16").parent
+    converted = model_entry(hub_env, "tiny").converted
     proc = _worker("bfloat16")
     _wait_for(lambda: converted.is_dir() and any(p.name.endswith(".tmp") for p in converted.iterdir()), proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     left = [p for p in converted.iterdir() if p.name.endswith(".tmp")]
-    assert left and left == [p for p in model_cache(hub_env, "openai", "tiny").partials() if p.parent == converted]
+    assert left and left == [p for p in model_entry(hub_env, "tiny").partials() if p.parent == converted]
     model = from_pretrained("gpt2-tiny", dtype="bfloat16")
     assert torch.equal(model.tok_emb.weight, from_pretrained("gpt2-tiny").tok_emb.weight.to(torch.bfloat16))
     _cli(capsys, "cache", "prune")
     assert not [p for p in converted.iterdir() if p.name.endswith(".tmp")]
-    assert model_cache(hub_env, "openai", "tiny").verify(dtypes=("bfloat16",)) == []
+    assert verify(model_entry(hub_env, "tiny"), dtypes=("bfloat16",)) == []
 
 
 def test_lock_file_deleted_mid_download(hub_env, server, reference):
@@ -546,7 +548,7 @@ def test_lock_file_deleted_mid_download(hub_env, server, reference):
     _, err = proc.communicate(timeout=60)
     if proc.returncode:  # the first may fail, but with a typed error, not a FileNotFoundError
         assert err.strip().splitlines()[-1].startswith("gpt2hub.errors."), err[-800:]
-    assert model_cache(hub_env, "openai", "tiny").verify() == []
+    assert verify(model_entry(hub_env, "tiny")) == []
     assert torch.equal(_logits(from_pretrained("gpt2-tiny")), reference)
 
 

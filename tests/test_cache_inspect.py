@@ -8,8 +8,8 @@ from conftest import TINY
 
 import gpt2hub
 from gpt2hub import from_pretrained, load_tokenizer, scan_cache
-from gpt2hub.cache import model_cache
 from gpt2hub.cli import main
+from gpt2hub.inventory import model_entry
 
 DATA = "model.ckpt.data-00000-of-00001"
 
@@ -39,12 +39,15 @@ def test_scan_cache_describes_each_model(hub_env, server, hf_cache):
 
 def test_cache_list_json_and_table(hub_env, server, capsys):
     from_pretrained("gpt2-tiny")
-    (hub_env / "openai/other-size").mkdir(parents=True)  # a folder of a model this process never registered
+    (hub_env / "openai/other-size/converted").mkdir(parents=True)  # a model this process never registered
+    (hub_env / "openai/other-size/converted/float32.json").write_text("{}")  # ... holding gpt2hub's records
+    (hub_env / "openai/not-a-model").mkdir()  # a user's own folder: no entry of gpt2hub's
     assert main(["cache", "list", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     rows = {m["size"]: m for m in data["models"]}
     assert rows["tiny"]["status"] == "complete" and rows["tiny"]["dtypes"] == ["float32"]
     assert rows["other-size"]["status"] == "empty" and rows["other-size"]["name"] == "other-size"
+    assert "not-a-model" not in rows
     assert data["total_bytes"] == sum(m["bytes_on_disk"] for m in data["models"])
     assert main(["cache", "list"]) == 0
     out = capsys.readouterr().out
@@ -64,10 +67,15 @@ def test_rm_dry_run_dtype_all_and_what_list_shows(hub_env, server, capsys):
     assert "freed" in out and not (conv / "bfloat16.safetensors").exists() and (conv / "float32.json").exists()
     (hub_env / "openai/unregistered").mkdir()
     (hub_env / "openai/unregistered/x").write_bytes(b"12345")
-    assert main(["cache", "rm", "unregistered"]) == 0  # everything `cache list` shows can be removed
-    assert "freed 5 B" in capsys.readouterr().out and not (hub_env / "openai/unregistered").exists()
+    (hub_env / "openai/tiny/raw/notes.md").write_text("mine")  # a user's file inside an entry
+    assert main(["cache", "rm", "unregistered"]) != 0  # registered names only, with a suggestion
+    assert "unknown model 'unregistered'" in capsys.readouterr().err and (hub_env / "openai/unregistered/x").exists()
     assert main(["cache", "rm", "--all", "-y"]) == 0
-    assert not (hub_env / "openai/tiny").exists() and scan_cache().models == ()
+    out, err = capsys.readouterr()
+    assert "left 1 file(s) gpt2hub did not write" in err and (hub_env / "openai/tiny/raw/notes.md").read_text() == "mine"
+    assert not (hub_env / "openai/tiny/files.json").exists() and not (hub_env / "openai/tiny/converted").exists()
+    assert (hub_env / "openai/unregistered/x").read_bytes() == b"12345"
+    assert [(m.name, m.status, m.files) for m in scan_cache().models] == [("gpt2-tiny", "empty", ())]
 
 
 def test_rm_include_hf_removes_the_hugging_face_copy_and_only_it(hub_env, server, hf_cache, capsys, tmp_path):
@@ -88,7 +96,8 @@ def test_rm_of_a_linked_model_folder_removes_the_link_only(hub_env, server, tmp_
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "keep").write_text("mine")
-    (hub_env / "openai").mkdir(parents=True)
+    gpt2hub.download_files("gpt2-tiny")
+    gpt2hub.inventory.remove(gpt2hub.inventory.plan_removal(hub_env, "gpt2-tiny"))
     (hub_env / "openai/tiny").symlink_to(elsewhere)
     assert main(["cache", "rm", "gpt2-tiny"]) == 0
     assert not os.path.lexists(hub_env / "openai/tiny") and (elsewhere / "keep").read_text() == "mine"
@@ -104,7 +113,7 @@ def test_verify_names_each_missing_or_damaged_file_once(hub_env, server, capsys)
     assert main(["cache", "verify"]) == 1
     out = capsys.readouterr().out
     assert out.count(str(raw / "vocab.bpe")) == 1 and out.count(str(raw / DATA)) == 1 and "2 problem(s)" in out
-    model_cache(hub_env, "openai", "tiny").forget_file("encoder.json")
+    model_entry(hub_env, "tiny").forget("encoder.json")
     main(["cache", "verify"])
     assert "encoder.json: not downloaded" in capsys.readouterr().out  # 3 of 7 files would not say ok
 

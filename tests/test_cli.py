@@ -52,9 +52,10 @@ def test_verify_finds_damage_and_exits_nonzero(hub_env, server, capsys, damaged,
     path = hub_env / "openai/tiny" / damaged
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 1  # same size: only the digest can tell
+    path.chmod(0o644)  # the cache keeps its files read-only
     path.write_bytes(bytes(data))
     code, out, err = run(capsys, "cache", "verify")
-    assert code == 1 and f"{path}: {digest} differs" in out and "damaged" in err
+    assert code == 1 and f"{path}: damaged ({digest} differs" in out and "marked: the next load repairs" in err
 
 
 def test_rm_and_prune(hub_env, server, capsys):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY
-from server import Fault
+from server import COMMIT, Fault
 
 import gpt2hub
 from gpt2hub import (
@@ -25,8 +25,9 @@ from gpt2hub import (
     from_pretrained,
     load_tokenizer,
 )
-from gpt2hub.cache import ModelCache, model_cache
+from gpt2hub.cache import Cache, EntryKey
 from gpt2hub.files import crc32c_file
+from gpt2hub.inventory import model_entry
 from gpt2hub.registry import OPENAI_FILES
 
 DATA = "model.ckpt.data-00000-of-00001"
@@ -47,7 +48,7 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
 
 def _weights_file(cache: Path, source: str) -> Path:
     """The published weights file that float32 maps (in Hugging Face's cache for source="hf")."""
-    m = model_cache(cache, source, "tiny")
+    m = model_entry(cache, "tiny", source, COMMIT if source == "hf" else None)
     return m.file_path(m.manifest("float32").weights).resolve()
 
 
@@ -97,7 +98,8 @@ def test_float32_maps_the_published_weights_file(hub_env, server, request, sourc
     if source == "hf":
         request.getfixturevalue("hf_cache")
     model = from_pretrained("gpt2-tiny", source=source)
-    manifest = json.loads((hub_env / source / "tiny/converted/float32.json").read_text())
+    entry = hub_env / source / "tiny" / (COMMIT if source == "hf" else "")
+    manifest = json.loads((entry / "converted/float32.json").read_text())
     weights = _weights_file(hub_env, source)
     assert manifest["weights"] == weights.name or source == "hf"  # Hugging Face's blobs are named by their hash
     assert manifest["bytes"] == weights.stat().st_size and not list((hub_env / source).rglob("*.safetensors"))
@@ -172,7 +174,7 @@ def test_404_fails_at_once_naming_the_url(hub_env, server):
 
 
 def test_persistent_5xx_gives_up_keeping_partial_bytes(hub_env, server, monkeypatch):
-    monkeypatch.setattr(gpt2hub.sources, "download", _fast_backoff(gpt2hub.download.download))
+    monkeypatch.setattr(gpt2hub.transports, "download", _fast_backoff(gpt2hub.download.download))
     server.served.fault(f"/tiny/{DATA}", Fault("drop", after=700_000))
     server.served.fault(f"/tiny/{DATA}", Fault("status", status=502, times=4))  # every retry of this call
     with pytest.raises(DownloadError, match="resume"):
@@ -209,7 +211,7 @@ def test_corrupted_checkpoint_bytes_caught_by_crc_and_fetched_again_once(hub_env
 
 def test_a_file_damaged_again_after_one_refetch_is_a_final_error_naming_it_and_its_mirror(hub_env, server):
     server.served.fault(f"/tiny/{DATA}", Fault("corrupt", times=5))
-    with pytest.raises(IntegrityError, match=rf"{DATA} of gpt2-tiny is damaged again.*{server.url}/tiny/{DATA}"):
+    with pytest.raises(IntegrityError, match=rf"{DATA} of gpt2-tiny.*{server.url}/tiny/{DATA}.*crc32c"):
         from_pretrained("gpt2-tiny")
     assert len(_gets(server, DATA)) == 2  # once, then once more: never forever
     assert not (hub_env / "openai/tiny/raw" / DATA).exists()
@@ -254,7 +256,7 @@ def test_weights_copied_elsewhere_are_verified_once(hub_env, server, caplog, mon
     hashed = []
     real = gpt2hub.files.DIGESTS["crc32c"]
     monkeypatch.setitem(gpt2hub.files.DIGESTS, "crc32c", lambda p: hashed.append(Path(p).name) or real(p))
-    monkeypatch.setattr(gpt2hub.cache, "crc32c_file", gpt2hub.files.DIGESTS["crc32c"])
+    monkeypatch.setattr(gpt2hub.checks, "crc32c_file", gpt2hub.files.DIGESTS["crc32c"])
     with caplog.at_level(logging.WARNING, logger="gpt2hub"):
         from_pretrained("gpt2-tiny", dtype=dtype)
         from_pretrained("gpt2-tiny", dtype=dtype)
@@ -305,9 +307,9 @@ def test_many_processes_on_an_empty_cache_download_once(hub_env, server):
 
 
 def test_lock_held_elsewhere_times_out_with_a_clear_error(hub_env, server, monkeypatch, caplog):
-    cache = ModelCache(hub_env, "openai", "tiny")
-    cache.lock_path.parent.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", f"import filelock,time\nl=filelock.FileLock({str(cache.lock_path)!r})\n"
+    lock_path = Cache(hub_env).lock_path(EntryKey("openai", "tiny"))
+    lock_path.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", f"import filelock,time\nl=filelock.FileLock({str(lock_path)!r})\n"
                                "l.acquire(); print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -392,8 +394,8 @@ def test_hf_weights_are_hashed_once_cold_and_checked_before_a_later_first_float3
     first = _logits(from_pretrained("gpt2-tiny", source="hf"))
     assert hashed.count("model.safetensors") == 1  # on arrival; the float32 mapping trusts that fresh digest
     # damaged after download, before float32 first maps it: refused, removed, fetched afresh on the next call
-    hub_env.joinpath("hf/tiny/converted/float32.json").unlink()
-    weights = Path(json.loads((hub_env / "hf/tiny/files.json").read_text())["model.safetensors"]["path"]).resolve()
+    hub_env.joinpath(f"hf/tiny/{COMMIT}/converted/float32.json").unlink()
+    weights = Path(json.loads((hub_env / f"hf/tiny/{COMMIT}/files.json").read_text())["model.safetensors"]["path"]).resolve()
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))

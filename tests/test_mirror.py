@@ -13,8 +13,8 @@ from conftest import TINY
 
 import gpt2hub.mirror
 from gpt2hub import CacheError, IntegrityError, from_pretrained
-from gpt2hub.cache import model_cache
 from gpt2hub.cli import main
+from gpt2hub.inventory import model_entry
 from gpt2hub.mirror import write_mirror
 from gpt2hub.registry import DATA_FILE, OPENAI_FILES
 
@@ -41,9 +41,10 @@ def test_a_mirror_served_by_http_server_feeds_another_machine(hub_env, server, t
     folder = tmp_path / "srv"
     assert main(["mirror", str(folder)]) == 0
     assert "python -m http.server" in capsys.readouterr().out
-    raw = model_cache(hub_env, "openai", TINY.size).raw
-    for name in OPENAI_FILES:  # same filesystem: hard links, no second copy of the weights
-        assert os.path.samefile(folder / TINY.size / name, raw / name)
+    raw = model_entry(hub_env, TINY.name).raw
+    for name in OPENAI_FILES:  # copies: editing the mirror can never change the cache
+        assert not os.path.samefile(folder / TINY.size / name, raw / name)
+        assert (folder / TINY.size / name).read_bytes() == (raw / name).read_bytes()
     assert sorted(_sums(folder)) == [f"{TINY.size}/{n}" for n in OPENAI_FILES]
     check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=folder, capture_output=True, text=True)
     assert check.returncode == 0 and check.stdout.count(": OK") == len(OPENAI_FILES), check.stdout
@@ -57,7 +58,7 @@ def test_a_mirror_served_by_http_server_feeds_another_machine(hub_env, server, t
         proc.terminate()
         proc.wait(timeout=30)
     assert len(server.served.log) == before  # the original server saw nothing
-    records = model_cache(tmp_path / "other-machine", "openai", TINY.size).records()
+    records = model_entry(tmp_path / "other-machine", TINY.name).records()
     assert all(records[n]["url"] == f"{url}/{TINY.size}/{n}" for n in OPENAI_FILES)
 
 
@@ -69,8 +70,8 @@ def test_across_filesystems_files_are_copied(hub_env, server, tmp_path, monkeypa
 
     monkeypatch.setattr(gpt2hub.mirror.os, "link", no_link)
     written = write_mirror(tmp_path / "srv")
-    assert {f.how for f in written} == {"copy"} and len(written) == len(OPENAI_FILES)
-    raw = model_cache(hub_env, "openai", TINY.size).raw
+    assert {f.how for f in written} <= {"reflink", "copy_file_range", "copy"} and len(written) == len(OPENAI_FILES)
+    raw = model_entry(hub_env, TINY.name).raw
     for f in written:
         assert not os.path.samefile(f.path, raw / f.path.name)
         assert f.path.read_bytes() == (raw / f.path.name).read_bytes()
@@ -80,7 +81,7 @@ def test_across_filesystems_files_are_copied(hub_env, server, tmp_path, monkeypa
 @pytest.mark.parametrize("keep_mtime", [True, False])
 def test_a_damaged_cached_file_is_refused(hub_env, server, tmp_path, keep_mtime):
     from_pretrained("gpt2-tiny")
-    data = model_cache(hub_env, "openai", TINY.size).raw / DATA_FILE
+    data = model_entry(hub_env, TINY.name).raw / DATA_FILE
     st = data.stat()
     with open(data, "r+b") as f:  # one flipped bit, the size unchanged
         f.seek(1000)
@@ -98,7 +99,7 @@ def test_a_damaged_cached_file_is_refused(hub_env, server, tmp_path, keep_mtime)
 
 def test_links_out_of_the_cache_are_not_followed(hub_env, server, tmp_path):
     from_pretrained("gpt2-tiny")
-    cache = model_cache(hub_env, "openai", TINY.size)
+    cache = model_entry(hub_env, TINY.name)
     outside = tmp_path / "outside"
     shutil.move(cache.raw, outside)
     cache.raw.symlink_to(outside)  # the raw folder itself a link: each file in it looks like a regular file
@@ -135,11 +136,12 @@ def test_names_errors_and_sums_of_other_models_kept(hub_env, server, tmp_path, c
 
 
 def test_a_file_kept_under_ignore_pins_needs_the_opt_out_to_be_mirrored(hub_env, server, tmp_path, monkeypatch):
-    from_pretrained("gpt2-tiny")
-    cache = model_cache(hub_env, "openai", TINY.size)
-    vocab = cache.raw / "vocab.bpe"
-    vocab.write_bytes(vocab.read_bytes() + b"a b\n")  # not the published file, as kept under GPT2HUB_IGNORE_PINS=1
-    cache.record_file("vocab.bpe", {"size": vocab.stat().st_size, "sha256": hashlib.sha256(vocab.read_bytes()).hexdigest()})
+    served = server.served.files[f"/{TINY.size}/vocab.bpe"]
+    server.served.files[f"/{TINY.size}/vocab.bpe"] = served + b"a b\n"  # not the published file
+    monkeypatch.setenv("GPT2HUB_IGNORE_PINS", "1")
+    gpt2hub.download_files("gpt2-tiny")  # kept under the opt-out
+    monkeypatch.delenv("GPT2HUB_IGNORE_PINS")
+    cache = model_entry(hub_env, TINY.name)
     with pytest.raises(IntegrityError, match="GPT2HUB_IGNORE_PINS"):
         write_mirror(tmp_path / "srv")
     monkeypatch.setenv("GPT2HUB_IGNORE_PINS", "1")

@@ -1,5 +1,6 @@
 import pytest
 
+import gpt2hub.formats
 from gpt2hub import UnknownModelError, model_configs, resolve
 from gpt2hub.registry import OPENAI_FILES
 
@@ -24,8 +25,9 @@ def test_hparams(size, dims):
 
 def test_published_data_file_size_follows_from_the_architecture():
     # 124M's model.ckpt.data-00000-of-00001 is 497,759,232 bytes; 355M's is 1,419,292,672
-    assert resolve("124M").expected_sizes()["model.ckpt.data-00000-of-00001"] == 497_759_232
-    assert resolve("355M").expected_sizes()["model.ckpt.data-00000-of-00001"] == 1_419_292_672
+    fmt = gpt2hub.formats.FORMATS["openai"]
+    assert fmt.sizes(resolve("124M").arch)["model.ckpt.data-00000-of-00001"] == 497_759_232
+    assert fmt.sizes(resolve("355M").arch)["model.ckpt.data-00000-of-00001"] == 1_419_292_672
     assert len(OPENAI_FILES) == 7
 
 
