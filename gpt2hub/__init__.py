@@ -21,6 +21,7 @@ from .errors import (
     GPT2HubError,
     IntegrityError,
     LockTimeoutError,
+    NotACacheError,
     OfflineError,
     UnknownModelError,
 )
@@ -35,6 +36,7 @@ from .tf_checkpoint import TFCheckpoint
 __all__ = [
     "CacheError", "CacheInfo", "CachedModel", "CheckpointError", "ConversionError", "DeviceError", "DownloadError",
     "GPT2HubError", "GPTModel", "GPT_CONFIG_124M", "IntegrityError", "KVCache", "LockTimeoutError", "ModelSpec",
+    "NotACacheError",
     "OfflineError", "TFCheckpoint", "UnknownModelError", "__version__", "assign", "book_state_dict", "download_and_load_gpt2",
     "download_files", "from_pretrained", "generate", "generate_stream", "generate_text", "load_tokenizer",
     "load_weights_into_gpt", "model_configs", "register", "resolve", "save_pretrained", "scan_cache", "state_dict_from_hf",

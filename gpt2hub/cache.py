@@ -444,6 +444,14 @@ class EntryRecords:
         with contextlib.suppress(CacheError):
             self._write_record(name, {k: v for k, v in record.items() if k != "damaged"})
 
+    def add_sha256(self, name: str, record: dict, sha256: str) -> dict:
+        """Keep a file's sha256 in its record (a pinned file recorded without one, say through a revision that has no
+        pins): from then on it is checked against the sha256. Returns the new record."""
+        record = {**record, "sha256": sha256}
+        with contextlib.suppress(CacheError):
+            self._write_record(name, record)
+        return record
+
     def mark_damaged(self, name: str, what: str) -> None:
         """Flag a recorded file so that the next load replaces it (what `cache verify` does without --repair)."""
         records = self.records()

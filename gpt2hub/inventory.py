@@ -16,8 +16,9 @@ import filelock
 from .cache import Cache, Entry, EntryKey
 from .checks import Problem, mark, verify
 from .errors import UnknownModelError
-from .files import default_root, disk_error, regular_file, stat_entry, unlink_entry
+from .files import default_root, disk_error, regular_file, sha256_file, stat_entry, unlink_entry
 from .registry import SOURCE_FILES, SOURCES, resolve
+from .settings import ignore_pins
 
 
 def _cache(cache_dir: str | Path | None) -> Cache:
@@ -223,8 +224,29 @@ def check_cache(cache_dir: str | Path | None = None, mark_problems: bool = True)
         if problems and mark_problems:
             with entry.lock(f"marking the problems cache verify found in {entry.key}"):
                 mark(entry, problems)
-        found.append((entry, problems))
+        found.append((entry, problems + pin_problems(entry)))
     return CheckedCache(cache.root, found)
+
+
+def pin_problems(entry: Entry) -> list[Problem]:
+    """The pinned files an entry keeps that are not the published ones (kept under GPT2HUB_IGNORE_PINS=1, or fetched
+    through a revision that has no pins but is the default revision's commit), unless the opt-out is set now."""
+    if ignore_pins() or not _registered(entry.key.size):
+        return []
+    spec = resolve(entry.key.size)
+    if entry.key.source == "hf" and entry.cache.refs(entry.key.size).get("main") != entry.key.commit:
+        return []  # pins hold for the default revision only
+    found = []
+    for name, pin in spec.expected_sha256(entry.key.source).items():
+        record = entry.records().get(name)
+        path = entry.file_path(name, record) if record else None
+        if record is None or path is None or regular_file(path, follow=True) is None:
+            continue
+        if (record["sha256"] if "sha256" in record else sha256_file(path)) != pin:
+            found.append(Problem(path, "not the published file (its sha256 differs from the pin)",
+                                 f"loads refuse it unless GPT2HUB_IGNORE_PINS=1: `gpt2hub cache rm {spec.name}` removes it",
+                                 name))
+    return found
 
 
 @dataclass(frozen=True)

@@ -77,5 +77,6 @@ class Published:
             return
         if not ignore_pins():
             raise IntegrityError(f"{self.label}: {', '.join(off)} in {where} differ from the published files' pinned "
-                                 f"sha256; they were kept under GPT2HUB_IGNORE_PINS=1: set it again, or {fix}")
+                                 "sha256 (kept under GPT2HUB_IGNORE_PINS=1, or fetched through another revision): set "
+                                 f"GPT2HUB_IGNORE_PINS=1 to use them anyway, or {fix}")
         _opt_out_note(self.label, off, where)
