@@ -1,9 +1,12 @@
-"""Cold loads beside the copy floor, and beside another checkout of gpt2hub (a baseline), in alternating fresh processes.
+"""Cold and warm loads beside the copy floor, and beside another checkout of gpt2hub (a baseline), in alternating fresh
+processes.
 
 Each round runs, for every checkout, `gpt2hub bench`'s cold stage (an empty cache, the seven files served from
 127.0.0.1 by this process, `from_pretrained`'s own path up to the first logits), then the copy floor (the same bytes
-fetched into fsynced files). Rounds alternate so that both checkouts see the same moments of a shared machine; the
-report gives medians, every run, and each median over the median copy. The checkpoints are full-size and random
+fetched into fsynced files). Then each checkout fills a cache of its own and the warm stage (a fresh process, imports
+excluded, until the first logits) runs in alternating rounds. Rounds alternate so that both checkouts see the same
+moments of a shared machine; the report gives medians with min and max, every run, and each cold median over the
+median copy. The checkpoints are full-size and random
 (gpt2hub.synthetic), so the sizes' pinned sha256 values are ignored (GPT2HUB_IGNORE_PINS=1) but still computed:
 gpt2-small pays for sha256 as with real weights, the other sizes (which have no pins) for crc32c only.
 
@@ -60,12 +63,28 @@ def measure(model: str, dtype: str, trees: dict[str, str], repeats: int, work: P
             copies.append(_stage("copy", {**base, "url": url, "size": spec.size, "dest": str(work / "copy")}, {},
                                  HERE)["total_s"])
             shutil.rmtree(work / "copy", ignore_errors=True)
+        warm = _warm(base, trees, repeats, work, url)
     copy = statistics.median(copies)
     result: dict[str, Any] = {"model": model, "dtype": dtype, "copy_s": copy, "copies": copies}
     for label, got in runs.items():
         med = {k: statistics.median(r[k] for r in got) for k in got[0]}
-        result[label] = {**med, "over_copy": med["total_s"] / copy, "runs": got}
+        result[label] = {**med, "over_copy": med["total_s"] / copy, "runs": got, "warm": warm[label]}
     return result
+
+
+def _warm(base: dict[str, Any], trees: dict[str, str], repeats: int, work: Path, url: str) -> dict[str, Any]:
+    """Warm loads (the `ours` stage) of each checkout from a cache of its own, in alternating rounds."""
+    env = {label: {"GPT2HUB_CACHE": str(work / f"warm-{label}"), "GPT2HUB_OPENAI_URL": url} for label in trees}
+    for label, tree in trees.items():
+        _stage("cold", base, env[label], tree)  # fills this checkout's cache
+    got: dict[str, list[dict[str, Any]]] = {label: [] for label in trees}
+    for _ in range(repeats):
+        for label, tree in trees.items():
+            got[label].append(_stage("ours", base, {**env[label], "GPT2HUB_OFFLINE": "1"}, tree))
+    for label in trees:
+        shutil.rmtree(work / f"warm-{label}", ignore_errors=True)
+    return {label: {k: {"median": statistics.median(r[k] for r in runs), "min": min(r[k] for r in runs),
+                        "max": max(r[k] for r in runs)} for k in runs[0]} | {"runs": runs} for label, runs in got.items()}
 
 
 def report(results: list[dict[str, Any]], trees: dict[str, str], info: dict[str, Any], repeats: int) -> list[str]:
@@ -76,10 +95,19 @@ def report(results: list[dict[str, Any]], trees: dict[str, str], info: dict[str,
             rows.append([r["model"], r["dtype"], label, f"{m['total_s']:.3f} s", f"{m['download_s']:.3f} s",
                          f"{m['convert_s']:.3f} s", f"{m['load_s']:.3f} s", f"{r['copy_s']:.3f} s",
                          f"**{m['over_copy']:.2f}x**", f"{m['peak_rss_delta_mib']:.0f} MiB"])
+    warm = [[r["model"], r["dtype"], label, _spread(r[label]["warm"]["total_s"]),
+             _spread(r[label]["warm"]["load_s"]), f"{r[label]['warm']['peak_rss_delta_mib']['median']:.0f} MiB"]
+            for r in results for label in trees]
     return [f"Cold loads to first logits, {describe(info)}; medians of {repeats} alternating rounds "
             f"({', '.join(f'{k}: {v}' for k, v in trees.items())})", "",
             *table(["model", "dtype", "checkout", "cold total", "download (with streaming)", "convert (after)", "load",
-                    "copy floor", "cold / copy", "peak RSS delta"], rows)]
+                    "copy floor", "cold / copy", "peak RSS delta"], rows), "",
+            f"Warm loads (a fresh process, imports excluded) to first logits: median (min-max) of {repeats} alternating "
+            "rounds", "", *table(["model", "dtype", "checkout", "warm total", "from_pretrained", "peak RSS delta"], warm)]
+
+
+def _spread(s: dict[str, float]) -> str:
+    return f"{s['median']:.3f} s ({s['min']:.3f}-{s['max']:.3f})"
 
 
 def main() -> None:

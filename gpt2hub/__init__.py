@@ -23,6 +23,7 @@ from .errors import (
     LockTimeoutError,
     NotACacheError,
     OfflineError,
+    SettingError,
     UnknownModelError,
 )
 from .export import save_pretrained
@@ -37,7 +38,8 @@ __all__ = [
     "CacheError", "CacheInfo", "CachedModel", "CheckpointError", "ConversionError", "DeviceError", "DownloadError",
     "GPT2HubError", "GPTModel", "GPT_CONFIG_124M", "IntegrityError", "KVCache", "LockTimeoutError", "ModelSpec",
     "NotACacheError",
-    "OfflineError", "TFCheckpoint", "UnknownModelError", "__version__", "assign", "book_state_dict", "download_and_load_gpt2",
+    "OfflineError", "SettingError", "TFCheckpoint", "UnknownModelError",
+    "__version__", "assign", "book_state_dict", "download_and_load_gpt2",
     "download_files", "from_pretrained", "generate", "generate_stream", "generate_text", "load_tokenizer",
     "load_weights_into_gpt", "model_configs", "register", "resolve", "save_pretrained", "scan_cache", "state_dict_from_hf",
     "state_dict_from_params", "state_dict_from_tf", "stream_text", "text_to_token_ids", "token_ids_to_text",

@@ -146,13 +146,13 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-class Cache:
-    """One cache folder: its identity (the marker), its entries, the refs of Hugging Face revisions, its locks."""
+class CacheFolder:
+    """What a cache folder is: gpt2hub's (marked), an earlier gpt2hub's, new, or not a cache at all (see the module
+    docstring). `Cache` adds what it holds."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
 
-    # identity ---------------------------------------------------------------------------------------------------
     def state(self) -> str:
         """"missing", "marked", "legacy" (an earlier gpt2hub's, recognised by its records), "unmarked" (empty, or
         only gpt2hub's folder names), "newer" (a later gpt2hub's format) or "foreign" (anything else)."""
@@ -187,11 +187,11 @@ class Cache:
                 yield d
                 yield from (c for c in _subdirs(d) if COMMIT.fullmatch(c.name))
 
-    @staticmethod
-    def holds_records(folder: Path) -> bool:
+    @classmethod
+    def holds_records(cls, folder: Path) -> bool:
         """Whether a folder holds gpt2hub's records (a files.json of published files, or a manifest)."""
-        return Cache._own_records(folder) or any(
-            isinstance(read_json(folder / "converted" / f"{d}.json"), dict) for d in DTYPES)
+        return cls._own_records(folder) or any(isinstance(read_json(folder / "converted" / f"{d}.json"), dict)
+                                               for d in DTYPES)
 
     @staticmethod
     def _own_records(folder: Path) -> bool:
@@ -251,7 +251,10 @@ class Cache:
             raise self._refusal("foreign" if state == "unmarked" else state, doing)
         return True
 
-    # entries ----------------------------------------------------------------------------------------------------
+
+class Cache(CacheFolder):
+    """One cache folder with what it holds: its entries, the refs of Hugging Face revisions, its locks."""
+
     def entry(self, key: EntryKey, names: tuple[str, ...] | None = None, config: ModelConfig | None = None,
               external: Path | None = None) -> Entry:
         return Entry(self, key, names or SOURCE_FILES[key.source], config, external)
@@ -402,8 +405,9 @@ class EntryRecords:
         external = self.external_path(record.get("path")) if record else None
         return external or self.raw_path(name)
 
-    def paths(self, names: tuple[str, ...] | None = None) -> dict[str, Path]:
-        records = self.records()
+    def paths(self, names: tuple[str, ...] | None = None, records: dict[str, dict] | None = None) -> dict[str, Path]:
+        """Where each of `names` (default: all) lives, by `records` (read if not given)."""
+        records = self.records() if records is None else records
         return {n: self.file_path(n, records.get(n, {})) for n in (names or self.names)}
 
     # records ----------------------------------------------------------------------------------------------------

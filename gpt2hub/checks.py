@@ -13,7 +13,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cache import Entry
+from .cache import Entry, Manifest
 from .files import crc32c_file, digest_kind, matches_record, regular_file, stat_entry
 
 NEXT_LOAD = {"file": "it is downloaded again on the next load", "weights": "they are prepared again on the next load"}
@@ -56,10 +56,11 @@ def check_file(entry: Entry, name: str, record: dict | None, quick: bool = False
     return None
 
 
-def check_weights(entry: Entry, dtype: str, quick: bool = False) -> Problem | None:
-    """What is wrong with the stored weights of one dtype (its manifest and, unless mapped, its file), or None."""
+def check_weights(entry: Entry, dtype: str, quick: bool = False, manifest: Manifest | None = None) -> Problem | None:
+    """What is wrong with the stored weights of one dtype (its manifest, read unless given, and unless mapped its
+    file), or None."""
     path = entry.manifest_path(dtype)
-    m = entry.manifest(dtype)
+    m = manifest or entry.manifest(dtype)
     if m is None:
         what = "missing" if not os.path.lexists(path) else "unreadable, damaged or from another gpt2hub version"
         return Problem(path, what, NEXT_LOAD["weights"], dtype=dtype)
@@ -81,14 +82,16 @@ def check_weights(entry: Entry, dtype: str, quick: bool = False) -> Problem | No
 
 
 def verify(entry: Entry, names: tuple[str, ...] | None = None, dtypes: tuple[str, ...] | None = None,
-           quick: bool = False) -> list[Problem]:
-    """Every problem of the given published files (default: all) and stored dtypes (default: those present)."""
+           quick: bool = False, records: dict[str, dict] | None = None,
+           manifests: dict[str, Manifest] | None = None) -> list[Problem]:
+    """Every problem of the given published files (default: all) and stored dtypes (default: those present);
+    `records` and `manifests` are what the caller already read (read here otherwise)."""
     entry.secure()
-    records = entry.records()
+    records = entry.records() if records is None else records
     problems = [p for n in (entry.names if names is None else names)
                 if (p := check_file(entry, n, records.get(n), quick)) is not None]
     for dtype in entry.stored_dtypes() if dtypes is None else dtypes:
-        if (problem := check_weights(entry, dtype, quick)) is not None:
+        if (problem := check_weights(entry, dtype, quick, (manifests or {}).get(dtype))) is not None:
             problems.append(problem)
     return problems
 

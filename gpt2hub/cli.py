@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .__version__ import __version__
-from .errors import GPT2HubError
+from .errors import GPT2HubError, SettingError
 from .registry import SOURCES, dtype_choices
 
 log = logging.getLogger("gpt2hub")
@@ -425,4 +425,5 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"gpt2hub: error: {message}", file=sys.stderr)
-        return 2 if isinstance(e, ValueError) and not isinstance(e, GPT2HubError) else 1
+        usage = isinstance(e, ValueError) and (not isinstance(e, GPT2HubError) or isinstance(e, SettingError))
+        return 2 if usage else 1

@@ -13,26 +13,37 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import tiktoken
-import torch
 from tqdm.auto import tqdm
 
-from . import distributed
-from .arrival import Gate
 from .cache import Cache, Entry, Manifest
 from .checks import Problem, check_weights, mark, verify
-from .errors import CheckpointError, DeviceError, IntegrityError, OfflineError
-from .files import sha256_file
-from .model import GPTModel
+from .errors import CheckpointError, DeviceError, IntegrityError
+from .fetching import Arrived, Fetcher
 from .registry import ModelSpec, dtype_name, resolve
 from .settings import check_settings, default_root, offline, progress_disabled
-from .storage import UNREADABLE, Arrived, Storage, storage_for
 from .tokenizer import encoding_from_files
-from .transports import HFHub, LocalFolder, Transport, for_source
+from .transports import LocalFolder, Transport, for_source
+
+if TYPE_CHECKING:  # torch is imported where a model is made: downloading and the tokenizer need none of it
+    import torch
+
+    from .model import GPTModel
+    from .storage import Storage
 
 log = logging.getLogger("gpt2hub")
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Prepared weights: how they are stored (the manifest) and the published files they were checked against."""
+
+    manifest: Manifest
+    paths: dict[str, Path]
 
 
 class Hub:
@@ -42,9 +53,8 @@ class Hub:
     def __init__(self, spec: ModelSpec, transport: Transport, cache: Cache, offline_: bool, progress: bool = True):
         self.spec, self.transport, self.fmt = spec, transport, transport.format
         self.offline, self.progress = offline_, progress and not progress_disabled()
-        self.published = transport.published()
-        external = transport.repo_folder() if isinstance(transport, HFHub) else None
-        self.entry = cache.entry(transport.identity(cache), self.fmt.files, spec.arch, external)
+        self.entry = cache.entry(transport.identity(cache), self.fmt.files, spec.arch, transport.external())
+        self.fetch = Fetcher(spec, transport, self.entry, offline_)
         self.stages: dict[str, float] = {}  # seconds of the last `weights` call: "fetch" (with what streamed), "prepare"
 
     # step 2: the files ------------------------------------------------------------------------------------------
@@ -53,74 +63,24 @@ class Hub:
         self.fetch(names, force).close()
         return self.entry.paths(names)
 
-    def fetch(self, names: tuple[str, ...], force: bool = False, store: Storage | None = None) -> Arrived:
-        """Fetch what is missing or damaged among `names` (all with `force`); the pins are checked on every call."""
-        problems = [] if force else verify(self.entry, names, (), quick=True)
-        arrived = Arrived()
-        if force or problems:
-            missing = list(names) if force else [p.name for p in problems]
-            if self.offline and self.transport.key == "openai":  # the Hub's own offline mode names what it lacks
-                raise OfflineError(f"{self.spec.name} ({self.transport.key}) is not fully cached and {_why_offline()}: "
-                                   f"missing {', '.join(missing)} in {self.entry.dir}. Run `gpt2hub download "
-                                   f"{self.spec.name}` with network access first")
-            with self.entry.lock(f"downloading {self.spec.name} from {self.transport.key}"):
-                arrived = self._repair(names, force, store)
-        self.check_pins()
-        return arrived
-
-    def check_pins(self) -> None:
-        """Every pinned file the entry holds must be the published one, whatever revision fetched it: one recorded
-        without a sha256 is hashed once now (see published.py; GPT2HUB_IGNORE_PINS=1 lets it through, loudly)."""
-        records = self.entry.records()
-        for name in self.published.pins:
-            if (record := records.get(name)) is not None and "sha256" not in record:
-                path = self.entry.file_path(name, record)
-                records[name] = self.entry.add_sha256(name, record, sha256_file(path))
-        self.published.check_records(records, str(self.entry.dir),
-                                     f"run `gpt2hub cache rm {self.spec.name}` to download the published files")
-
-    def _repair(self, names: tuple[str, ...], force: bool, store: Storage | None) -> Arrived:
-        """Under the lock: fetch every file still missing or damaged. A damaged file is discarded first (for the hf
-        source, with its blob); the weights file comes last, so that its tap can use the index and config."""
-        problems = [] if force else verify(self.entry, names, (), quick=True)  # another process may have fetched them
-        for p in problems:
-            if p.what not in ("not downloaded", "missing"):
-                log.warning("%s", p)
-            if p.what != "not downloaded":
-                self.entry.discard(p.name)
-        todo = sorted(names if force else dict.fromkeys(p.name for p in problems), key=lambda n: n == self.fmt.weights_file)
-        arrived = Arrived()
-        try:
-            for name in todo:
-                tap = None
-                if store is not None and name == self.fmt.weights_file:
-                    arrived.tap = tap = store.tap(self.fmt, self.entry, self.entry.paths(), self.spec.arch)
-                gate = Gate(self.entry, name, self.fmt, self.published, self.spec.arch, tap)
-                self.entry.record(self.transport.fetch(self.entry, gate, force))
-                arrived.fresh.add(name)
-        except BaseException:
-            arrived.close()
-            raise
-        finally:
-            self.transport.done()
-        return arrived
-
     # step 3: the weights ----------------------------------------------------------------------------------------
-    def weights(self, store: Storage, force: bool = False) -> Manifest:
-        """The manifest of the weights `store` keeps, every file checked; fetching, repairing, converting as needed."""
+    def weights(self, store: Storage, force: bool = False) -> Weights:
+        """The weights `store` keeps, every file checked; fetching, repairing, converting as needed. A warm cache is
+        read once: its records and the manifest, checked by size and timestamp."""
         self.stages = {"fetch": 0.0, "prepare": 0.0}
-        if not force and not verify(self.entry, self.fmt.files, (store.dtype,), quick=True):
-            manifest = self.entry.manifest(store.dtype)
-            if manifest is not None:
-                self.check_pins()
-                return manifest
+        if not force:
+            records, manifest = self.entry.records(), self.entry.manifest(store.dtype)
+            if manifest is not None and not verify(self.entry, self.fmt.files, (store.dtype,), True, records,
+                                                   {store.dtype: manifest}):
+                self.fetch.check_pins(records)
+                return Weights(manifest, self.entry.paths(records=records))
         refetched: set[str] = set()
         while True:
             start = time.perf_counter()
             arrived = self.fetch(self.fmt.files, force and not refetched, store)
             self.stages["fetch"] = time.perf_counter() - start
             try:
-                return self._prepare(store, arrived)
+                return Weights(self._prepare(store, arrived), self.entry.paths())
             except CheckpointError as e:
                 self._blame(e, refetched)
             finally:
@@ -175,15 +135,18 @@ class Hub:
     # step 4: the model ------------------------------------------------------------------------------------------
     def load(self, store: Storage, device: torch.device, force: bool = False, tie_weights: bool = True) -> GPTModel:
         """A GPTModel in eval mode on `device`, from weights prepared once per dtype."""
+        from .storage import UNREADABLE
+
         start = time.perf_counter()
-        manifest = self.weights(store, force)
+        weights = self.weights(store, force)
         ready = time.perf_counter()
         try:
-            sd = store.state_dict(self.entry, self.fmt, self.entry.paths(), manifest, device)
+            sd = store.state_dict(self.entry, self.fmt, weights.paths, weights.manifest, device)
         except UNREADABLE as e:  # damaged with its size and timestamp kept: the quick check could not tell
-            self._discard_unreadable(manifest, e)
-            manifest = self.weights(store)
-            sd = store.state_dict(self.entry, self.fmt, self.entry.paths(), manifest, device)
+            self._discard_unreadable(weights.manifest, e)
+            weights = self.weights(store)
+            sd = store.state_dict(self.entry, self.fmt, weights.paths, weights.manifest, device)
+        manifest = weights.manifest
         model = store.build(manifest.config, sd, tie_weights)
         self.entry.touch_used(store.dtype)
         log.info("loaded %s from %s (source %s, %s %s) in %.3f s: %.3f s checking the cache, %.3f s building the model",
@@ -201,12 +164,10 @@ class Hub:
         self.entry.discard(name if name in self.fmt.files else self.fmt.weights_file)
 
 
-def _why_offline() -> str:
-    return "GPT2HUB_OFFLINE/HF_HUB_OFFLINE is set" if offline() else "local_files_only=True"
-
-
 def check_device(device: str | torch.device | None) -> torch.device:
     """`device` as a torch.device this machine has (cpu, or cuda when PyTorch sees a GPU), else DeviceError."""
+    import torch
+
     try:
         dev = torch.device(device or "cpu")
     except (RuntimeError, TypeError):
@@ -236,6 +197,8 @@ def open_hub(name: str | ModelSpec, source: str = "openai", revision: str | None
 def repair(entry: Entry) -> list[Problem]:
     """Fetch again what is missing or damaged in an entry of the cache and prepare again the weights it stored (what
     `gpt2hub cache verify --repair` runs); returns the problems left (none when repaired)."""
+    from .storage import storage_for
+
     spec = resolve(entry.key.size)
     transport = for_source(entry.key.source, spec, entry.key.commit, offline(), progress=True)
     hub = Hub(spec, transport, entry.cache, offline())
@@ -275,6 +238,9 @@ def from_pretrained(name: str | ModelSpec = "gpt2-small", *, device: str | torch
     rank 0 if `shared_cache=True` or GPT2HUB_SHARED_CACHE=1) fetches and converts while the others wait on the
     group, then every rank loads the same files with network access off (see `gpt2hub.distributed`).
     """
+    from . import distributed
+    from .storage import storage_for
+
     dev, store = check_device(device), storage_for(dtype_name(dtype))
     if LocalFolder.holds_model(name):
         return load_folder(Path(name), store, dev, tie_weights)  # type: ignore[arg-type]  # holds_model checked it

@@ -36,7 +36,7 @@ def _entry(cache: Cache, key: EntryKey) -> Entry:
     if key.source == "hf":
         from .transports import HFHub
 
-        external = HFHub(spec).repo_folder()
+        external = HFHub(spec).external()
     return cache.entry(key, SOURCE_FILES[key.source], spec.arch, external)
 
 

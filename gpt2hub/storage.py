@@ -17,7 +17,6 @@ import abc
 import datetime
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,6 +28,7 @@ from .cache import Entry, Manifest
 from .config import ModelConfig
 from .convert import openai_state_dict
 from .errors import CheckpointError
+from .fetching import Arrived
 from .files import CACHE_MODE, atomic_path, disk_error, fsync_dir
 from .formats import Format, Paths
 from .model import GPTModel
@@ -40,23 +40,6 @@ from .streaming import StreamedWeights
 UNREADABLE = (CheckpointError, safetensors.SafetensorError, ValueError)
 TORCH_DTYPES = {name: getattr(torch, d.tensors) for name, d in DTYPES.items()}
 Progress = Callable[[], Any] | None
-
-
-@dataclass
-class Arrived:
-    """What the fetch step leaves for the storage: the files fetched in this call (their digests and arrival checks
-    just taken) and the tap that saw the weights file arrive, if any (`close` removes what it made and was not used)."""
-
-    fresh: set[str] = field(default_factory=set)
-    tap: StreamedWeights | None = None
-
-    def streamed(self, weights: Path) -> bool:
-        """Whether the tap saw the weights file now at `weights` arrive whole, every tensor passing its check."""
-        return self.tap is not None and self.tap.complete(weights)
-
-    def close(self) -> None:
-        if self.tap is not None:
-            self.tap.close()
 
 
 class Storage(abc.ABC):

@@ -89,6 +89,15 @@ def converted_layout(pieces: list[Piece], convert: VariableConverter) -> Layout:
     return layout_of(sd)
 
 
+def _converter(cfg: Mapping[str, Any], dtype: torch.dtype | None) -> VariableConverter | None:
+    """The converter to `dtype`; None for a tap that only checks (which needs no torch)."""
+    if dtype is None:
+        return None
+    from .convert import VariableConverter
+
+    return VariableConverter(cfg, dtype)
+
+
 class StreamedWeights:
     """A download tap that checks each variable of the data file as it arrives and, given a 16-bit `dtype`, converts
     it and appends it to a safetensors file (a temporary file in `out_dir`, named after `out_name`)."""
@@ -96,11 +105,7 @@ class StreamedWeights:
     def __init__(self, pieces: list[Piece], cfg: Mapping[str, Any], dtype: torch.dtype | None = None,
                  out_dir: Path | None = None, out_name: str = ""):
         self.pieces, self.out_dir, self.out_name = pieces, out_dir, out_name
-        self.convert: VariableConverter | None = None
-        if dtype is not None:
-            from .convert import VariableConverter
-
-            self.convert = VariableConverter(cfg, dtype)
+        self.convert = _converter(cfg, dtype)
         self.heavy = self.convert is not None  # checking crc32c alone is light: see download.Tap
         self.progress: Callable[[], Any] | None = None  # called once per variable checked or converted
         self.layout: Layout = converted_layout(pieces, self.convert) if self.convert is not None else {}

@@ -50,7 +50,9 @@ class Transport(Protocol):
 
     key: str  # the cache's folder for it: "openai" or "hf"
     format: Format
+    serves_offline: bool  # whether it can hand over files without the network (from a cache of its own)
 
+    def external(self) -> Path | None: ...
     def identity(self, cache: Cache) -> EntryKey: ...
     def published(self) -> Published: ...
     def fetch(self, entry: Entry, gate: Gate, force: bool) -> Accepted: ...
@@ -83,6 +85,7 @@ class OpenAIMirrors:
 
     key = "openai"
     format = FORMATS["openai"]
+    serves_offline = False
 
     def __init__(self, spec: ModelSpec, progress: bool = True, adopt_from: Path | None = None,
                  bases: list[str] | None = None):
@@ -93,6 +96,10 @@ class OpenAIMirrors:
 
     def identity(self, cache: Cache) -> EntryKey:
         return EntryKey("openai", self.spec.size)
+
+    def external(self) -> Path | None:
+        """None: OpenAI's files are kept in the entry's own raw/ folder."""
+        return None
 
     def published(self) -> Published:
         return Published(f"{self.spec.name} (openai)", self.spec.expected_sha256("openai"),
@@ -205,6 +212,7 @@ class HFHub:
 
     key = "hf"
     format = FORMATS["hf"]
+    serves_offline = True  # from Hugging Face's own cache
 
     def __init__(self, spec: ModelSpec, revision: str | None = None, offline: bool = False, progress: bool = True):
         self.spec, self.revision, self.offline, self.progress = spec, check_revision(revision), offline, progress
@@ -216,8 +224,9 @@ class HFHub:
     def ref(self) -> str:
         return self.revision or "main"
 
-    def repo_folder(self) -> Path:
-        """This repo's folder in Hugging Face's cache (HF_HUB_CACHE, HF_HOME), as huggingface_hub resolves it now."""
+    def external(self) -> Path:
+        """This repo's folder in Hugging Face's cache (HF_HUB_CACHE, HF_HOME), as huggingface_hub resolves it now:
+        where its files stay."""
         import huggingface_hub.constants
 
         return Path(huggingface_hub.constants.HF_HUB_CACHE) / f"models--{self.spec.hf_repo.replace('/', '--')}"
@@ -271,7 +280,7 @@ class HFHub:
                                         force_download=force, local_files_only=self.offline))
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS):  # the disk's fault, not the network's
-                raise disk_error(self.repo_folder(), e) from None
+                raise disk_error(self.external(), e) from None
             raise self._failure(name, e) from None
         except Exception as e:  # huggingface_hub raises many kinds; each means the same to our caller
             raise self._failure(name, e) from None
