@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import tiktoken
 from tqdm.auto import tqdm
 
+from . import names
 from .cache import Cache, Entry, Manifest
 from .checks import Problem, check_weights, mark, verify
 from .errors import CheckpointError, DeviceError, IntegrityError
@@ -86,25 +87,26 @@ class Hub:
             finally:
                 arrived.close()
 
-    def _stored(self, store: Storage, arrived: Arrived) -> Manifest | None:
-        """The manifest of weights already prepared from these very files, else None (saying what is wrong)."""
-        if arrived.fresh:
-            return None
-        problem = check_weights(self.entry, store.dtype, quick=True)
-        if problem is not None and problem.what != "missing":
+    def _stored(self, store: Storage, arrived: Arrived, say: bool = True) -> Manifest | None:
+        """The manifest of weights already prepared from these very files (none were fetched just now), else None,
+        saying what is wrong with them unless they are simply not there."""
+        manifest = None if arrived.fresh else self.entry.manifest(store.dtype)
+        problem = check_weights(self.entry, store.dtype, True, manifest) if not arrived.fresh else None
+        if say and problem is not None and problem.what != "missing":
             log.warning("%s", problem)
-        return self.entry.manifest(store.dtype) if problem is None else None
+        return manifest if problem is None else None
 
     def _prepare(self, store: Storage, arrived: Arrived) -> Manifest:
         if (m := self._stored(store, arrived)) is not None:
             return m
         with self.entry.lock(f"preparing {self.spec.name} ({self.transport.key}, {store.dtype})"):
-            if not arrived.fresh and not check_weights(self.entry, store.dtype, True):
-                return self.entry.manifest(store.dtype)  # type: ignore[return-value]  # another process prepared it
+            if (m := self._stored(store, arrived, say=False)) is not None:
+                return m  # another process prepared it while we waited for the lock
             start = time.perf_counter()
             paths = self.entry.paths()
             verb = "verifying" if store.kind == "mapped" else "converting"
-            with tqdm(desc=f"{verb} {self.spec.name} ({store.dtype})", unit="tensor", total=len(self._variables()),
+            with tqdm(desc=f"{verb} {self.spec.name} ({store.dtype})", unit="tensor",
+                      total=len(names.openai_names(self.spec.n_layers)),
                       disable=arrived.streamed(paths[self.fmt.weights_file]) or not self.progress) as bar:
                 manifest = store.prepare(self.entry, self.fmt, paths, self.spec.arch, arrived, bar.update)
             self.entry.write_manifest(manifest)
@@ -113,17 +115,13 @@ class Hub:
                  self.stages["prepare"], manifest.extra.get("prepared", store.kind))
         return manifest
 
-    def _variables(self) -> list[str]:
-        from .names import openai_names
-
-        return openai_names(self.spec.n_layers)
-
     def _blame(self, e: CheckpointError, refetched: set[str]) -> None:
         """Discard the one file a checkpoint error names, to be fetched again once; a second failure is final."""
         name = Path(str(e.file)).name if e.file is not None else None
         if name not in self.fmt.files:
             raise IntegrityError(f"{e}; run `gpt2hub cache rm {self.spec.name}` and download again") from e
-        url = self.entry.records().get(name, {}).get("url") or self.entry.records().get(name, {}).get("path")
+        record = self.entry.records().get(name, {})
+        url = record.get("url") or record.get("path")
         self.entry.discard(name)
         if name in refetched:
             raise IntegrityError(f"{name} of {self.spec.name} is damaged again after downloading it afresh from "
