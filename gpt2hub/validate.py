@@ -10,6 +10,7 @@ file; model.ckpt.meta: a protobuf message; the vocabulary files: well-formed.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 
 from . import names
 from .convert import config_from_hparams
-from .errors import CheckpointError, ConversionError, IntegrityError
+from .errors import CheckpointError, ConversionError, IntegrityError, quoted
 from .registry import HF_WEIGHTS, INDEX_FILE, ModelSpec
 from .tf_checkpoint import proto_fields, read_index
 
@@ -53,18 +54,20 @@ def check_index(path: Path, cfg: dict, data_size: int | None) -> None:
     try:
         entries, shards = read_index(path)  # parses it whole, checking every block's crc32c
     except CheckpointError as e:
-        raise bad_file(INDEX_FILE, str(e).replace(str(path), "the file")) from None
+        raise bad_file(INDEX_FILE, str(e).removeprefix(f"{path}: ").replace(str(path), "the file")) from None
     want = {"model/" + n: names.openai_shape(n, cfg) for n in names.openai_names(cfg["n_layers"])}
     have = set(entries)
     if shards != 1:
         raise bad_file(INDEX_FILE, f"it spreads the weights over {shards} data files; GPT-2 has one")
     if have != set(want):
-        extra, missing = sorted(have - set(want))[:3], sorted(set(want) - have)[:3]
+        extra, missing = [quoted(n) for n in sorted(have - set(want))[:3]], sorted(set(want) - have)[:3]
         raise bad_file(INDEX_FILE, f"its variables do not fit n_layer={cfg['n_layers']} (unexpected {extra}, missing {missing})")
-    for key, entry in entries.items():
+    for key, entry in entries.items():  # read_index refused negative offsets and sizes, absurd shapes and shards
         end = entry.offset + entry.size
-        if int(np.prod(entry.shape)) != int(np.prod(want[key])) or entry.dtype != np.dtype("<f4") or entry.shard != 0:
-            raise bad_file(INDEX_FILE, f"variable {key} is {entry.dtype} {entry.shape}, expected float32 {want[key]}")
+        if entry.dtype != np.dtype("<f4"):
+            raise bad_file(INDEX_FILE, f"variable {key} is {entry.dtype}, expected float32")
+        if math.prod(entry.shape) != math.prod(want[key]):  # OpenAI's shapes have extra 1s: the count decides
+            raise bad_file(INDEX_FILE, f"variable {key} has shape {quoted(entry.shape)}, expected {want[key]}")
         if data_size is not None and end > data_size:
             raise bad_file(INDEX_FILE, f"variable {key} ends at byte {end}, past the data file's {data_size} bytes")
 
