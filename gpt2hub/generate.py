@@ -86,13 +86,18 @@ def suppress(logits: torch.Tensor, token: int) -> torch.Tensor:
 
 # -- arguments: every public function checks them here ------------------------------------------------------------------
 MAX_ID = (1 << 63) - 1  # token ids are int64
-HF_POINTERS = {  # transformers' generation keywords gpt2hub does not take, with what to do instead
-    "eos_token_id": "use eos_id", "pad_token_id": "leave it out: finished rows are padded with eos_id",
-    "min_length": "use min_new_tokens (new tokens only)", "early_stopping": "leave it out: it is for beam search",
-    "num_beam_groups": "leave it out: gpt2hub has no beam search", "no_repeat_ngram_size": "use repetition_penalty",
-    "penalty_alpha": "leave it out: gpt2hub has no contrastive search", "streamer": "use generate_stream or stream_text",
-    "output_scores": "leave it out: generate returns token ids", "return_dict_in_generate": "leave it out: generate "
-    "returns token ids", "bad_words_ids": "leave it out", "max_time": "stop reading generate_stream instead",
+HF_POINTERS = {  # transformers' generation keywords that gpt2hub does not take, with what to do instead
+    "eos_token_id": "use eos_id",
+    "pad_token_id": "leave it out: finished rows are padded with eos_id",
+    "min_length": "use min_new_tokens (it counts new tokens only)",
+    "early_stopping": "leave it out: it is for beam search, which gpt2hub does not have",
+    "num_beam_groups": "leave it out: gpt2hub has no beam search",
+    "no_repeat_ngram_size": "use repetition_penalty",
+    "penalty_alpha": "leave it out: gpt2hub has no contrastive search",
+    "streamer": "use stream_text (or generate_stream for token ids)",
+    "output_scores": "leave it out: gpt2hub returns text or token ids",
+    "return_dict_in_generate": "leave it out: gpt2hub returns text or token ids",
+    "max_time": "read stream_text and stop when time is up",
 }
 
 
@@ -157,7 +162,7 @@ class GenerationConfig:
             self.temperature = (self.temperature or 1.0) if do_sample else 0.0
         if self.num_return_sequences > 1 and (self.temperature == 0 or self.top_k == 1):
             log.warning("num_return_sequences=%d with greedy decoding (temperature 0%s) makes %d identical copies of "
-                        "each row: sample (a temperature > 0, do_sample=True) for different ones",
+                        "each row: sample (a temperature > 0, or do_sample=True) for different ones",
                         self.num_return_sequences, "" if self.temperature == 0 else ", or top_k 1",
                         self.num_return_sequences)
 
