@@ -298,16 +298,15 @@ def _attempt(url: str, part: Path, timeout: float, bar: _Bar, taps: _Taps, limit
                 with disk_errors(part):
                     f.seek(offset)
                     f.truncate()
-            got = _body(resp, f, part, _Pace(*pace), taps, bar, limit, timeout)
+            got = _body(resp, f, part, _Pace(*pace), taps, bar, limit)
     if total >= 0 and got != total:
         raise _Transient(f"connection closed at byte {got} of {total}")
     return got
 
 
-def _body(resp: http.client.HTTPResponse, f: Any, part: Path, pace: _Pace, taps: _Taps, bar: _Bar, limit: int,
-          timeout: float) -> int:
+def _body(resp: http.client.HTTPResponse, f: Any, part: Path, pace: _Pace, taps: _Taps, bar: _Bar, limit: int) -> int:
     """Copy the response body to `f` (open at its end) and the taps; returns the file's size, flushed and synced."""
-    while chunk := _read(resp, timeout):
+    while chunk := _read(resp):
         if f.tell() + len(chunk) > limit:  # an endless or oversized body: never fill the disk
             raise IntegrityError(f"is larger than {limit} bytes, more than the file can be")
         with disk_errors(part):
@@ -321,12 +320,12 @@ def _body(resp: http.client.HTTPResponse, f: Any, part: Path, pace: _Pace, taps:
     return f.tell()
 
 
-def _read(resp: http.client.HTTPResponse, timeout: float) -> bytes:
+def _read(resp: http.client.HTTPResponse) -> bytes:
     """The bytes that have arrived (one socket read, at most CHUNK), so a stall loses none already received."""
     try:
         return resp.read1(CHUNK)
     except TimeoutError:
-        raise _Transient(f"no byte for {timeout:g} s (GPT2HUB_READ_TIMEOUT)") from None
+        raise _Transient("no byte within the read timeout (GPT2HUB_READ_TIMEOUT)") from None
     except (OSError, http.client.HTTPException) as e:  # reset, incomplete read: the network's
         raise _Transient(f"{type(e).__name__}: {e}") from None
 
