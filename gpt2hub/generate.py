@@ -44,7 +44,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     if temperature <= 0.0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    overflow = probs.isnan().any(dim=-1, keepdim=True)
+    overflow = probs.sum(dim=-1, keepdim=True).isnan()  # a NaN anywhere in a row (one reduction, no mask of it all)
     if probs.device.type != "cpu" or bool(overflow.any()):  # on an accelerator both are made: no wait for the device
         gaps = logits.double() - logits.double().amax(dim=-1, keepdim=True)  # <= 0, and 0 at the largest
         probs = torch.where(overflow, torch.softmax(gaps / temperature, dim=-1).float(), probs)
