@@ -3,8 +3,13 @@
 What can go wrong, and what happens:
 - name resolution fails or the connection is refused: the mirror is down; `MirrorDown` at once, no retry.
 - 404, 403 and other 4xx: `DownloadError` at once, naming the URL.
-- 5xx, 408, 429, a reset or a closed connection mid-body, no byte for GPT2HUB_READ_TIMEOUT seconds: retried with a
-  Range request from the bytes already written, a few times with short backoff, then `DownloadError`.
+- 5xx, 408, 429, a reset or a closed connection mid-body, no byte for GPT2HUB_READ_TIMEOUT seconds (default 60), or
+  a server that trickles (fewer than GPT2HUB_MIN_RATE bytes a second, default 1024, over GPT2HUB_RATE_WINDOW seconds,
+  default 30; GPT2HUB_MIN_RATE=0 turns that check off): retried with a Range request from the bytes already written,
+  a few times with short backoff, then `DownloadError`. A trickle is noticed within about twice the window, a
+  silence within the read timeout.
+- a 206 reply whose Content-Range does not start where the Range request asked: the partial file is discarded (a
+  warning says so) and the download starts over from the first byte, rather than failing the same way on every run.
 - the complete file has the wrong size, or its `accept` (the cache's gate: arrival.Gate) refuses it: deleted,
   `IntegrityError` (the caller tries the next mirror). Network errors are never reported as disk errors, nor the
   reverse.
@@ -26,15 +31,16 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from time import monotonic
 from typing import Any, Protocol
 
 import google_crc32c
 from tqdm.auto import tqdm
 
-from .errors import DownloadError, IntegrityError
+from .errors import DownloadError, IntegrityError, quoted
 from .files import CACHE_MODE, disk_errors, fsync_dir, regular_file
+from .settings import min_rate, read_timeout
 from .settings import progress_disabled as progress_disabled  # re-exported: where the bars are drawn
-from .settings import read_timeout
 
 log = logging.getLogger("gpt2hub")
 CHUNK = 1 << 20
@@ -216,12 +222,39 @@ def _open(url: str, offset: int, timeout: float) -> http.client.HTTPResponse:
         raise _Transient(str(getattr(e, "reason", e))) from None
 
 
-def _span(resp: http.client.HTTPResponse, url: str, offset: int) -> tuple[int, int]:
-    """(first byte, total size or -1) of a response to a request for bytes from `offset`."""
+class _Pace:
+    """A body's bytes counted over windows of `window` seconds: fewer than `rate` a second in one is a stall, as is
+    a server sending one byte every few seconds, which no read timeout notices."""
+
+    def __init__(self, rate: float, window: float) -> None:
+        self.rate, self.window = rate, window
+        self.start, self.got = monotonic(), 0
+
+    def add(self, n: int) -> None:
+        self.got += n
+        elapsed = monotonic() - self.start
+        if self.rate <= 0 or self.window <= 0 or elapsed < self.window:
+            return
+        if self.got < self.rate * elapsed:
+            raise _Transient(f"only {self.got} bytes in {elapsed:.1f} s, below GPT2HUB_MIN_RATE={self.rate:g} bytes/s "
+                             f"over GPT2HUB_RATE_WINDOW={self.window:g} s")
+        self.start, self.got = monotonic(), 0
+
+
+def _span(resp: http.client.HTTPResponse, url: str, offset: int, part: Path) -> tuple[int, int]:
+    """(first byte, total size or -1) of a response to a request for bytes from `offset`.
+
+    A 206 that starts elsewhere (or says nowhere) leaves the partial file unusable: it is discarded, so that the next
+    attempt starts over instead of failing the same way on every run.
+    """
     if resp.status == 206:
-        match = re.match(r"bytes (\d+)-\d+/(\d+)", resp.headers.get("Content-Range", ""))
+        content_range = resp.headers.get("Content-Range", "")
+        match = re.match(r"bytes (\d+)-\d+/(\d+)", content_range)
         if not match or int(match.group(1)) != offset:
-            raise _Fatal(f"{url} answered a Range request with Content-Range {resp.headers.get('Content-Range')!r}")
+            log.warning("%s answered a request for bytes %d- with Content-Range %s; discarding the %d bytes downloaded "
+                        "and starting over", url, offset, quoted(content_range), offset)
+            part.unlink(missing_ok=True)
+            raise _Transient(f"Content-Range {quoted(content_range)} for bytes {offset}-; starting over")
         return offset, int(match.group(2))
     length = resp.headers.get("Content-Length")  # 200: the server ignored the Range header, start again
     return 0, int(length) if length is not None and length.isdigit() else -1
@@ -230,6 +263,7 @@ def _span(resp: http.client.HTTPResponse, url: str, offset: int) -> tuple[int, i
 def _attempt(url: str, part: Path, timeout: float, bar: _Bar, taps: _Taps, limit: int) -> int:
     """Fetch what `part` still lacks; returns the file's size. Reading errors are network errors, writing ones disk's."""
     offset = part.stat().st_size if part.exists() else 0
+    pace = min_rate()
     try:
         resp = _open(url, offset, timeout)
     except urllib.error.HTTPError as e:  # 416: asked past the end, so what we hold may be the whole file
@@ -239,7 +273,7 @@ def _attempt(url: str, part: Path, timeout: float, bar: _Bar, taps: _Taps, limit
         part.unlink()
         raise _Transient(f"range {offset}- not satisfiable; starting over") from None
     with resp:
-        offset, total = _span(resp, url, offset)
+        offset, total = _span(resp, url, offset, part)
         bar.start(offset, total)
         taps.catch_up(part, offset)
         with disk_errors(part):
@@ -249,27 +283,35 @@ def _attempt(url: str, part: Path, timeout: float, bar: _Bar, taps: _Taps, limit
                 with disk_errors(part):
                     f.seek(offset)
                     f.truncate()
-            while chunk := _read(resp):
-                if f.tell() + len(chunk) > limit:  # an endless or oversized body: never fill the disk
-                    raise IntegrityError(f"is larger than {limit} bytes, more than the file can be")
-                with disk_errors(part):
-                    f.write(chunk)
-                taps.update(chunk)
-                bar.advance(len(chunk))
-            with disk_errors(part):
-                f.flush()
-                os.fsync(f.fileno())
-            got = f.tell()
+            got = _body(resp, f, part, _Pace(*pace), taps, bar, limit)
     if total >= 0 and got != total:
         raise _Transient(f"connection closed at byte {got} of {total}")
     return got
+
+
+def _body(resp: http.client.HTTPResponse, f: Any, part: Path, pace: _Pace, taps: _Taps, bar: _Bar, limit: int) -> int:
+    """Copy the response body to `f` (open at its end) and the taps; returns the file's size, flushed and synced."""
+    while chunk := _read(resp):
+        if f.tell() + len(chunk) > limit:  # an endless or oversized body: never fill the disk
+            raise IntegrityError(f"is larger than {limit} bytes, more than the file can be")
+        with disk_errors(part):
+            f.write(chunk)
+        taps.update(chunk)
+        bar.advance(len(chunk))
+        pace.add(len(chunk))
+    with disk_errors(part):
+        f.flush()
+        os.fsync(f.fileno())
+    return f.tell()
 
 
 def _read(resp: http.client.HTTPResponse) -> bytes:
     """The bytes that have arrived (one socket read, at most CHUNK), so a stall loses none already received."""
     try:
         return resp.read1(CHUNK)
-    except (OSError, http.client.HTTPException) as e:  # reset, timeout (a stall), incomplete read: the network's
+    except TimeoutError:
+        raise _Transient("no byte within the read timeout (GPT2HUB_READ_TIMEOUT)") from None
+    except (OSError, http.client.HTTPException) as e:  # reset, incomplete read: the network's
         raise _Transient(f"{type(e).__name__}: {e}") from None
 
 

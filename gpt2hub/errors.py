@@ -54,3 +54,16 @@ class SettingError(GPT2HubError, ValueError):
 
 class NotACacheError(CacheError):
     """A folder that is not a gpt2hub cache, given where one is expected: nothing in it is touched."""
+
+
+def quoted(value: object, limit: int = 60) -> str:
+    """`repr(value)` cut to about `limit` characters, for quoting a bad input in a one-line message.
+
+    An int too long for `repr` (Python refuses more than 4300 digits) is described by its size instead.
+    """
+    try:
+        text = repr(value)
+    except ValueError:
+        bits = value.bit_length() if isinstance(value, int) else 0
+        return f"<an int of {bits} bits>"
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."

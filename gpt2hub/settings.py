@@ -10,6 +10,8 @@ accepts, never a silent default.
 | GPT2HUB_SHARED_CACHE | inside torch.distributed, one cache shared by every node |
 | GPT2HUB_LOCK_TIMEOUT | seconds to wait for another process's lock (default 600; 0 gives up at once) |
 | GPT2HUB_READ_TIMEOUT | seconds without a byte before a download counts as stalled (default 60; more than 0) |
+| GPT2HUB_MIN_RATE | bytes a second below which a download counts as stalled (default 1024; 0 turns the check off) |
+| GPT2HUB_RATE_WINDOW | seconds over which GPT2HUB_MIN_RATE is measured (default 30; more than 0) |
 
 Booleans accept 1/0, true/false, yes/no, on/off (any case); anything else (`ture`, `enabled`) is an error.
 """
@@ -36,8 +38,10 @@ def env_flag(name: str) -> bool:
     raise SettingError(f"{name}={raw[:40]!r} is not a boolean: set it to 1 (on) or 0 (off), or unset it")
 
 
-def env_seconds(name: str, default: float, *, low: float = 0.0, high: float = DAY, allow_low: bool = True) -> float:
-    """A number of seconds from the environment, within [low, high] (`allow_low=False`: more than `low`)."""
+def env_seconds(name: str, default: float, *, low: float = 0.0, high: float = DAY, allow_low: bool = True,
+                what: str = "a number of seconds") -> float:
+    """A number (of seconds, or `what`) from the environment, within [low, high] (`allow_low=False`: more than
+    `low`)."""
     raw = os.environ.get(name)
     if raw is None or not raw.strip():
         return default
@@ -48,8 +52,8 @@ def env_seconds(name: str, default: float, *, low: float = 0.0, high: float = DA
     ok = (value >= low if allow_low else value > low) and value <= high
     if not ok:
         side = ">=" if allow_low else ">"
-        raise SettingError(f"{name}={raw[:40]!r} is not a number of seconds {side} {low:g} and <= {high:g}: set it to "
-                           f"one, or unset it (default {default:g})")
+        raise SettingError(f"{name}={raw[:40]!r} is not {what} {side} {low:g} and <= {high:g}: set it to one, or "
+                           f"unset it (default {default:g})")
     return value
 
 
@@ -75,6 +79,16 @@ def read_timeout() -> float:
     return env_seconds("GPT2HUB_READ_TIMEOUT", 60.0, high=DAY, allow_low=False)
 
 
+MIN_RATE, RATE_WINDOW = 1024.0, 30.0  # defaults of GPT2HUB_MIN_RATE (bytes per second) and GPT2HUB_RATE_WINDOW (s)
+
+
+def min_rate() -> tuple[float, float]:
+    """(GPT2HUB_MIN_RATE in bytes per second, GPT2HUB_RATE_WINDOW in seconds): a download bringing fewer than
+    rate x window bytes in a window counts as stalled and is resumed."""
+    rate = env_seconds("GPT2HUB_MIN_RATE", MIN_RATE, high=float(1 << 40), what="a number of bytes per second")
+    return rate, env_seconds("GPT2HUB_RATE_WINDOW", RATE_WINDOW, high=DAY, allow_low=False)
+
+
 def default_root() -> Path:
     """GPT2HUB_CACHE (an absolute path, `~` expanded), else the platform's user cache folder (~/.cache/gpt2hub)."""
     raw = os.environ.get("GPT2HUB_CACHE")
@@ -96,3 +110,4 @@ def check_settings() -> None:
         env_flag(flag)
     lock_timeout()
     read_timeout()
+    min_rate()

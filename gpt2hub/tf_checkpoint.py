@@ -7,6 +7,7 @@ BundleHeaderProto and whose other keys are variable names mapping to BundleEntry
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import re
@@ -18,11 +19,13 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 
-from .errors import CheckpointError
+from .errors import CheckpointError, quoted
 
 _TABLE_MAGIC = 0xDB4775248B80FB57
 _FOOTER_LEN = 48  # two BlockHandles padded to 40 bytes, then the magic number
 _TRAILER_LEN = 5  # compression type byte + masked crc32c of the block
+MAX_SHARDS = 99999  # data file names give the shard count in five digits
+MAX_RANK = 254  # TensorFlow's TensorShape::MaxDimensions(): a shape with more dimensions is corrupt
 _DTYPES = {1: np.float32, 2: np.float64, 3: np.int32, 4: np.uint8, 5: np.int16, 6: np.int8, 9: np.int64,
            10: np.bool_, 17: np.uint16, 19: np.float16, 22: np.uint32, 23: np.uint64}
 
@@ -33,16 +36,20 @@ def mask_crc(crc: int) -> int:
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """(value, position after it) of the unsigned varint at `pos`; at most 10 bytes and 64 bits, as protobuf's."""
     result = shift = 0
-    while True:
+    while shift < 70:
         if pos >= len(buf):
             raise ValueError("varint runs past the end of its buffer")
         byte = buf[pos]
         pos += 1
         result |= (byte & 0x7F) << shift
         if not byte & 0x80:
+            if result >= 1 << 64:
+                raise ValueError("varint exceeds 64 bits")
             return result, pos
         shift += 7
+    raise ValueError("varint longer than 10 bytes")
 
 
 def proto_fields(buf: bytes) -> list[tuple[int, int | bytes]]:
@@ -55,18 +62,19 @@ def proto_fields(buf: bytes) -> list[tuple[int, int | bytes]]:
         value: int | bytes
         if wire == 0:
             value, pos = _varint(buf, pos)
-        elif wire == 1:
-            value, pos = struct.unpack_from("<Q", buf, pos)[0], pos + 8
+        elif wire in (1, 5):
+            width = 8 if wire == 1 else 4
+            if pos + width > len(buf):
+                raise ValueError("protobuf message is truncated")
+            value, pos = int.from_bytes(buf[pos:pos + width], "little"), pos + width
         elif wire == 2:
             length, pos = _varint(buf, pos)
+            if pos + length > len(buf):
+                raise ValueError("protobuf message is truncated")
             value, pos = buf[pos:pos + length], pos + length
-        elif wire == 5:
-            value, pos = struct.unpack_from("<I", buf, pos)[0], pos + 4
         else:
             raise ValueError(f"unsupported protobuf wire type {wire}")
         fields.append((number, value))
-    if pos != len(buf):
-        raise ValueError("protobuf message is truncated")
     return fields
 
 
@@ -102,38 +110,57 @@ class TensorEntry:
     crc32c: int | None
 
 
+def _shape(buf: bytes) -> tuple[int, ...]:
+    """A TensorShapeProto's dimensions (each a message whose field 1 is the size)."""
+    dims: list[int] = []
+    for n, v in proto_fields(buf):
+        if n == 2:
+            if len(dims) == MAX_RANK:
+                raise CheckpointError(f"its shape has more than {MAX_RANK} dimensions, TensorFlow's limit")
+            dims.append(_int64(dict(proto_fields(_message(v))).get(1, 0)))
+        elif n == 3 and v:
+            raise CheckpointError("its shape is of unknown rank")
+    return tuple(dims)
+
+
 def _parse_entry(name: str, buf: bytes) -> TensorEntry:
-    shape: tuple[int, ...] = ()
+    """One variable's BundleEntryProto. A value no checkpoint can hold (a negative offset, size or dimension, a
+    size that is not the shape's) is a CheckpointError, as is a feature gpt2hub does not read; a message that is
+    not protobuf a ValueError. Messages start with the variable's name and leave out the file (read_index adds it)."""
     crc: int | None = None
+    shape: tuple[int, ...] = ()
     dtype_code, shard, offset, size, sliced = 0, 0, 0, 0, False
-    for number, value in proto_fields(buf):
-        if number == 1:
-            dtype_code = _number(value)
-        elif number == 2:
-            dims = []
-            for n, v in proto_fields(_message(value)):
-                if n == 2:
-                    dims.append(_int64(dict(proto_fields(_message(v))).get(1, 0)))
-                elif n == 3 and v:
-                    raise ValueError("shape of unknown rank")
-            shape = tuple(dims)
-        elif number == 3:
-            shard = _number(value)
-        elif number == 4:
-            offset = _int64(value)
-        elif number == 5:
-            size = _int64(value)
-        elif number == 6:
-            crc = _number(value)
-        elif number == 7:
-            sliced = True
+    try:
+        for number, value in proto_fields(buf):
+            if number == 1:
+                dtype_code = _number(value)
+            elif number == 2:
+                shape = _shape(_message(value))
+            elif number == 3:
+                shard = _number(value)
+            elif number == 4:
+                offset = _int64(value)
+            elif number == 5:
+                size = _int64(value)
+            elif number == 6:
+                crc = _number(value)
+            elif number == 7:
+                sliced = True
+    except CheckpointError as e:
+        raise CheckpointError(f"variable {quoted(name)}: {e}") from None
+    where = f"variable {quoted(name)}"
     if sliced:
-        raise CheckpointError(f"variable {name!r} is stored in slices (partitioned), which gpt2hub does not read")
+        raise CheckpointError(f"{where} is stored in slices (partitioned), which gpt2hub does not read")
     if dtype_code not in _DTYPES:
-        raise CheckpointError(f"variable {name!r} has TensorFlow dtype code {dtype_code}, which gpt2hub does not read")
+        raise CheckpointError(f"{where} has TensorFlow dtype code {dtype_code}, which gpt2hub does not read")
     if any(d < 0 for d in shape):
-        raise CheckpointError(f"variable {name!r} has an unknown dimension in its shape {shape}")
+        raise CheckpointError(f"{where} has a negative or unknown dimension in its shape {quoted(shape)}")
+    if offset < 0 or size < 0:
+        raise CheckpointError(f"{where} has a negative offset ({offset}) or size ({size}): the index is corrupt")
     dtype = np.dtype(_DTYPES[dtype_code]).newbyteorder("<")
+    if math.prod(shape) * dtype.itemsize != size:
+        raise CheckpointError(f"{where} of shape {quoted(shape)} and dtype {dtype} claims {size} bytes: "
+                              "the index is corrupt")
     return TensorEntry(name, dtype, shape, shard, offset, size, crc)
 
 
@@ -176,6 +203,9 @@ class _SSTable:
         return contents
 
     def _entries(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        if len(block) < 4:  # even an empty block holds its restart count
+            raise CheckpointError(f"{self.path}: a block of {len(block)} bytes is too short to hold entries (corrupt)",
+                                  file=self.path)
         n_restarts = struct.unpack_from("<I", block, len(block) - 4)[0]
         limit = len(block) - 4 - 4 * n_restarts
         if limit < 0:
@@ -224,28 +254,43 @@ def _require_regular(path: Path) -> None:
 
 
 def read_index(index_path: Path) -> tuple[dict[str, TensorEntry], int]:
-    """(variable name -> entry, number of data shards) of a tensor-bundle index file, every block's crc32c checked."""
+    """(variable name -> entry, number of data shards) of a tensor-bundle index file, every block's crc32c checked.
+
+    Whatever is wrong with the file (truncated, corrupt, a value no checkpoint holds) is a CheckpointError naming it.
+    """
     if not index_path.exists():
         raise CheckpointError(f"no checkpoint index at {index_path}", file=index_path)
     _require_regular(index_path)
+    try:
+        return _bundle(_SSTable(index_path).items())
+    except CheckpointError as e:
+        message = str(e) if str(e).startswith(str(index_path)) else f"{index_path}: {e}"
+        raise CheckpointError(message, file=index_path) from None
+    except ValueError as e:  # protobuf or key bytes that are not what they claim (UnicodeDecodeError included)
+        raise CheckpointError(f"{index_path}: unreadable entry ({e}); the file is corrupt", file=index_path) from None
+
+
+def _bundle(items: list[tuple[bytes, bytes]]) -> tuple[dict[str, TensorEntry], int]:
+    """The entries and shard count of a bundle's table items: the header under the empty key, then variables."""
     entries: dict[str, TensorEntry] = {}
     header = None
-    try:
-        for key, value in _SSTable(index_path).items():
-            if key == b"":
-                header = dict(proto_fields(value))
-            else:
-                entries[key.decode()] = _parse_entry(key.decode(), value)
-    except CheckpointError as e:
-        e.file = e.file or index_path
-        raise
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{index_path}: unreadable entry ({e}); the file is corrupt", file=index_path) from e
+    for key, value in items:
+        if key == b"":
+            header = dict(proto_fields(value))
+        else:
+            name = key.decode()
+            entries[name] = _parse_entry(name, value)
     if header is None:
-        raise CheckpointError(f"{index_path} has no bundle header: not a tensor-bundle index", file=index_path)
-    if header.get(2, 0) != 0:
-        raise CheckpointError(f"{index_path} holds big-endian tensors, which gpt2hub does not read", file=index_path)
-    return entries, int(header.get(1, 1))
+        raise CheckpointError("no bundle header: not a tensor-bundle index")
+    if _number(header.get(2, 0)) != 0:
+        raise CheckpointError("it holds big-endian tensors, which gpt2hub does not read")
+    shards = _number(header.get(1, 1))
+    if not 1 <= shards <= MAX_SHARDS:
+        raise CheckpointError(f"its header counts {shards} data files (1 to {MAX_SHARDS} can be named): corrupt")
+    if (stray := next((e for e in entries.values() if e.shard >= shards), None)) is not None:
+        raise CheckpointError(f"variable {quoted(stray.name)} lies in data file {stray.shard}, but the header counts "
+                              f"{shards}: corrupt")
+    return entries, shards
 
 
 class TFCheckpoint:
@@ -281,20 +326,16 @@ class TFCheckpoint:
         try:
             e = self.entries[name]
         except KeyError:
-            raise CheckpointError(f"{self.index_path} has no variable {name!r}", file=self.index_path) from None
-        count = int(np.prod(e.shape, dtype=np.int64))
-        if count * e.dtype.itemsize != e.size:
-            raise CheckpointError(f"{self.index_path}: variable {name!r} of shape {e.shape} claims {e.size} bytes",
-                                  file=self.index_path)
+            raise CheckpointError(f"{self.index_path} has no variable {quoted(name)}", file=self.index_path) from None
         buf = self._map(e.shard)
         if e.offset + e.size > len(buf):
             raise CheckpointError(
-                f"{self.data_path(e.shard)} ends at byte {len(buf)} but variable {name!r} needs bytes up to "
+                f"{self.data_path(e.shard)} ends at byte {len(buf)} but variable {quoted(name)} needs bytes up to "
                 f"{e.offset + e.size}: the file is truncated", file=self.data_path(e.shard))
         raw = np.frombuffer(buf, dtype=np.uint8, count=e.size, offset=e.offset)
         if verify and e.crc32c is not None and mask_crc(google_crc32c.value(raw)) != e.crc32c:
             raise CheckpointError(
-                f"{self.data_path(e.shard)}: variable {name!r} fails its crc32c check: the file is corrupt",
+                f"{self.data_path(e.shard)}: variable {quoted(name)} fails its crc32c check: the file is corrupt",
                     file=self.data_path(e.shard))
         return raw.view(e.dtype).reshape(e.shape)
 

@@ -10,6 +10,7 @@ file; model.ckpt.meta: a protobuf message; the vocabulary files: well-formed.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from pathlib import Path
@@ -19,9 +20,10 @@ import numpy as np
 
 from . import names
 from .config import ModelConfig
-from .errors import CheckpointError, ConversionError, IntegrityError
+from .errors import CheckpointError, ConversionError, IntegrityError, quoted
 from .registry import HF_WEIGHTS, INDEX_FILE, ModelSpec
 from .tf_checkpoint import proto_fields, read_index
+from .tokenizer import read_encoder, read_merges
 
 
 def bad_file(name: str, why: str) -> IntegrityError:
@@ -31,7 +33,7 @@ def bad_file(name: str, why: str) -> IntegrityError:
 def read_json_file(path: Path, name: str) -> Any:
     try:
         return json.loads(path.read_bytes())
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError; RecursionError: nested deep
         raise bad_file(name, f"not JSON ({str(e)[:80]}; an HTML error page or a cut-off body?)") from None
 
 
@@ -51,18 +53,20 @@ def check_index(path: Path, cfg: dict, data_size: int | None) -> None:
     try:
         entries, shards = read_index(path)  # parses it whole, checking every block's crc32c
     except CheckpointError as e:
-        raise bad_file(INDEX_FILE, str(e).replace(str(path), "the file")) from None
+        raise bad_file(INDEX_FILE, str(e).removeprefix(f"{path}: ").replace(str(path), "the file")) from None
     want = {"model/" + n: names.openai_shape(n, cfg) for n in names.openai_names(cfg["n_layers"])}
     have = set(entries)
     if shards != 1:
         raise bad_file(INDEX_FILE, f"it spreads the weights over {shards} data files; GPT-2 has one")
     if have != set(want):
-        extra, missing = sorted(have - set(want))[:3], sorted(set(want) - have)[:3]
+        extra, missing = [quoted(n) for n in sorted(have - set(want))[:3]], sorted(set(want) - have)[:3]
         raise bad_file(INDEX_FILE, f"its variables do not fit n_layer={cfg['n_layers']} (unexpected {extra}, missing {missing})")
-    for key, entry in entries.items():
+    for key, entry in entries.items():  # read_index refused negative offsets and sizes, absurd shapes and shards
         end = entry.offset + entry.size
-        if int(np.prod(entry.shape)) != int(np.prod(want[key])) or entry.dtype != np.dtype("<f4") or entry.shard != 0:
-            raise bad_file(INDEX_FILE, f"variable {key} is {entry.dtype} {entry.shape}, expected float32 {want[key]}")
+        if entry.dtype != np.dtype("<f4"):
+            raise bad_file(INDEX_FILE, f"variable {key} is {entry.dtype}, expected float32")
+        if math.prod(entry.shape) != math.prod(want[key]):  # OpenAI's shapes have extra 1s: the count decides
+            raise bad_file(INDEX_FILE, f"variable {key} has shape {quoted(entry.shape)}, expected {want[key]}")
         if data_size is not None and end > data_size:
             raise bad_file(INDEX_FILE, f"variable {key} ends at byte {end}, past the data file's {data_size} bytes")
 
@@ -107,18 +111,13 @@ def _maps_to_weight(key: str) -> bool:
 
 
 def check_vocab(name: str, path: Path) -> None:
-    """encoder.json / vocab.json: a JSON object of token -> id; vocab.bpe / merges.txt: a header, then pairs."""
-    if name.endswith(".json"):
-        data = read_json_file(path, name)
-        if not isinstance(data, dict) or not all(isinstance(v, int) for v in data.values()):
-            raise bad_file(name, "not a JSON object of token ids")
-        return
+    """encoder.json / vocab.json: a JSON object of token -> id; vocab.bpe / merges.txt: a header, then pairs; every
+    token made of GPT-2's byte characters (what the tokenizer will read, checked now)."""
+    read = read_encoder if name.endswith(".json") else read_merges
     try:
-        lines = path.read_bytes().decode("utf-8").split("\n")
-    except UnicodeDecodeError:
-        raise bad_file(name, "not UTF-8 text") from None
-    if not lines[0].startswith("#version") or any(len(ln.split()) != 2 for ln in lines[1:] if ln.strip()):
-        raise bad_file(name, "not a BPE merges file (a '#version' line, then two tokens a line)")
+        read(path.read_bytes())
+    except ValueError as e:
+        raise bad_file(name, str(e)) from None
 
 
 def check_protobuf(path: Path, name: str) -> None:

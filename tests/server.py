@@ -21,9 +21,11 @@ class Fault:
     """What to do to the next matching request.
 
     kinds: status, drop (close after `after` bytes), reset (a TCP reset after `after` bytes), stall (send `after`
-    bytes, then nothing for `delay` seconds, then close), corrupt, slow (`delay` seconds per 64 KiB), ignore_range,
-    body (serve `body` instead of the file: an HTML page, a truncated file), hook (send `after` bytes, call `hook()`
-    in the server's thread, then send the rest: something that happens to the client's machine mid-download).
+    bytes, then nothing for `delay` seconds, then close), corrupt, slow (`delay` seconds per 64 KiB), trickle (one
+    byte every `delay` seconds, until the client leaves), ignore_range, bad_range (answer a Range request with a 206
+    whose Content-Range and body start `after` bytes later than asked), body (serve `body` instead of the file: an
+    HTML page, a truncated file), hook (send `after` bytes, call `hook()` in the server's thread, then send the rest:
+    something that happens to the client's machine mid-download).
     """
 
     kind: str
@@ -120,6 +122,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
+        if partial and fault and fault.kind == "bad_range":
+            start = min(start + fault.after, len(data) - 1)
         body = data[start:]
         if fault and fault.kind == "body":
             body = fault.body[start:]
@@ -156,11 +160,13 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             fault.hook()
             body = body[fault.after:]
-        for i in range(0, len(body), 1 << 16):
-            if fault and fault.kind == "slow":
+        step = 1 if fault and fault.kind == "trickle" else 1 << 16
+        for i in range(0, len(body), step):
+            if fault and fault.kind in ("slow", "trickle"):
                 time.sleep(fault.delay)
             try:
-                self.wfile.write(body[i:i + (1 << 16)])
+                self.wfile.write(body[i:i + step])
+                self.wfile.flush()
             except (BrokenPipeError, ConnectionResetError):
                 return
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from conftest import TINY
 from server import Fault
 
-from gpt2hub import distributed, from_pretrained
+from gpt2hub import SettingError, distributed, from_pretrained
 from gpt2hub.registry import DATA_FILE, OPENAI_FILES
 
 WORKER = str(Path(__file__).parent / "dist_worker.py")
@@ -136,3 +136,46 @@ def test_a_group_without_a_cpu_backend_coordinates_on_a_gloo_group_made_once(hub
         assert ran == [1, 1] and made == [{"backend": "gloo"}]
     finally:
         dist.destroy_process_group()
+
+
+def _ranks_by_hand(out: Path, cache: Path, local_ranks: list[str]) -> list[subprocess.CompletedProcess]:
+    """A job started without torchrun, each rank given its own LOCAL_RANK (as a hand-written launcher might)."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, WORKER], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_env(out, cache, RANK=str(r), WORLD_SIZE=str(len(local_ranks)), LOCAL_RANK=local,
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for r, local in enumerate(local_ranks)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=60)
+    return [subprocess.CompletedProcess(p.args, p.returncode, *o) for p, o in zip(procs, outs, strict=True)]
+
+
+def test_ranks_none_of_which_has_local_rank_0_agree_on_a_preparer(hub_env, server, tmp_path):
+    server.served.fault(f"/tiny/{DATA_FILE}", Fault("slow", delay=0.01))
+    runs = _ranks_by_hand(tmp_path, hub_env, ["1", "1"])  # was: nobody prepared, and no rank could load
+    _check_all_ok(runs, _outcomes(tmp_path, 2, runs))
+    assert _gets(server) == dict.fromkeys(OPENAI_FILES, 1)
+    assert "no rank on" in runs[0].stderr and "rank 0 prepares" in runs[0].stderr and "no rank on" not in runs[1].stderr
+
+
+def test_a_local_rank_that_is_not_a_number_is_a_one_line_error_on_every_rank(hub_env, server, tmp_path):
+    runs = _ranks_by_hand(tmp_path, hub_env, ["0", "abc"])  # was `invalid literal for int()` on rank 1, rank 0 hung
+    assert all(r.returncode == 0 for r in runs), [r.stderr[-3000:] for r in runs]
+    first, second = _outcomes(tmp_path, 2, runs)
+    assert first == ("error SettingError rank 1's LOCAL_RANK is not a whole number >= 0, so no rank loads the model: "
+                     "unset it, or set it to each process's rank on its node (torchrun does)")
+    assert second.startswith("error SettingError LOCAL_RANK='abc' is not a whole number >= 0") and "\n" not in second
+    assert _gets(server) == dict.fromkeys(OPENAI_FILES, 0)
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "1.5", "9" * 5000])
+def test_local_rank_refuses_a_bad_value_naming_it(monkeypatch, value):
+    monkeypatch.setenv("LOCAL_RANK", value)
+    with pytest.raises(SettingError, match="LOCAL_RANK=") as err:
+        distributed.local_rank()
+    assert len(str(err.value)) < 200

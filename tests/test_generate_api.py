@@ -114,6 +114,8 @@ def test_every_function_refuses_a_bad_argument_naming_it(pair, name, value):
              lambda: generate_stream(model, prompt(1, 3), **kwargs),  # at the call, before any iteration
              lambda: generate_text(model, enc, "Hi", **kwargs),
              lambda: stream_text(model, enc, "Hi", **kwargs)]
+    if value is None:  # max_new_tokens=None is the text functions' default (50, unless max_length is given)
+        calls = calls[:2]
     for call in calls:
         with pytest.raises(ValueError, match=name) as err:
             call()
