@@ -1,0 +1,69 @@
+"""Attacks on the rebuilt load path (issue 18, "the cache knows what it holds"): a hostile or careless user, links at
+every position, names read from disk, revisions, crashes, races, a read-only or full cache, exports and mirrors.
+
+Each test asserts the safe outcome: the right model, or a one-line typed gpt2hub error naming the thing; nothing
+outside the cache deleted, modified or followed; the user's own files never deleted; no hang. The attacks that broke
+the code were fixed (see `git log`); those that found nothing stay as cheap regression tests.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY
+from test_attacks import VICTIM, _bounded, _intact, _logits
+
+from gpt2hub import from_pretrained
+
+DATA = "model.ckpt.data-00000-of-00001"
+COMMIT2 = "fedcba9876543210fedcba9876543210fedcba98"
+WORKER = str(Path(__file__).parent / "worker.py")
+REPO = f"models--{TINY.hf_repo.replace('/', '--')}"
+
+
+# helpers ------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def victim(tmp_path):
+    """The user's own file, in a folder of theirs outside the cache."""
+    (tmp_path / "outside").mkdir()
+    path = tmp_path / "outside" / "precious.bin"
+    path.write_bytes(VICTIM)
+    return path
+
+
+@pytest.fixture
+def reference(tiny_folder):
+    return _logits(from_pretrained(tiny_folder[0]))
+
+
+@pytest.fixture
+def hf_cache(monkeypatch, hub_env):
+    """Hugging Face's cache for this test (huggingface_hub reads HF_HUB_CACHE once, at import)."""
+    root = hub_env.parent / "hf_home" / "hub"
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(root))
+    return root
+
+
+def _tree(root: Path) -> dict:
+    """Every path under `root` with its bytes (links and folders as such)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        out[str(p.relative_to(root))] = ("link", os.readlink(p)) if p.is_symlink() else "dir" if p.is_dir() else \
+            p.read_bytes() if p.is_file() else "other"
+    return out
+
+
+# links at every position ---------------------------------------------------------------------------------------------
+def test_a_link_planted_at_this_processs_own_partial_name_is_not_written_through(hub_env, server, victim, reference):
+    """A hostile user of a shared cache plants `{file}.{pid}.incomplete` links for every pid: the download must not
+    write (or truncate) the file the link points to."""
+    raw = hub_env / "openai/tiny/raw"
+    raw.mkdir(parents=True)
+    for name in (DATA, "hparams.json"):
+        (raw / f"{name}.{os.getpid()}.incomplete").symlink_to(victim)
+    out = _bounded(lambda: _logits(from_pretrained("gpt2-tiny")))
+    assert _intact([victim])
+    assert "value" in out, out.get("error")
+    assert torch.equal(out["value"], reference)
+    assert not any(p.is_symlink() for p in raw.iterdir())
