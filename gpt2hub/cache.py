@@ -277,7 +277,7 @@ class Cache(CacheFolder):
         `ref` and of one commit's files, move them (and the weights it prepared) into that commit's entry, remember
         `ref` for it, and return the commit. None when there is nothing such to move (nothing is downloaded again)."""
         folder = self.root / "hf" / size
-        records = read_json(folder / "files.json")
+        records = read_json(folder / "files.json") if _real_dirs(folder) else None  # never through a link
         if not isinstance(records, dict) or not records or not all(isinstance(r, dict) for r in records.values()):
             return None
         commits = {Path(r["path"]).parent.name if isinstance(r.get("path"), str) else "" for r in records.values()}
@@ -301,7 +301,7 @@ class Cache(CacheFolder):
         return self.root / "hf" / size / "refs.json"
 
     def refs(self, size: str) -> dict[str, str]:
-        data = read_json(self.refs_path(size))
+        data = read_json(self.refs_path(size)) if _real_dirs(self.root / "hf" / size) else None  # never through a link
         if not isinstance(data, dict):
             return {}
         return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str) and COMMIT.fullmatch(v)}
@@ -330,6 +330,11 @@ class Cache(CacheFolder):
 def _marker_temporary(name: str) -> bool:
     m = _TEMPORARY.fullmatch(name)
     return m is not None and m.group(1) in (TAG, VERSION_FILE)
+
+
+def _real_dirs(folder: Path) -> bool:
+    """Whether `folder` (hf/{size}) and its parent are real folders, not links (which are never followed)."""
+    return all((st := stat_entry(f)) is not None and stat.S_ISDIR(st.st_mode) for f in (folder, folder.parent))
 
 
 def _subdirs(folder: Path) -> list[Path]:

@@ -7,12 +7,14 @@ the code were fixed (see `git log`); those that found nothing stay as cheap regr
 """
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import TINY
-from test_attacks import VICTIM, _bounded, _intact, _logits
+from server import COMMIT
+from test_attacks import VICTIM, _bounded, _intact, _logits, _typed
 
 from gpt2hub import from_pretrained
 
@@ -67,3 +69,23 @@ def test_a_link_planted_at_this_processs_own_partial_name_is_not_written_through
     assert "value" in out, out.get("error")
     assert torch.equal(out["value"], reference)
     assert not any(p.is_symlink() for p in raw.iterdir())
+@pytest.mark.parametrize("where", ["hf", "hf/tiny"])
+def test_a_linked_hf_folder_holding_an_earlier_gpt2hubs_records_is_not_moved(hub_env, server, hf_cache, victim,
+                                                                          where):
+    """An earlier gpt2hub's Hugging Face records (no commit level) in a folder the cache links to: nothing there may
+    be moved or rewritten."""
+    from_pretrained("gpt2-tiny", source="hf")
+    entry, outside = hub_env / "hf/tiny" / COMMIT, victim.parent
+    legacy = outside / "tiny" if where == "hf" else outside
+    legacy.mkdir(parents=True, exist_ok=True)
+    shutil.copy(entry / "files.json", legacy / "files.json")  # records of revision main, paths in its snapshot
+    shutil.rmtree(hub_env / "hf")
+    (hub_env / "hf").mkdir()
+    if where == "hf":
+        (hub_env / "hf").rmdir()
+    (hub_env / where).symlink_to(outside if where == "hf" else legacy)
+    before = _tree(outside)
+    out = _bounded(lambda: _logits(from_pretrained("gpt2-tiny", source="hf")))
+    assert _tree(outside) == before
+    if "error" in out:
+        _typed(out["error"])
