@@ -226,10 +226,12 @@ class HFHub:
 
     def external(self) -> Path:
         """This repo's folder in Hugging Face's cache (HF_HUB_CACHE, HF_HOME), as huggingface_hub resolves it now:
-        where its files stay."""
+        where its files stay. Its links resolved as huggingface_hub resolves them (a cache reached through a link,
+        ~/.cache/huggingface -> /data/hf, hands out paths under /data/hf)."""
         import huggingface_hub.constants
 
-        return Path(huggingface_hub.constants.HF_HUB_CACHE) / f"models--{self.spec.hf_repo.replace('/', '--')}"
+        hub_cache = Path(huggingface_hub.constants.HF_HUB_CACHE).expanduser().resolve()
+        return hub_cache / f"models--{self.spec.hf_repo.replace('/', '--')}"
 
     def identity(self, cache: Cache) -> EntryKey:
         """The entry of the commit this revision names: a commit hash as it is; a branch or tag as resolved earlier

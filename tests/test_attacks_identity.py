@@ -15,7 +15,9 @@ import torch
 from conftest import TINY
 from server import COMMIT
 from test_attacks import VICTIM, _bounded, _intact, _logits, _typed
+from test_identity import _cli
 
+import gpt2hub
 from gpt2hub import from_pretrained
 
 DATA = "model.ckpt.data-00000-of-00001"
@@ -89,3 +91,37 @@ def test_a_linked_hf_folder_holding_an_earlier_gpt2hubs_records_is_not_moved(hub
     assert _tree(outside) == before
     if "error" in out:
         _typed(out["error"])
+
+
+@pytest.fixture
+def linked_hf_cache(monkeypatch, hub_env, tmp_path):
+    """Hugging Face's cache reached through a link, as on machines whose home links to a data disk
+    (~/.cache/huggingface -> /data/hf): HF_HUB_CACHE is the link."""
+    real = tmp_path / "data" / "hub"
+    real.mkdir(parents=True)
+    (tmp_path / "home-hub").symlink_to(real)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "home-hub"))
+    return real
+
+
+def test_rm_include_hf_frees_the_blobs_when_the_hf_cache_is_reached_through_a_link(hub_env, server, linked_hf_cache,
+                                                                                   capsys):
+    from_pretrained("gpt2-tiny", source="hf")
+    blobs = linked_hf_cache / REPO / "blobs"
+    assert any(blobs.iterdir())
+    code, out, err = _cli(capsys, "cache", "rm", "gpt2-tiny", "--include-hf", "-y")
+    assert code == 0, err
+    assert list(blobs.iterdir()) == [], out  # every blob was this commit's only: freed, as the plan said
+
+
+def test_a_refused_hf_file_is_fetched_afresh_when_the_hf_cache_is_reached_through_a_link(hub_env, server,
+                                                                                        linked_hf_cache):
+    """The gate refuses a damaged model.safetensors and says it was deleted: the next load must download it again,
+    not get the same bad blob back from Hugging Face's cache."""
+    path = f"/hf/{TINY.hf_repo}/model.safetensors"
+    good = server.served.files[path]
+    server.served.files[path] = good[:8] + b"X" + good[9:]  # a broken header: refused by the format's check
+    with pytest.raises(gpt2hub.IntegrityError, match="model.safetensors.*deleted"):
+        from_pretrained("gpt2-tiny", source="hf")
+    server.served.files[path] = good
+    from_pretrained("gpt2-tiny", source="hf")
