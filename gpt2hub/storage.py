@@ -29,7 +29,7 @@ from .config import ModelConfig
 from .convert import openai_state_dict
 from .errors import CheckpointError
 from .fetching import Arrived
-from .files import CACHE_MODE, atomic_path, disk_error, fsync_dir
+from .files import CACHE_MODE, atomic_path, disk_error, fsync_dir, unlink_entry
 from .formats import Format, Paths
 from .model import GPTModel
 from .registry import DTYPES
@@ -103,7 +103,7 @@ class Mapped(Storage):
                 raise CheckpointError(f"{problem.path} {problem.what}", file=paths[name])
             if record is not None and record.get("tensors") != "checked":  # recorded by an earlier gpt2hub
                 fmt.check_tensors(paths, cfg, progress)
-        entry.stored_path(self.dtype).unlink(missing_ok=True)  # a copy an older gpt2hub wrote
+        unlink_entry(entry.stored_path(self.dtype))  # a copy an older gpt2hub wrote (a folder there: CacheError)
         return self.manifest(entry, paths[name], cfg, None, prepared=f"checked {how}")
 
     def state_dict(self, entry: Entry, fmt: Format, paths: Paths, manifest: Manifest,

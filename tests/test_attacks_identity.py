@@ -125,3 +125,14 @@ def test_a_refused_hf_file_is_fetched_afresh_when_the_hf_cache_is_reached_throug
         from_pretrained("gpt2-tiny", source="hf")
     server.served.files[path] = good
     from_pretrained("gpt2-tiny", source="hf")
+
+
+# folders, FIFOs and links where gpt2hub keeps a file -----------------------------------------------------------------
+def test_a_folder_where_an_older_float32_copy_was_kept_is_a_typed_error_or_loads(hub_env, server, reference):
+    """converted/float32.safetensors (a copy an older gpt2hub wrote, removed when float32 is mapped) is a folder."""
+    (hub_env / "openai/tiny/converted/float32.safetensors").mkdir(parents=True)
+    out = _bounded(lambda: _logits(from_pretrained("gpt2-tiny")))
+    if "error" in out:
+        _typed(out["error"], "float32.safetensors")
+    else:
+        assert torch.equal(out["value"], reference)
