@@ -174,12 +174,14 @@ def _matches(path: Path, record: dict, sha256: str) -> bool:
 
 def _write_sums(folder: Path, written: list[MirroredFile], sizes: set[str]) -> None:
     """SHA256SUMS: the files just written, plus earlier lines of other models whose files are still there."""
-    lines = {}
-    with contextlib.suppress(FileNotFoundError):
-        for line in (folder / SUMS).read_text().splitlines():
-            m = _SUM_LINE.fullmatch(line)
-            if m and m.group(2).split("/")[0] not in sizes and os.path.lexists(folder / m.group(2)):
-                lines[m.group(2)] = m.group(1)
+    lines, text = {}, ""
+    if regular_file(folder / SUMS, follow=True) is not None:  # (a FIFO would block, a folder cannot be read)
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            text = (folder / SUMS).read_text()
+    for line in text.splitlines():
+        m = _SUM_LINE.fullmatch(line)
+        if m and m.group(2).split("/")[0] not in sizes and os.path.lexists(folder / m.group(2)):
+            lines[m.group(2)] = m.group(1)
     for f in written:
         lines[f.path.relative_to(folder).as_posix()] = f.sha256
     with disk_errors(folder / SUMS), atomic_write(folder / SUMS, file_mode=user_mode()) as out:

@@ -19,6 +19,7 @@ from test_identity import _cli
 
 import gpt2hub
 from gpt2hub import from_pretrained
+from gpt2hub.mirror import write_mirror
 
 DATA = "model.ckpt.data-00000-of-00001"
 COMMIT2 = "fedcba9876543210fedcba9876543210fedcba98"
@@ -136,3 +137,15 @@ def test_a_folder_where_an_older_float32_copy_was_kept_is_a_typed_error_or_loads
         _typed(out["error"], "float32.safetensors")
     else:
         assert torch.equal(out["value"], reference)
+@pytest.mark.parametrize("kind", ["fifo", "folder", "binary"])
+def test_mirror_into_a_folder_whose_sums_file_is_a_fifo_a_folder_or_junk(hub_env, server, tmp_path, kind):
+    gpt2hub.download_files("gpt2-tiny")
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    sums = mirror / "SHA256SUMS"
+    os.mkfifo(sums) if kind == "fifo" else sums.mkdir() if kind == "folder" else sums.write_bytes(b"\xff\xfe\x00junk")
+    out = _bounded(lambda: write_mirror(mirror), 20)
+    if "error" in out:
+        _typed(out["error"], "SHA256SUMS")
+    else:
+        assert (mirror / "SHA256SUMS").is_file()
