@@ -164,9 +164,8 @@ class CacheFolder:
             return "foreign"
         if not stat.S_ISDIR(st.st_mode):
             return "foreign"
-        version = read_json(self.root / VERSION_FILE)
-        if self._tagged() and isinstance(version, dict) and _plain_int(version.get("gpt2hub_cache")):
-            return "marked" if version["gpt2hub_cache"] <= CACHE_FORMAT else "newer"
+        if (version := self._version()) is not None:
+            return "marked" if version <= CACHE_FORMAT else "newer"
         try:
             top = {p.name for p in self.root.iterdir()}
         except OSError:
@@ -174,6 +173,13 @@ class CacheFolder:
         if not all(n in OWN_NAMES or n in (TAG, VERSION_FILE) or _marker_temporary(n) for n in top):
             return "foreign"  # (the marker's own files: another process is marking it right now)
         return "legacy" if any(self._own_records(p) for p in self._candidate_dirs()) else "unmarked"
+
+    def _version(self) -> int | None:
+        """The cache format its marker names, or None when it has no marker (CACHEDIR.TAG and the version file)."""
+        version = read_json(self.root / VERSION_FILE)
+        if self._tagged() and isinstance(version, dict) and _plain_int(version.get("gpt2hub_cache")):
+            return version["gpt2hub_cache"]
+        return None
 
     def _tagged(self) -> bool:
         try:
@@ -325,6 +331,13 @@ class Cache(CacheFolder):
 
     def lock_path(self, key: EntryKey) -> Path:
         return self.root / "locks" / f"{key.source}--{key.size}.lock"
+
+
+def enclosing_cache(path: Path) -> Path | None:
+    """The gpt2hub cache (a folder with its marker) that `path` is or lies in, links resolved; None if there is none:
+    what hands files out (export, mirror) refuses to write there."""
+    real = Path(os.path.realpath(path))
+    return next((p for p in (real, *real.parents) if CacheFolder(p)._version() is not None), None)
 
 
 def _marker_temporary(name: str) -> bool:

@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cache import Cache, Entry, EntryKey
+from .cache import Cache, Entry, EntryKey, enclosing_cache
 from .checks import verify
 from .errors import CacheError, IntegrityError, UnknownModelError
 from .files import (
@@ -73,6 +73,9 @@ def write_mirror(folder: str | Path, names: list[str] | None = None, cache_dir: 
         raise CacheError(f"there is no gpt2hub cache at {cache.root}: run `gpt2hub download NAME` first (or set "
                          "GPT2HUB_CACHE to the cache to mirror)")
     folder = Path(folder)
+    if (inside := enclosing_cache(folder)) is not None:
+        raise CacheError(f"not mirroring into {folder}: it lies in the gpt2hub cache at {inside}, which keeps only its "
+                         "own files; mirror into a folder of your own")
     chosen = [_named_entry(cache, n) for n in names] if names else _complete_entries(cache)
     written = [f for entry in chosen for f in _mirror_model(entry, folder, link)]
     _write_sums(folder, written, {e.key.size for e in chosen})

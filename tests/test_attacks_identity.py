@@ -18,7 +18,9 @@ from test_attacks import VICTIM, _bounded, _intact, _logits, _typed
 from test_identity import _cli
 
 import gpt2hub
+import gpt2hub.export
 from gpt2hub import from_pretrained
+from gpt2hub.errors import GPT2HubError
 from gpt2hub.mirror import write_mirror
 
 DATA = "model.ckpt.data-00000-of-00001"
@@ -149,3 +151,28 @@ def test_mirror_into_a_folder_whose_sums_file_is_a_fifo_a_folder_or_junk(hub_env
         _typed(out["error"], "SHA256SUMS")
     else:
         assert (mirror / "SHA256SUMS").is_file()
+
+
+# exports and mirrors into the cache ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("into", ["", "openai/tiny/raw", "openai"])
+@pytest.mark.parametrize("fmt", ["hf", "safetensors"])
+def test_export_into_the_cache_is_refused_even_with_overwrite(hub_env, server, into, fmt):
+    """`gpt2hub export gpt2-tiny $GPT2HUB_CACHE/... --overwrite` (a slip of the tab key): the cache's own files must
+    not be replaced by an export's (raw/encoder.json and vocab.bpe are names the safetensors export owns)."""
+    gpt2hub.download_files("gpt2-tiny")
+    before = _tree(hub_env)
+    with pytest.raises(ValueError, match="gpt2hub cache") as e:
+        gpt2hub.export.export_model("gpt2-tiny", hub_env / into, format=fmt, overwrite=True)
+    assert "\n" not in str(e.value) and str(hub_env) in str(e.value)
+    assert {k: v for k, v in _tree(hub_env).items() if not k.startswith("locks")} == \
+        {k: v for k, v in before.items() if not k.startswith("locks")}
+
+
+@pytest.mark.parametrize("into", ["", "openai"])
+def test_mirror_into_the_cache_is_refused(hub_env, server, into):
+    gpt2hub.download_files("gpt2-tiny")
+    before = _tree(hub_env)
+    with pytest.raises(GPT2HubError, match="gpt2hub cache") as e:
+        write_mirror(hub_env / into)
+    assert "\n" not in str(e.value)
+    assert _tree(hub_env) == before
