@@ -142,7 +142,7 @@ class Hub:
         ready = time.perf_counter()
         try:
             sd = store.state_dict(self.entry, self.fmt, weights.paths, weights.manifest, device)
-        except UNREADABLE as e:  # damaged with its size and timestamp kept: the quick check could not tell
+        except UNREADABLE as e:  # damaged with its size and timestamp kept (the quick check could not tell), or removed
             self._discard_unreadable(weights.manifest, e)
             weights = self.weights(store)
             sd = store.state_dict(self.entry, self.fmt, weights.paths, weights.manifest, device)

@@ -36,8 +36,9 @@ from .registry import DTYPES
 from .safetensors_file import load_safetensors, save_state_dict
 from .streaming import StreamedWeights
 
-# what reading stored weights raises when a file is damaged in a way its size and timestamp do not show
-UNREADABLE = (CheckpointError, safetensors.SafetensorError, ValueError)
+# what reading stored weights raises when a file is damaged in a way its size and timestamp do not show, or was
+# removed since it was checked (`gpt2hub cache rm` in another shell: a warm load checks its files under no lock)
+UNREADABLE = (CheckpointError, safetensors.SafetensorError, ValueError, FileNotFoundError)
 TORCH_DTYPES = {name: getattr(torch, d.tensors) for name, d in DTYPES.items()}
 Progress = Callable[[], Any] | None
 

@@ -176,3 +176,31 @@ def test_mirror_into_the_cache_is_refused(hub_env, server, into):
         write_mirror(hub_env / into)
     assert "\n" not in str(e.value)
     assert _tree(hub_env) == before
+
+
+# races -------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cache_rm_between_a_loads_check_and_its_read(hub_env, server, monkeypatch, reference, dtype):
+    """`gpt2hub cache rm` in another shell removes the files after a warm load checked them (under no lock) and
+    before it reads them: the load gets the right model (fetched again) or a typed error, never FileNotFoundError."""
+    from gpt2hub.hub import Hub
+    from gpt2hub.inventory import plan_removal, remove
+
+    from_pretrained("gpt2-tiny", dtype=dtype)
+    checked = Hub.weights
+    removed = []
+
+    def check_then_rm(self, store, force=False):
+        weights = checked(self, store, force)
+        if not removed:
+            removed.append(remove(plan_removal(hub_env, "gpt2-tiny")))
+        return weights
+
+    monkeypatch.setattr(Hub, "weights", check_then_rm)
+    out = _bounded(lambda: _logits(from_pretrained("gpt2-tiny", dtype=dtype)))
+    assert removed and removed[0].bytes > 0
+    if "error" in out:
+        _typed(out["error"])
+    else:
+        expected = reference if dtype == "float32" else _logits(from_pretrained("gpt2-tiny").to(torch.bfloat16))
+        assert torch.equal(out["value"], expected)
