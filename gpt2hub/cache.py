@@ -289,13 +289,16 @@ class Cache(CacheFolder):
         commits = {Path(r["path"]).parent.name if isinstance(r.get("path"), str) else "" for r in records.values()}
         revisions = {r.get("revision", "main") for r in records.values()}
         commit = commits.pop() if len(commits) == 1 else ""
-        if not COMMIT.fullmatch(commit) or revisions != {ref} or os.path.lexists(folder / commit):
+        if not COMMIT.fullmatch(commit) or revisions != {ref} or os.path.lexists(folder / commit / "files.json"):
             return None
-        try:
-            (folder / commit).mkdir()
-            os.replace(folder / "files.json", folder / commit / "files.json")
-            if (st := stat_entry(folder / "converted")) is not None and stat.S_ISDIR(st.st_mode):
+        try:  # files.json moves last: a process killed before then leaves it here, and the next call moves the rest
+            (folder / commit).mkdir(exist_ok=True)
+            if not _real_dirs(folder / commit):
+                return None  # a link where the entry goes: secured (removed) before anything is written there
+            converted = stat_entry(folder / "converted")
+            if converted is not None and stat.S_ISDIR(converted.st_mode) and not os.path.lexists(folder / commit / "converted"):
                 os.replace(folder / "converted", folder / commit / "converted")
+            os.replace(folder / "files.json", folder / commit / "files.json")
         except OSError:
             return None  # another process moved them first, or the cache is read-only: resolved as usual
         self.set_ref(size, ref, commit)

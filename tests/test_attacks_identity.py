@@ -204,3 +204,52 @@ def test_cache_rm_between_a_loads_check_and_its_read(hub_env, server, monkeypatc
     else:
         expected = reference if dtype == "float32" else _logits(from_pretrained("gpt2-tiny").to(torch.bfloat16))
         assert torch.equal(out["value"], expected)
+
+
+# an earlier gpt2hub's cache, crashes ---------------------------------------------------------------------------------
+def _as_an_earlier_gpt2hub_left_it(cache: Path) -> None:
+    """The Hub's records and converted weights at hf/tiny/ (no commit level, no refs.json), no marker."""
+    entry, folder = cache / "hf/tiny" / COMMIT, cache / "hf/tiny"
+    os.replace(entry / "files.json", folder / "files.json")
+    os.replace(entry / "converted", folder / "converted")
+    entry.rmdir()
+    for name in ("refs.json", "../../CACHEDIR.TAG", "../../gpt2hub-cache.json"):
+        (folder / name).unlink()
+
+
+@pytest.mark.parametrize("crash", [0, 1, 2, 3], ids=["no crash", "at the first move", "at the second move",
+                                                  "before the revision is remembered"])
+def test_moving_an_earlier_gpt2hubs_hub_records_survives_a_crash_at_every_step(hub_env, server, hf_cache, monkeypatch,
+                                                                               crash):
+    """The move into the commit's entry is killed at each of its renames: the next load (offline) uses what the earlier
+    gpt2hub prepared and leaves nothing behind that no command lists or removes."""
+    first = _logits(from_pretrained("gpt2-tiny", source="hf", dtype="bfloat16"))
+    _as_an_earlier_gpt2hub_left_it(hub_env)
+    folder, rename, renames = hub_env / "hf/tiny", os.replace, []
+
+    def killed(src, dst, **kw):  # a rename into the entry, or of refs.json: the crash_th one never happens
+        if Path(dst).parent.parent == folder or Path(dst) == folder / "refs.json":
+            renames.append(dst)
+            if len(renames) == crash:
+                raise KeyboardInterrupt  # (as kill -9: nothing after it runs; the lock goes with the process)
+        return rename(src, dst, **kw)
+
+    monkeypatch.setattr(os, "replace", killed)
+    server.close()
+    monkeypatch.setenv("GPT2HUB_OFFLINE", "1")
+    if crash:
+        with pytest.raises(KeyboardInterrupt):
+            from_pretrained("gpt2-tiny", source="hf", dtype="bfloat16")
+    monkeypatch.setattr(os, "replace", rename)
+    assert torch.equal(_logits(from_pretrained("gpt2-tiny", source="hf", dtype="bfloat16")), first)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([COMMIT, "refs.json"])  # nothing left behind, unlisted
+    assert sorted(p.name for p in (folder / COMMIT / "converted").iterdir()) == ["bfloat16.json", "bfloat16.safetensors"]
+
+
+def test_an_earlier_gpt2hubs_hub_records_are_not_moved_into_a_linked_commit_folder(hub_env, server, hf_cache, victim):
+    first = _logits(from_pretrained("gpt2-tiny", source="hf", dtype="bfloat16"))
+    _as_an_earlier_gpt2hub_left_it(hub_env)
+    (hub_env / "hf/tiny" / COMMIT).symlink_to(victim.parent)
+    before = _tree(victim.parent)
+    assert torch.equal(_logits(from_pretrained("gpt2-tiny", source="hf", dtype="bfloat16")), first)
+    assert _tree(victim.parent) == before
