@@ -287,7 +287,7 @@ class Cache(CacheFolder):
         if not isinstance(records, dict) or not records or not all(isinstance(r, dict) for r in records.values()):
             return None
         commits = {Path(r["path"]).parent.name if isinstance(r.get("path"), str) else "" for r in records.values()}
-        revisions = {r.get("revision", "main") for r in records.values()}
+        revisions = {str(r.get("revision", "main")) for r in records.values()}  # (a list there: never `ref`)
         commit = commits.pop() if len(commits) == 1 else ""
         if not COMMIT.fullmatch(commit) or revisions != {ref} or os.path.lexists(folder / commit / "files.json"):
             return None

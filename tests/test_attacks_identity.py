@@ -6,6 +6,7 @@ outside the cache deleted, modified or followed; the user's own files never dele
 the code were fixed (see `git log`); those that found nothing stay as cheap regression tests.
 """
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -253,3 +254,16 @@ def test_an_earlier_gpt2hubs_hub_records_are_not_moved_into_a_linked_commit_fold
     before = _tree(victim.parent)
     assert torch.equal(_logits(from_pretrained("gpt2-tiny", source="hf", dtype="bfloat16")), first)
     assert _tree(victim.parent) == before
+@pytest.mark.parametrize("damage", [{"revision": ["main"]}, {"revision": {"main": 1}}, {"path": 7}, {"revision": None},
+                                    {"path": f"/etc/{COMMIT}/config.json"}])
+def test_an_earlier_gpt2hubs_damaged_hub_records_are_not_trusted(hub_env, server, hf_cache, damage):
+    first = _logits(from_pretrained("gpt2-tiny", source="hf"))
+    _as_an_earlier_gpt2hub_left_it(hub_env)
+    files = hub_env / "hf/tiny/files.json"
+    records = json.loads(files.read_text())
+    records["config.json"] = {**records["config.json"], **damage}
+    files.chmod(0o644)
+    files.write_text(json.dumps(records))
+    out = _bounded(lambda: _logits(from_pretrained("gpt2-tiny", source="hf")))
+    assert "value" in out, out.get("error")
+    assert torch.equal(out["value"], first)
