@@ -14,8 +14,8 @@
 Identity:
 - A cache is a folder gpt2hub created: it holds CACHEDIR.TAG and gpt2hub-cache.json. Commands that list or delete
   refuse any other folder, touching nothing. A cache written by an earlier gpt2hub (no marker, but its own records,
-  checked) is marked when next used; a new or empty folder (or one holding only gpt2hub's folder names) is marked
-  when a model is first written to it; a folder holding anything else is refused.
+  checked) is marked when next used; a new or empty folder (or one holding only gpt2hub's folders, of registered
+  sizes, and its lock files) is marked when a model is first written to it; a folder holding anything else is refused.
 - An entry's key holds everything that makes its bytes what they are: the source, the size and, for the Hugging
   Face Hub, the resolved commit. A revision never answers for another.
 
@@ -58,7 +58,7 @@ from .files import (
     valid_record,
     write_json,
 )
-from .registry import DTYPES, SOURCE_FILES, SOURCES
+from .registry import DTYPES, SOURCE_FILES, SOURCES, names, resolve
 
 log = logging.getLogger("gpt2hub")
 FORMAT_VERSION = 2  # of manifests
@@ -69,6 +69,7 @@ TAG_TEXT = (f"{TAG_SIGNATURE}\n# This file is a cache directory tag created by g
             "# For information about cache directory tags, see https://bford.info/cachedir/\n")
 OWN_NAMES = ("openai", "hf", "locks")  # the only folders gpt2hub makes at the root
 COMMIT = re.compile(r"[0-9a-f]{40}")
+_LOCK_NAME = re.compile(r"[a-z]+--[A-Za-z0-9][A-Za-z0-9._-]*\.(lock|owner)")  # Cache.lock_path's names
 _TEMPORARY = re.compile(r"\.(.+)\.[A-Za-z0-9_]{4,}\.tmp")  # files.atomic_path's temporary names
 
 
@@ -155,7 +156,7 @@ class CacheFolder:
 
     def state(self) -> str:
         """"missing", "marked", "legacy" (an earlier gpt2hub's, recognised by its records), "unmarked" (empty, or
-        only gpt2hub's folder names), "newer" (a later gpt2hub's format) or "foreign" (anything else)."""
+        only gpt2hub's folders and lock files), "newer" (a later gpt2hub's format) or "foreign" (anything else)."""
         try:
             st = os.stat(self.root)  # the root itself may be a link (~/.cache/gpt2hub -> /data/gpt2hub)
         except FileNotFoundError:
@@ -172,7 +173,17 @@ class CacheFolder:
             return "foreign"
         if not all(n in OWN_NAMES or n in (TAG, VERSION_FILE) or _marker_temporary(n) for n in top):
             return "foreign"  # (the marker's own files: another process is marking it right now)
-        return "legacy" if any(self._own_records(p) for p in self._candidate_dirs()) else "unmarked"
+        if any(self._own_records(p) for p in self._candidate_dirs()):
+            return "legacy"
+        return "unmarked" if self._only_own_folders() else "foreign"
+
+    def _only_own_folders(self) -> bool:
+        """Whether openai/, hf/ and locks/ hold nothing but what gpt2hub makes before it records a file (folders of
+        registered sizes, lock files): else they are the user's, as `~/projects/openai/` would be. (A link or file
+        where gpt2hub keeps a folder is its to replace: it is removed, never followed.)"""
+        sizes = {resolve(n).size for n in names()}
+        return all(_LOCK_NAME.fullmatch(p.name) if name == "locks" else p.name in sizes
+                   for name in OWN_NAMES for p in _listing(self.root / name))
 
     def _version(self) -> int | None:
         """The cache format its marker names, or None when it has no marker (CACHEDIR.TAG and the version file)."""

@@ -21,7 +21,7 @@ from test_identity import _cli
 import gpt2hub
 import gpt2hub.export
 from gpt2hub import from_pretrained
-from gpt2hub.errors import GPT2HubError
+from gpt2hub.errors import GPT2HubError, NotACacheError
 from gpt2hub.mirror import write_mirror
 
 DATA = "model.ckpt.data-00000-of-00001"
@@ -267,3 +267,70 @@ def test_an_earlier_gpt2hubs_damaged_hub_records_are_not_trusted(hub_env, server
     out = _bounded(lambda: _logits(from_pretrained("gpt2-tiny", source="hf")))
     assert "value" in out, out.get("error")
     assert torch.equal(out["value"], first)
+
+
+# what makes a folder a cache -----------------------------------------------------------------------------------------
+@pytest.fixture
+def projects(tmp_path):
+    """A user's folder holding only folders named openai/, hf/ and locks/ of their own (API experiments, datasets)."""
+    folder = tmp_path / "projects"
+    for name in ("openai/whisper-experiments/notes.md", "hf/datasets/train.jsonl", "locks/door.txt"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(VICTIM)
+    return folder
+
+
+def test_a_load_does_not_take_over_a_folder_whose_openai_and_hf_folders_hold_the_users_files(hub_env, server, projects,
+                                                                                         capsys):
+    """Marking it would make backup tools skip the user's files (CACHEDIR.TAG), and `cache rm` act there."""
+    before = _tree(projects)
+    code, _, err = _cli(capsys, "cache", "list", "--cache-dir", str(projects))
+    assert code == 1 and "not a gpt2hub cache" in err  # refused by the commands: loads must agree
+    with pytest.raises(NotACacheError, match="not a gpt2hub cache"):
+        from_pretrained("gpt2-tiny", cache_dir=projects)
+    assert _tree(projects) == before and server.served.log == []
+
+
+def test_a_new_folder_with_only_gpt2hubs_empty_folders_still_becomes_a_cache(hub_env, server, reference):
+    for name in ("openai/tiny/raw", "hf", "locks"):
+        (hub_env / name).mkdir(parents=True)
+    (hub_env / "locks/openai--tiny.lock").write_bytes(b"")
+    assert torch.equal(_logits(from_pretrained("gpt2-tiny")), reference)
+    assert (hub_env / "CACHEDIR.TAG").is_file()
+
+
+@pytest.mark.parametrize("marker", ["CACHEDIR.TAG", "gpt2hub-cache.json"])
+@pytest.mark.parametrize("kind", ["fifo", "folder", "link", "dangling link"])
+def test_a_marker_that_is_not_a_regular_file_never_hangs_or_escapes(hub_env, server, victim, reference, capsys, marker,
+                                                                  kind):
+    from_pretrained("gpt2-tiny")
+    path = hub_env / marker
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to(victim if kind == "link" else victim.parent / "gone")
+    out = _bounded(lambda: _logits(from_pretrained("gpt2-tiny")), 20)
+    if "error" in out:
+        _typed(out["error"], marker)
+    else:
+        assert torch.equal(out["value"], reference)
+    out = _bounded(lambda: _cli(capsys, "cache", "list"), 20)
+    assert "value" in out and "Traceback" not in out["value"][2]
+    assert _intact([victim]) and sorted(p.name for p in victim.parent.iterdir()) == ["precious.bin"]
+
+
+def test_a_cache_of_a_newer_gpt2hub_is_refused_by_loads_and_commands_and_left_alone(hub_env, server, capsys):
+    from_pretrained("gpt2-tiny")
+    version = hub_env / "gpt2hub-cache.json"
+    version.chmod(0o644)
+    version.write_text(json.dumps({"gpt2hub_cache": 99}))
+    before = _tree(hub_env)
+    with pytest.raises(NotACacheError, match="newer gpt2hub: upgrade"):
+        from_pretrained("gpt2-tiny")
+    for argv in (["cache", "rm", "--all", "-y"], ["cache", "prune"], ["cache", "verify", "--repair"], ["cache", "list"]):
+        code, _, err = _cli(capsys, *argv)
+        assert code == 1 and "newer gpt2hub" in err and err.count("\n") == 1, (argv, err)
+    assert _tree(hub_env) == before
