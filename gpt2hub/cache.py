@@ -262,10 +262,8 @@ class CacheFolder:
             with contextlib.suppress(CacheError):
                 self.mark()
             return True
-        if state == "unmarked" and not any(self.root.iterdir()):
-            return True  # an empty folder: nothing to list or delete
-        if state != "marked":
-            raise self._refusal("foreign" if state == "unmarked" else state, doing)
+        if state not in ("marked", "unmarked"):  # unmarked: empty, or only what gpt2hub makes before marking
+            raise self._refusal(state, doing)
         return True
 
 

@@ -334,3 +334,15 @@ def test_a_cache_of_a_newer_gpt2hub_is_refused_by_loads_and_commands_and_left_al
         code, _, err = _cli(capsys, *argv)
         assert code == 1 and "newer gpt2hub" in err and err.count("\n") == 1, (argv, err)
     assert _tree(hub_env) == before
+
+
+def test_a_kill_while_marking_a_new_cache_leaves_one_that_commands_still_recognise(hub_env, server, capsys):
+    """kill -9 between writing CACHEDIR.TAG and the version file (its temporary file left behind)."""
+    hub_env.mkdir()
+    (hub_env / "CACHEDIR.TAG").write_text("Signature: 8a477f597d28d172789f06886806bc55\n")
+    (hub_env / ".gpt2hub-cache.json.k3x9q2ab.tmp").write_text('{"gpt2hub_ca')
+    for argv in (["cache", "list"], ["cache", "prune"], ["cache", "verify"]):
+        code, out, err = _cli(capsys, *argv)
+        assert code == 0, (argv, err)
+    gpt2hub.download_files("gpt2-tiny")
+    assert json.loads((hub_env / "gpt2hub-cache.json").read_text())["gpt2hub_cache"] == 3
