@@ -346,3 +346,81 @@ def test_a_kill_while_marking_a_new_cache_leaves_one_that_commands_still_recogni
         assert code == 0, (argv, err)
     gpt2hub.download_files("gpt2-tiny")
     assert json.loads((hub_env / "gpt2hub-cache.json").read_text())["gpt2hub_cache"] == 3
+
+
+# revisions and refs.json ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("refs", [b"not json", b"[1, 2]", b'{"main": "../../../outside"}', b'{"main": 7}',
+                                  b'{"main": "' + COMMIT.upper().encode() + b'"}', b"", "fifo", "folder", "link"])
+def test_a_damaged_refs_json_is_asked_of_the_hub_again(hub_env, server, hf_cache, victim, refs):
+    first = _logits(from_pretrained("gpt2-tiny", source="hf"))
+    path = hub_env / "hf/tiny/refs.json"
+    path.unlink()
+    if refs == "fifo":
+        os.mkfifo(path)
+    elif refs == "folder":
+        path.mkdir()
+    elif refs == "link":
+        victim.write_text(json.dumps({"main": COMMIT2}))  # a link to another cache's refs, say
+        path.symlink_to(victim)
+    else:
+        path.write_bytes(refs)
+    text = victim.read_bytes()
+    out = _bounded(lambda: _logits(from_pretrained("gpt2-tiny", source="hf")), 20)
+    if "error" in out:
+        _typed(out["error"], "refs.json")
+    else:
+        assert torch.equal(out["value"], first)
+    assert victim.read_bytes() == text
+
+
+def test_refs_naming_a_commit_whose_folder_is_a_link_write_nothing_through_it(hub_env, server, hf_cache, victim):
+    first = _logits(from_pretrained("gpt2-tiny", source="hf", dtype="bfloat16"))
+    entry = hub_env / "hf/tiny" / COMMIT
+    shutil.copytree(entry, victim.parent / "entry")
+    shutil.rmtree(entry)
+    entry.symlink_to(victim.parent / "entry")
+    before = _tree(victim.parent)
+    out = _bounded(lambda: _logits(from_pretrained("gpt2-tiny", source="hf", dtype="bfloat16")))
+    assert _tree(victim.parent) == before
+    assert "value" in out, out.get("error")
+    assert torch.equal(out["value"], first) and not entry.is_symlink()
+
+
+@pytest.fixture
+def v1(server, tmp_path):
+    """A second commit on the stand-in Hub (other weights), reachable as tag v1 and as refs/pr/1."""
+    from conftest import TINY_HP
+
+    from gpt2hub.synthetic import placeholder_vocab, random_weights, write_hf_folder
+
+    folder = tmp_path / "v1"
+    write_hf_folder(folder, TINY_HP, random_weights(TINY_HP, seed=7), placeholder_vocab())
+    for f in folder.iterdir():
+        server.served.files[f"/hf/{COMMIT2}/{TINY.hf_repo}/{f.name}"] = f.read_bytes()
+    server.served.revisions.update({"v1": COMMIT2, "refs/pr/1": COMMIT2})
+    return server
+
+
+def test_a_pull_request_revision_is_its_commits_entry(hub_env, v1, hf_cache):
+    pr = _logits(from_pretrained("gpt2-tiny", source="hf", revision="refs/pr/1"))
+    assert torch.equal(pr, _logits(from_pretrained("gpt2-tiny", source="hf", revision="v1")))
+    assert not torch.equal(pr, _logits(from_pretrained("gpt2-tiny", source="hf")))
+    assert json.loads((hub_env / "hf/tiny/refs.json").read_text())["refs/pr/1"] == COMMIT2
+
+
+def test_a_commit_hash_the_hub_does_not_know_is_a_typed_error_that_leaves_no_entry(hub_env, server, hf_cache, capsys):
+    unknown = "ab" * 20
+    with pytest.raises(gpt2hub.DownloadError, match=f"revision '{unknown}' does not exist") as e:
+        from_pretrained("gpt2-tiny", source="hf", revision=unknown)
+    assert "\n" not in str(e.value)
+    code, out, _ = _cli(capsys, "cache", "list")
+    assert code == 0 and unknown[:8] not in out
+    assert not (hub_env / "hf/tiny" / unknown / "files.json").exists()
+
+
+def test_when_main_moves_a_warm_cache_keeps_the_commit_it_resolved(hub_env, v1, hf_cache):
+    """Documented: a branch is resolved once and remembered (no request on a warm load)."""
+    first = _logits(from_pretrained("gpt2-tiny", source="hf"))
+    v1.served.revisions["main"] = COMMIT2
+    n = len(v1.served.log)
+    assert torch.equal(_logits(from_pretrained("gpt2-tiny", source="hf")), first) and len(v1.served.log) == n
