@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .arrival import Accepted, Gate
 from .cache import COMMIT, Cache, Entry, EntryKey
 from .download import MirrorDown, download
-from .errors import DownloadError, IntegrityError, OfflineError
+from .errors import CacheError, DownloadError, IntegrityError, OfflineError
 from .files import CACHE_MODE, atomic_path, clone_file, disk_error, regular_file
 from .formats import FORMATS, Format, for_folder
 from .published import Published
@@ -250,7 +250,10 @@ class HFHub:
         if not COMMIT.fullmatch(commit):
             raise DownloadError(f"the Hugging Face Hub at {self.endpoint or 'huggingface.co'} gave {path} for "
                                 f"{self.spec.hf_repo} revision {self.ref!r}, not a commit's file: check HF_ENDPOINT")
-        cache.set_ref(self.spec.size, self.ref, commit)
+        try:
+            cache.set_ref(self.spec.size, self.ref, commit)
+        except CacheError as e:  # a read-only cache: what it holds of this commit still loads; asked again next time
+            log.info("%s; %s not remembered", e, self.ref)
         return commit
 
     def published(self) -> Published:

@@ -6,9 +6,11 @@ outside the cache deleted, modified or followed; the user's own files never dele
 the code were fixed (see `git log`); those that found nothing stay as cheap regression tests.
 """
 
+import contextlib
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -424,3 +426,41 @@ def test_when_main_moves_a_warm_cache_keeps_the_commit_it_resolved(hub_env, v1, 
     v1.served.revisions["main"] = COMMIT2
     n = len(v1.served.log)
     assert torch.equal(_logits(from_pretrained("gpt2-tiny", source="hf")), first) and len(v1.served.log) == n
+
+
+# a read-only cache ----------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _read_only(folder: Path):
+    """`folder` bind-mounted read-only onto itself for the block (root ignores permission bits)."""
+    proc = subprocess.run(["mount", "--bind", "-o", "ro", str(folder), str(folder)], capture_output=True)
+    if proc.returncode:
+        pytest.skip(f"cannot bind-mount read-only here: {proc.stderr.decode()[:100]}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_read_only_cache_loads_a_cached_commit_by_a_tag_it_has_not_seen(hub_env, v1, hf_cache):
+    first = _logits(from_pretrained("gpt2-tiny", source="hf"))
+    v1.served.revisions["stable"] = COMMIT  # another name of the cached commit
+    with _read_only(hub_env):
+        out = _bounded(lambda: _logits(from_pretrained("gpt2-tiny", source="hf", revision="stable")))
+        with pytest.raises(gpt2hub.CacheError, match="GPT2HUB_CACHE") as e:  # a commit it does not hold: named
+            from_pretrained("gpt2-tiny", source="hf", revision="v1")
+    assert "value" in out, out.get("error")
+    assert torch.equal(out["value"], first) and str(hub_env) in str(e.value)
+
+
+def test_a_read_only_cache_of_an_earlier_gpt2hub_loads_and_lists(hub_env, server, hf_cache, reference, capsys):
+    from_pretrained("gpt2-tiny")
+    for marker in ("CACHEDIR.TAG", "gpt2hub-cache.json"):
+        (hub_env / marker).unlink()
+    with _read_only(hub_env):
+        assert torch.equal(_logits(from_pretrained("gpt2-tiny")), reference)
+        code, out, err = _cli(capsys, "cache", "list")
+        assert code == 0 and "gpt2-tiny" in out, err
+        code, out, err = _cli(capsys, "cache", "verify")
+        assert code == 0, (out, err)
+        code, _, err = _cli(capsys, "cache", "prune")
+        assert code in (0, 1) and err.count("\n") <= 1 and "Traceback" not in err
