@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY
-from server import COMMIT
+from server import COMMIT, Fault
 from test_attacks import VICTIM, _bounded, _intact, _logits, _typed
 from test_identity import _cli
 
@@ -25,6 +25,7 @@ import gpt2hub.export
 from gpt2hub import from_pretrained
 from gpt2hub.errors import GPT2HubError, NotACacheError
 from gpt2hub.mirror import write_mirror
+from gpt2hub.registry import OPENAI_FILES
 
 DATA = "model.ckpt.data-00000-of-00001"
 COMMIT2 = "fedcba9876543210fedcba9876543210fedcba98"
@@ -464,3 +465,100 @@ def test_a_read_only_cache_of_an_earlier_gpt2hub_loads_and_lists(hub_env, server
         assert code == 0, (out, err)
         code, _, err = _cli(capsys, "cache", "prune")
         assert code in (0, 1) and err.count("\n") <= 1 and "Traceback" not in err
+
+
+# races with another process ------------------------------------------------------------------------------------------
+def _downloading(hub_env, server):
+    """A worker process downloading the tiny model slowly; returned once its data file's partial holds bytes."""
+    from test_attacks import _partial, _wait_for, _worker
+
+    server.served.fault(f"/tiny/{DATA}", Fault("slow", delay=0.05))
+    proc = _worker("download")
+    _wait_for(lambda: _partial(hub_env / "openai/tiny/raw", DATA), proc)
+    return proc
+
+
+def test_prune_while_a_download_runs_leaves_its_partial_file(hub_env, server, capsys):
+    proc = _downloading(hub_env, server)
+    try:
+        code, out, err = _cli(capsys, "cache", "prune")
+        assert code == 0 and "skipped" in out and "another process holds" in out, (out, err)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-500:]
+    finally:
+        proc.kill()
+    assert sorted(json.loads((hub_env / "openai/tiny/files.json").read_text())) == sorted(OPENAI_FILES)
+
+
+def test_cache_rm_while_a_download_runs_waits_then_gives_up_in_one_line(hub_env, server, capsys):
+    proc = _downloading(hub_env, server)
+    try:
+        code, _, err = _cli(capsys, "cache", "rm", "gpt2-tiny", "-y", "--timeout", "1")
+        last = err.strip().splitlines()[-1]  # (after the line saying who it waits for)
+        assert code == 1 and last.startswith("gpt2hub: error: gave up") and "pid" in last, err
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-500:]
+    finally:
+        proc.kill()
+    assert _cli(capsys, "cache", "rm", "gpt2-tiny", "-y")[0] == 0
+    assert not (hub_env / "openai/tiny").exists()
+
+
+# cache verify --repair on hostile entries -----------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["link", "fifo", "folder"])
+def test_verify_repair_replaces_a_link_or_fifo_where_a_published_file_belongs(hub_env, server, victim, reference, capsys,
+                                                                            kind):
+    gpt2hub.download_files("gpt2-tiny")
+    path = hub_env / "openai/tiny/raw/hparams.json"
+    path.unlink()
+    path.symlink_to(victim) if kind == "link" else os.mkfifo(path) if kind == "fifo" else path.mkdir()
+    out = _bounded(lambda: _cli(capsys, "cache", "verify", "--repair"), 30)
+    code, stdout, err = out["value"]
+    assert _intact([victim])
+    if kind == "folder":  # gpt2hub never removes a folder: it says which and what to do
+        last = err.strip().splitlines()[-1]
+        assert code == 1 and last.startswith("gpt2hub: error: ") and "hparams.json is a folder" in last, err
+        assert "by hand" in last
+        return
+    assert code == 0 and "repaired" in stdout, (stdout, err)
+    assert path.is_file() and not path.is_symlink()
+    assert torch.equal(_logits(from_pretrained("gpt2-tiny")), reference)
+
+
+# exports and mirrors into folders holding links -----------------------------------------------------------------------
+@pytest.mark.parametrize("fmt,owned", [("hf", "model.safetensors"), ("hf", "tokenizer.json"),
+                                       ("safetensors", "gpt2hub.safetensors"), ("safetensors", "encoder.json")])
+def test_export_overwrite_unlinks_a_link_at_an_owned_name_and_leaves_its_target(hub_env, server, tmp_path, victim, fmt,
+                                                                              owned):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / owned).symlink_to(victim)
+    gpt2hub.export.export_model("gpt2-tiny", out, format=fmt, overwrite=True)
+    assert _intact([victim]) and not (out / owned).is_symlink()
+
+
+def test_export_into_a_file_a_dangling_link_or_over_an_owned_folder_is_one_line(hub_env, server, tmp_path, victim):
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "owned" / "config.json").mkdir(parents=True)
+    for folder, overwrite in ((victim, False), (tmp_path / "dangling", False), (tmp_path / "owned", True)):
+        with pytest.raises((ValueError, GPT2HubError)) as e:
+            gpt2hub.export.export_model("gpt2-tiny", folder, overwrite=overwrite)
+        assert "\n" not in str(e.value) and str(folder) in str(e.value)
+    assert _intact([victim]) and (tmp_path / "owned" / "config.json").is_dir()
+
+
+def test_mirror_replaces_links_in_its_folder_never_writing_through_them(hub_env, server, tmp_path, victim):
+    gpt2hub.download_files("gpt2-tiny")
+    mirror = tmp_path / "mirror"
+    (mirror / TINY.size).mkdir(parents=True)
+    for name in (f"{TINY.size}/{DATA}", f"{TINY.size}/hparams.json", "SHA256SUMS"):
+        (mirror / name).symlink_to(victim)
+    write_mirror(mirror)
+    assert _intact([victim]) and not any(p.is_symlink() for p in mirror.rglob("*"))
+
+
+def test_mirror_into_a_file_is_one_line(hub_env, server, victim):
+    gpt2hub.download_files("gpt2-tiny")
+    with pytest.raises(GPT2HubError) as e:
+        write_mirror(victim)
+    assert "\n" not in str(e.value) and str(victim) in str(e.value) and _intact([victim])
