@@ -525,6 +525,19 @@ def test_verify_repair_replaces_a_link_or_fifo_where_a_published_file_belongs(hu
     assert torch.equal(_logits(from_pretrained("gpt2-tiny")), reference)
 
 
+def test_verify_repair_of_a_folder_with_records_of_a_model_not_registered_here(hub_env, server, capsys):
+    """openai/zz-mine/ holds gpt2hub's records (a model another process registered): verify lists its problems and
+    --repair, which cannot fetch a model it does not know, says so in one line (not "unknown model 'zz-mine'. Valid
+    names: ...", which reads as if the user had typed a wrong name)."""
+    gpt2hub.download_files("gpt2-tiny")
+    shutil.copytree(hub_env / "openai/tiny", hub_env / "openai/zz-mine")
+    (hub_env / "openai/zz-mine/raw/vocab.bpe").unlink()
+    code, out, err = _cli(capsys, "cache", "verify", "--repair")
+    assert code == 1 and err.count("\n") == 1 and "cannot repair" in err and "zz-mine" in err, (out, err)
+    assert "is registered" in err and "openai/zz-mine: 1 problem(s)" in out
+    assert (hub_env / "openai/zz-mine/raw/encoder.json").is_file()  # nothing of it was removed
+
+
 # exports and mirrors into folders holding links -----------------------------------------------------------------------
 @pytest.mark.parametrize("fmt,owned", [("hf", "model.safetensors"), ("hf", "tokenizer.json"),
                                        ("safetensors", "gpt2hub.safetensors"), ("safetensors", "encoder.json")])
