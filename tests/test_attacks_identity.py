@@ -158,15 +158,17 @@ def test_mirror_into_a_folder_whose_sums_file_is_a_fifo_a_folder_or_junk(hub_env
 
 
 # exports and mirrors into the cache ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("into", ["", "openai/tiny/raw", "openai"])
+@pytest.mark.parametrize("into", ["", "openai/tiny/raw", "openai", "link/openai/tiny/raw"])
 @pytest.mark.parametrize("fmt", ["hf", "safetensors"])
-def test_export_into_the_cache_is_refused_even_with_overwrite(hub_env, server, into, fmt):
+def test_export_into_the_cache_is_refused_even_with_overwrite(hub_env, server, tmp_path, into, fmt):
     """`gpt2hub export gpt2-tiny $GPT2HUB_CACHE/... --overwrite` (a slip of the tab key): the cache's own files must
     not be replaced by an export's (raw/encoder.json and vocab.bpe are names the safetensors export owns)."""
     gpt2hub.download_files("gpt2-tiny")
+    (tmp_path / "link").symlink_to(hub_env)  # the cache reached through a link of the user's
     before = _tree(hub_env)
+    folder = tmp_path / into if into.startswith("link") else hub_env / into
     with pytest.raises(ValueError, match="gpt2hub cache") as e:
-        gpt2hub.export.export_model("gpt2-tiny", hub_env / into, format=fmt, overwrite=True)
+        gpt2hub.export.export_model("gpt2-tiny", folder, format=fmt, overwrite=True)
     assert "\n" not in str(e.value) and str(hub_env) in str(e.value)
     assert {k: v for k, v in _tree(hub_env).items() if not k.startswith("locks")} == \
         {k: v for k, v in before.items() if not k.startswith("locks")}
@@ -575,3 +577,48 @@ def test_mirror_into_a_file_is_one_line(hub_env, server, victim):
     with pytest.raises(GPT2HubError) as e:
         write_mirror(victim)
     assert "\n" not in str(e.value) and str(victim) in str(e.value) and _intact([victim])
+
+
+# more revision names, crashes, a disk that fills, the cache swapped mid-download -------------------------------------
+@pytest.mark.parametrize("revision,fits", [("é" * 127, True), ("é" * 128, False), ("v1%2Fmain", True),
+                                           ("refs/heads/main", True)])
+def test_long_unicode_and_encoded_revision_names(hub_env, server, hf_cache, revision, fits):
+    error = gpt2hub.DownloadError if fits else ValueError  # 254 bytes may be a ref; 256 may not
+    with pytest.raises(error) as e:
+        from_pretrained("gpt2-tiny", source="hf", revision=revision)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 1000
+    assert not (hub_env / "hf/tiny/refs.json").exists()
+
+
+def test_a_kill_between_a_files_rename_and_its_record_needs_no_second_download(hub_env, server, monkeypatch, reference):
+    from gpt2hub.cache import Entry
+
+    record = Entry.record
+
+    def killed(self, accepted):
+        if accepted.name == DATA:
+            raise KeyboardInterrupt  # (as kill -9 after the rename: nothing after it runs)
+        return record(self, accepted)
+
+    monkeypatch.setattr(Entry, "record", killed)
+    with pytest.raises(KeyboardInterrupt):
+        from_pretrained("gpt2-tiny")
+    monkeypatch.setattr(Entry, "record", record)
+    assert (hub_env / "openai/tiny/raw" / DATA).is_file()
+    server.close()  # the file on disk passes its gate again: recorded without the network
+    assert torch.equal(_logits(from_pretrained("gpt2-tiny")), reference)
+
+
+@pytest.mark.parametrize("options", ["size=16k", "nr_inodes=3"], ids=["full", "no inodes"])
+def test_a_cache_on_a_full_disk_is_one_typed_line_naming_it(hub_env, server, options):
+    hub_env.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(hub_env)], capture_output=True)
+    if proc.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode()[:100]}")
+    try:
+        out = _bounded(lambda: from_pretrained("gpt2-tiny"))
+        assert "error" in out
+        _typed(out["error"], str(hub_env), "no space left")
+        assert not (hub_env / "openai/tiny/raw" / DATA).exists()
+    finally:
+        subprocess.run(["umount", str(hub_env)], check=True)
