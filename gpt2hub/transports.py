@@ -159,6 +159,7 @@ class OpenAIMirrors:
     def _from_mirror(self, url: str, gate: Gate, dest: Path, base: str) -> Accepted | tuple[str, bool]:
         """The file, accepted; else (why this mirror failed, whether it served a bad file)."""
         for attempt in range(2):
+            gate.entry.secure()  # a folder linked since the last attempt (another user of a shared cache) is removed
             try:
                 accepted = download(url, dest, lambda part, digest: gate(part, digest, url), digest_kind=gate.digest_kind,
                                     expected_size=gate.expected_size, bar=self._bar(), tap=gate.tap,

@@ -622,3 +622,22 @@ def test_a_cache_on_a_full_disk_is_one_typed_line_naming_it(hub_env, server, opt
         assert not (hub_env / "openai/tiny/raw" / DATA).exists()
     finally:
         subprocess.run(["umount", str(hub_env)], check=True)
+
+
+def test_raw_swapped_for_a_link_mid_download_writes_nothing_outside(hub_env, server, victim, reference):
+    """Another user of a shared cache replaces raw/ with a link to their own folder while the data file arrives."""
+    raw, moved = hub_env / "openai/tiny/raw", hub_env / "openai/tiny/raw-moved"
+    (victim.parent / DATA).write_bytes(VICTIM)
+
+    def swap():
+        os.rename(raw, moved)
+        raw.symlink_to(victim.parent)
+
+    server.served.fault(f"/{TINY.size}/{DATA}", Fault("hook", after=1000, hook=swap))
+    before = _tree(victim.parent)
+    out = _bounded(lambda: _logits(from_pretrained("gpt2-tiny")))
+    assert _tree(victim.parent) == before
+    if "error" in out:  # (the partial file vanished with the folder moved away: said so)
+        _typed(out["error"], DATA)
+    else:
+        assert torch.equal(out["value"], reference)
