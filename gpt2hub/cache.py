@@ -619,8 +619,9 @@ def discard_external(repo: Path, link: Path) -> int:
         target = link.resolve()
         st = stat_entry(blobs)
         if st is not None and stat.S_ISDIR(st.st_mode) and target.parent == blobs and regular_file(target):
-            others = [p for snap in _listing(Path(os.path.abspath(repo)) / "snapshots") for p in _listing(snap)
-                      if p != Path(os.path.abspath(link)) and p.is_symlink() and p.resolve() == target]
+            snapshots = Path(os.path.abspath(repo)) / "snapshots"  # every link below it, subfolders too (onnx/)
+            links = [Path(d, n) for d, _, names in os.walk(snapshots) for n in names]  # (never into a linked folder)
+            others = [p for p in links if p != Path(os.path.abspath(link)) and p.is_symlink() and p.resolve() == target]
             if not others:
                 freed = _unlink_counted(target)
     unlink_entry(link)

@@ -641,3 +641,16 @@ def test_raw_swapped_for_a_link_mid_download_writes_nothing_outside(hub_env, ser
         _typed(out["error"], DATA)
     else:
         assert torch.equal(out["value"], reference)
+
+
+def test_rm_include_hf_keeps_a_blob_that_a_link_in_a_subfolder_still_needs(hub_env, server, hf_cache, capsys):
+    """openai-community/gpt2 also publishes onnx/vocab.json, byte for byte the root's vocab.json: one blob, two links.
+    A user who fetched the ONNX files too keeps a working onnx/vocab.json after `cache rm --include-hf`."""
+    from_pretrained("gpt2-tiny", source="hf")
+    snapshot = hf_cache / REPO / "snapshots" / COMMIT
+    (snapshot / "onnx").mkdir()
+    (snapshot / "onnx/vocab.json").symlink_to(Path("..") / os.readlink(snapshot / "vocab.json"))
+    assert (snapshot / "onnx/vocab.json").read_bytes()
+    assert _cli(capsys, "cache", "rm", "gpt2-tiny", "--include-hf", "-y")[0] == 0
+    assert (snapshot / "onnx/vocab.json").read_bytes()  # its blob is still there
+    assert not (snapshot / "vocab.json").exists()
