@@ -531,7 +531,7 @@ class Entry(EntryRecords):
         record = self.records().get(self.check_name(name))
         external = self.external_path(record.get("path")) if record else None
         if external is not None and self.external is not None:
-            discard_external(self.external, external)
+            discard_external(self.external, external, damaged=True)
         unlink_entry(self.raw_path(name))
         self.forget(name)
 
@@ -541,7 +541,7 @@ class Entry(EntryRecords):
         link = self.external_path(str(path))
         if link is None or self.external is None:
             return False
-        discard_external(self.external, link)
+        discard_external(self.external, link, damaged=True)
         return True
 
     def discard_weights(self, dtype: str) -> None:
@@ -610,9 +610,11 @@ def _unlink_counted(path: Path) -> int:
     return st.st_size if stat.S_ISREG(st.st_mode) else 0
 
 
-def discard_external(repo: Path, link: Path) -> int:
+def discard_external(repo: Path, link: Path, damaged: bool = False) -> int:
     """Delete a file of a repo in Hugging Face's cache: the link (snapshots/{commit}/{name}) and the blob it points to,
-    when that blob lies in the repo's `blobs/` and no other snapshot's link points to it. Returns the bytes freed."""
+    when that blob lies in the repo's `blobs/` and no other snapshot's link points to it, or the file is `damaged`
+    (a blob is its content: the other links are as damaged, and huggingface_hub would hand it back instead of
+    downloading it again; they download it on their next use). Returns the bytes freed."""
     blobs = Path(os.path.abspath(repo)) / "blobs"
     freed = 0
     with contextlib.suppress(OSError):
@@ -622,7 +624,7 @@ def discard_external(repo: Path, link: Path) -> int:
             snapshots = Path(os.path.abspath(repo)) / "snapshots"  # every link below it, subfolders too (onnx/)
             links = [Path(d, n) for d, _, names in os.walk(snapshots) for n in names]  # (never into a linked folder)
             others = [p for p in links if p != Path(os.path.abspath(link)) and p.is_symlink() and p.resolve() == target]
-            if not others:
+            if damaged or not others:
                 freed = _unlink_counted(target)
     unlink_entry(link)
     return freed

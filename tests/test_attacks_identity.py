@@ -654,3 +654,22 @@ def test_rm_include_hf_keeps_a_blob_that_a_link_in_a_subfolder_still_needs(hub_e
     assert _cli(capsys, "cache", "rm", "gpt2-tiny", "--include-hf", "-y")[0] == 0
     assert (snapshot / "onnx/vocab.json").read_bytes()  # its blob is still there
     assert not (snapshot / "vocab.json").exists()
+
+
+def test_a_damaged_blob_two_commits_share_is_fetched_afresh_not_handed_back(hub_env, server, hf_cache):
+    """Two commits whose model.safetensors is the same bytes (main moved for a README change) share one blob. Bit rot
+    in it is found on load: the load must download it again, not take back the damaged blob the other commit's link
+    still points to (the format's check passes a flipped weight; only the record's crc32c tells)."""
+    for f in list(server.served.files):
+        if f.startswith(f"/hf/{TINY.hf_repo}/"):
+            server.served.files[f.replace("/hf/", f"/hf/{COMMIT2}/", 1)] = server.served.files[f]
+    server.served.revisions["v1"] = COMMIT2
+    first = _logits(from_pretrained("gpt2-tiny", source="hf"))
+    from_pretrained("gpt2-tiny", source="hf", revision="v1")
+    blob = (hf_cache / REPO / "snapshots" / COMMIT / "model.safetensors").resolve()
+    assert blob == (hf_cache / REPO / "snapshots" / COMMIT2 / "model.safetensors").resolve()
+    data = bytearray(blob.read_bytes())
+    data[-100] ^= 0x40  # a weight of the last tensor: the header stays valid
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(data))
+    assert torch.equal(_logits(from_pretrained("gpt2-tiny", source="hf")), first)
