@@ -615,7 +615,7 @@ def discard_external(repo: Path, link: Path, damaged: bool = False) -> int:
     when that blob lies in the repo's `blobs/` and no other snapshot's link points to it, or the file is `damaged`
     (a blob is its content: the other links are as damaged, and huggingface_hub would hand it back instead of
     downloading it again; they download it on their next use). Returns the bytes freed."""
-    blobs = Path(os.path.abspath(repo)) / "blobs"
+    blobs = Path(os.path.realpath(repo)) / "blobs"  # (the repo's folder may be linked to another disk; its blobs/ not)
     freed = 0
     with contextlib.suppress(OSError):
         target = link.resolve()

@@ -125,13 +125,16 @@ def test_a_refused_hf_file_is_fetched_afresh_when_the_hf_cache_is_reached_throug
                                                                                         linked_hf_cache):
     """The gate refuses a damaged model.safetensors and says it was deleted: the next load must download it again,
     not get the same bad blob back from Hugging Face's cache."""
-    path = f"/hf/{TINY.hf_repo}/model.safetensors"
-    good = server.served.files[path]
-    server.served.files[path] = good[:8] + b"X" + good[9:]  # a broken header: refused by the format's check
+    _corrupted_once_in_transit(server)
     with pytest.raises(gpt2hub.IntegrityError, match="model.safetensors.*deleted"):
         from_pretrained("gpt2-tiny", source="hf")
-    server.served.files[path] = good
     from_pretrained("gpt2-tiny", source="hf")
+
+
+def _corrupted_once_in_transit(server) -> None:
+    """model.safetensors arrives damaged (its header's first byte flipped: refused by the format's check) under its
+    true ETag, as a flaky proxy would hand it over: Hugging Face's cache keeps it as the blob of that ETag."""
+    server.served.fault(f"/hf/{TINY.hf_repo}/model.safetensors", Fault("corrupt"))
 
 
 # folders, FIFOs and links where gpt2hub keeps a file -----------------------------------------------------------------
@@ -673,3 +676,15 @@ def test_a_damaged_blob_two_commits_share_is_fetched_afresh_not_handed_back(hub_
     blob.chmod(0o644)
     blob.write_bytes(bytes(data))
     assert torch.equal(_logits(from_pretrained("gpt2-tiny", source="hf")), first)
+
+
+def test_a_refused_hf_file_is_fetched_afresh_when_its_repo_folder_is_a_link(hub_env, server, hf_cache, tmp_path):
+    """One repo's folder moved to a bigger disk and linked back (models--org--gpt2-xl -> /data/...)."""
+    (tmp_path / "data" / REPO).mkdir(parents=True)
+    hf_cache.mkdir(parents=True)
+    (hf_cache / REPO).symlink_to(tmp_path / "data" / REPO)
+    _corrupted_once_in_transit(server)
+    with pytest.raises(gpt2hub.IntegrityError, match="model.safetensors.*deleted"):
+        from_pretrained("gpt2-tiny", source="hf")
+    from_pretrained("gpt2-tiny", source="hf")
+    assert (hf_cache / REPO).is_symlink()  # Hugging Face's cache is the user's: left as they made it
