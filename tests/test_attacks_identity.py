@@ -688,3 +688,14 @@ def test_a_refused_hf_file_is_fetched_afresh_when_its_repo_folder_is_a_link(hub_
         from_pretrained("gpt2-tiny", source="hf")
     from_pretrained("gpt2-tiny", source="hf")
     assert (hf_cache / REPO).is_symlink()  # Hugging Face's cache is the user's: left as they made it
+
+
+def test_a_read_only_cache_of_an_earlier_gpt2hubs_hub_records_is_one_typed_line(hub_env, server, hf_cache):
+    """Not fixed (reported): its records cannot be moved into their commit's entry on a read-only disk, so the Hub's
+    model is not loaded from it; the error says where and what to do."""
+    from_pretrained("gpt2-tiny", source="hf")
+    _as_an_earlier_gpt2hub_left_it(hub_env)
+    with _read_only(hub_env):
+        out = _bounded(lambda: from_pretrained("gpt2-tiny", source="hf"))
+    if "error" in out:
+        _typed(out["error"], str(hub_env), "GPT2HUB_CACHE")
