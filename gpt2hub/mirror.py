@@ -73,13 +73,18 @@ def write_mirror(folder: str | Path, names: list[str] | None = None, cache_dir: 
         raise CacheError(f"there is no gpt2hub cache at {cache.root}: run `gpt2hub download NAME` first (or set "
                          "GPT2HUB_CACHE to the cache to mirror)")
     folder = Path(folder)
-    if (inside := enclosing_cache(folder)) is not None:
-        raise CacheError(f"not mirroring into {folder}: it lies in the gpt2hub cache at {inside}, which keeps only its "
-                         "own files; mirror into a folder of your own")
+    _outside_caches(folder)
     chosen = [_named_entry(cache, n) for n in names] if names else _complete_entries(cache)
     written = [f for entry in chosen for f in _mirror_model(entry, folder, link)]
     _write_sums(folder, written, {e.key.size for e in chosen})
     return written
+
+
+def _outside_caches(folder: Path) -> None:
+    """Refuse a folder that is or lies in a gpt2hub cache, links resolved (the cache keeps only its own files)."""
+    if (inside := enclosing_cache(folder)) is not None:
+        raise CacheError(f"not mirroring into {folder}: it lies in the gpt2hub cache at {inside}, which keeps only its "
+                         "own files; mirror into a folder of your own")
 
 
 def _openai_entry(cache: Cache, spec: ModelSpec) -> Entry:
@@ -115,6 +120,7 @@ def _mirror_model(entry: Entry, folder: Path, link: bool) -> list[MirroredFile]:
     if problems:
         raise IntegrityError(f"not mirroring {entry.key.size}: {problems[0]}. Load the model once (or `gpt2hub "
                              "download`) to repair it, then mirror again")
+    _outside_caches(folder / entry.key.size)  # (a link there into the cache: its files would be replaced by copies)
     spec = _spec(entry.key.size)
     records = entry.records()
     if spec is not None:  # a file kept under GPT2HUB_IGNORE_PINS is refused unless the opt-out is set now

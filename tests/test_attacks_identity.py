@@ -699,3 +699,17 @@ def test_a_read_only_cache_of_an_earlier_gpt2hubs_hub_records_is_one_typed_line(
         out = _bounded(lambda: from_pretrained("gpt2-tiny", source="hf"))
     if "error" in out:
         _typed(out["error"], str(hub_env), "GPT2HUB_CACHE")
+
+
+@pytest.mark.parametrize("link", [False, True], ids=["copies", "--link"])
+def test_mirror_whose_size_folder_links_into_the_cache_leaves_the_cache_alone(hub_env, server, tmp_path, link):
+    gpt2hub.download_files("gpt2-tiny")
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / TINY.size).symlink_to(hub_env / "openai/tiny/raw")  # "the mirror serves the cache's files as they are"
+    before = {p.name: (p.stat().st_ino, p.stat().st_mode, p.stat().st_mtime_ns) for p in (hub_env / "openai/tiny/raw").iterdir()}
+    out = _bounded(lambda: write_mirror(mirror, link=link))
+    after = {p.name: (p.stat().st_ino, p.stat().st_mode, p.stat().st_mtime_ns) for p in (hub_env / "openai/tiny/raw").iterdir()}
+    assert after == before
+    if "error" in out:
+        _typed(out["error"], "gpt2hub cache")
