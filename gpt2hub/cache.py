@@ -537,12 +537,14 @@ class Entry(EntryRecords):
 
     def discard_external(self, path: Path) -> bool:
         """Delete a file of this commit that the Hub's cache handed over and that failed its gate: the link and its
-        blob, only when `path` is this commit's file in this repo's folder, reached through real folders."""
+        blob, only when `path` is this commit's file in this repo's folder, reached through real folders. Whether
+        its bytes are gone (a blob outside the repo's own blobs/ folder is left alone)."""
         link = self.external_path(str(path))
         if link is None or self.external is None:
             return False
+        target = Path(os.path.realpath(link))
         discard_external(self.external, link, damaged=True)
-        return True
+        return not os.path.lexists(target)
 
     def discard_weights(self, dtype: str) -> None:
         """Delete the stored weights of a dtype (its manifest, and its own file if any)."""

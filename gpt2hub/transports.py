@@ -268,9 +268,11 @@ class HFHub:
         try:
             return gate(path).at(path=str(path), revision=self.ref, commit=self.commit)
         except IntegrityError as e:
+            real = os.path.realpath(path)
             gone = entry.discard_external(path)  # only inside this repo's folder of Hugging Face's cache
             then = "it was deleted, run again to download it afresh" if gone else (
-                "it lies outside Hugging Face's cache folders (a linked folder?) and was left alone: remove it by hand")
+                f"its bytes at {real} lie outside this repo's folders in Hugging Face's cache (a linked folder?) and "
+                "were left alone: delete that file by hand, then run again")
             raise IntegrityError(f"{gate.name} of {self.spec.hf_repo} ({path}) {e}; {then}") from None
 
     def done(self) -> None:

@@ -713,3 +713,18 @@ def test_mirror_whose_size_folder_links_into_the_cache_leaves_the_cache_alone(hu
     assert after == before
     if "error" in out:
         _typed(out["error"], "gpt2hub cache")
+
+
+def test_a_refused_hf_file_whose_blobs_folder_is_a_link(hub_env, server, hf_cache, tmp_path):
+    """blobs/ moved to another disk and linked back: a blob is deleted only inside the repo's own blobs/ folder, so the
+    damaged one stays; the error must not claim it was deleted (a second run would get it back)."""
+    (tmp_path / "data" / "blobs").mkdir(parents=True)
+    (hf_cache / REPO).mkdir(parents=True)
+    (hf_cache / REPO / "blobs").symlink_to(tmp_path / "data" / "blobs")
+    _corrupted_once_in_transit(server)
+    with pytest.raises(gpt2hub.IntegrityError) as e:
+        from_pretrained("gpt2-tiny", source="hf")
+    _typed(e.value, "model.safetensors")
+    out = _bounded(lambda: from_pretrained("gpt2-tiny", source="hf"))
+    if "error" in out:  # the damaged blob is still there: the first error said so, and what to do
+        assert "deleted" not in str(e.value) and "by hand" in str(e.value)
