@@ -728,3 +728,13 @@ def test_a_refused_hf_file_whose_blobs_folder_is_a_link(hub_env, server, hf_cach
     out = _bounded(lambda: from_pretrained("gpt2-tiny", source="hf"))
     if "error" in out:  # the damaged blob is still there: the first error said so, and what to do
         assert "deleted" not in str(e.value) and "by hand" in str(e.value)
+
+
+def test_verify_on_a_read_only_cache_still_reports_what_is_damaged(hub_env, server, capsys):
+    gpt2hub.download_files("gpt2-tiny")
+    vocab = hub_env / "openai/tiny/raw/vocab.bpe"
+    vocab.chmod(0o644)
+    vocab.write_bytes(vocab.read_bytes()[:-1] + b"!")
+    with _read_only(hub_env):
+        code, out, err = _cli(capsys, "cache", "verify")
+    assert code == 1 and "vocab.bpe" in out and "damaged" in out, (out, err)
