@@ -14,8 +14,8 @@
 Identity:
 - A cache is a folder gpt2hub created: it holds CACHEDIR.TAG and gpt2hub-cache.json. Commands that list or delete
   refuse any other folder, touching nothing. A cache written by an earlier gpt2hub (no marker, but its own records,
-  checked) is marked when next used; a new or empty folder (or one holding only gpt2hub's folder names) is marked
-  when a model is first written to it; a folder holding anything else is refused.
+  checked) is marked when next used; a new or empty folder (or one holding only gpt2hub's folders, of registered
+  sizes, and its lock files) is marked when a model is first written to it; a folder holding anything else is refused.
 - An entry's key holds everything that makes its bytes what they are: the source, the size and, for the Hugging
   Face Hub, the resolved commit. A revision never answers for another.
 
@@ -58,7 +58,7 @@ from .files import (
     valid_record,
     write_json,
 )
-from .registry import DTYPES, SOURCE_FILES, SOURCES
+from .registry import DTYPES, SOURCE_FILES, SOURCES, names, resolve
 
 log = logging.getLogger("gpt2hub")
 FORMAT_VERSION = 2  # of manifests
@@ -69,6 +69,7 @@ TAG_TEXT = (f"{TAG_SIGNATURE}\n# This file is a cache directory tag created by g
             "# For information about cache directory tags, see https://bford.info/cachedir/\n")
 OWN_NAMES = ("openai", "hf", "locks")  # the only folders gpt2hub makes at the root
 COMMIT = re.compile(r"[0-9a-f]{40}")
+_LOCK_NAME = re.compile(r"[a-z]+--[A-Za-z0-9][A-Za-z0-9._-]*\.(lock|owner)")  # Cache.lock_path's names
 _TEMPORARY = re.compile(r"\.(.+)\.[A-Za-z0-9_]{4,}\.tmp")  # files.atomic_path's temporary names
 
 
@@ -155,7 +156,7 @@ class CacheFolder:
 
     def state(self) -> str:
         """"missing", "marked", "legacy" (an earlier gpt2hub's, recognised by its records), "unmarked" (empty, or
-        only gpt2hub's folder names), "newer" (a later gpt2hub's format) or "foreign" (anything else)."""
+        only gpt2hub's folders and lock files), "newer" (a later gpt2hub's format) or "foreign" (anything else)."""
         try:
             st = os.stat(self.root)  # the root itself may be a link (~/.cache/gpt2hub -> /data/gpt2hub)
         except FileNotFoundError:
@@ -164,16 +165,32 @@ class CacheFolder:
             return "foreign"
         if not stat.S_ISDIR(st.st_mode):
             return "foreign"
-        version = read_json(self.root / VERSION_FILE)
-        if self._tagged() and isinstance(version, dict) and _plain_int(version.get("gpt2hub_cache")):
-            return "marked" if version["gpt2hub_cache"] <= CACHE_FORMAT else "newer"
+        if (version := self._version()) is not None:
+            return "marked" if version <= CACHE_FORMAT else "newer"
         try:
             top = {p.name for p in self.root.iterdir()}
         except OSError:
             return "foreign"
         if not all(n in OWN_NAMES or n in (TAG, VERSION_FILE) or _marker_temporary(n) for n in top):
             return "foreign"  # (the marker's own files: another process is marking it right now)
-        return "legacy" if any(self._own_records(p) for p in self._candidate_dirs()) else "unmarked"
+        if any(self._own_records(p) for p in self._candidate_dirs()):
+            return "legacy"
+        return "unmarked" if self._only_own_folders() else "foreign"
+
+    def _only_own_folders(self) -> bool:
+        """Whether openai/, hf/ and locks/ hold nothing but what gpt2hub makes before it records a file (folders of
+        registered sizes, lock files): else they are the user's, as `~/projects/openai/` would be. (A link or file
+        where gpt2hub keeps a folder is its to replace: it is removed, never followed.)"""
+        sizes = {resolve(n).size for n in names()}
+        return all(_LOCK_NAME.fullmatch(p.name) if name == "locks" else p.name in sizes
+                   for name in OWN_NAMES for p in _listing(self.root / name))
+
+    def _version(self) -> int | None:
+        """The cache format its marker names, or None when it has no marker (CACHEDIR.TAG and the version file)."""
+        version = read_json(self.root / VERSION_FILE)
+        if self._tagged() and isinstance(version, dict) and _plain_int(version.get("gpt2hub_cache")):
+            return version["gpt2hub_cache"]
+        return None
 
     def _tagged(self) -> bool:
         try:
@@ -245,10 +262,8 @@ class CacheFolder:
             with contextlib.suppress(CacheError):
                 self.mark()
             return True
-        if state == "unmarked" and not any(self.root.iterdir()):
-            return True  # an empty folder: nothing to list or delete
-        if state != "marked":
-            raise self._refusal("foreign" if state == "unmarked" else state, doing)
+        if state not in ("marked", "unmarked"):  # unmarked: empty, or only what gpt2hub makes before marking
+            raise self._refusal(state, doing)
         return True
 
 
@@ -277,19 +292,22 @@ class Cache(CacheFolder):
         `ref` and of one commit's files, move them (and the weights it prepared) into that commit's entry, remember
         `ref` for it, and return the commit. None when there is nothing such to move (nothing is downloaded again)."""
         folder = self.root / "hf" / size
-        records = read_json(folder / "files.json")
+        records = read_json(folder / "files.json") if _real_dirs(folder) else None  # never through a link
         if not isinstance(records, dict) or not records or not all(isinstance(r, dict) for r in records.values()):
             return None
         commits = {Path(r["path"]).parent.name if isinstance(r.get("path"), str) else "" for r in records.values()}
-        revisions = {r.get("revision", "main") for r in records.values()}
+        revisions = {str(r.get("revision", "main")) for r in records.values()}  # (a list there: never `ref`)
         commit = commits.pop() if len(commits) == 1 else ""
-        if not COMMIT.fullmatch(commit) or revisions != {ref} or os.path.lexists(folder / commit):
+        if not COMMIT.fullmatch(commit) or revisions != {ref} or os.path.lexists(folder / commit / "files.json"):
             return None
-        try:
-            (folder / commit).mkdir()
-            os.replace(folder / "files.json", folder / commit / "files.json")
-            if (st := stat_entry(folder / "converted")) is not None and stat.S_ISDIR(st.st_mode):
+        try:  # files.json moves last: a process killed before then leaves it here, and the next call moves the rest
+            (folder / commit).mkdir(exist_ok=True)
+            if not _real_dirs(folder / commit):
+                return None  # a link where the entry goes: secured (removed) before anything is written there
+            converted = stat_entry(folder / "converted")
+            if converted is not None and stat.S_ISDIR(converted.st_mode) and not os.path.lexists(folder / commit / "converted"):
                 os.replace(folder / "converted", folder / commit / "converted")
+            os.replace(folder / "files.json", folder / commit / "files.json")
         except OSError:
             return None  # another process moved them first, or the cache is read-only: resolved as usual
         self.set_ref(size, ref, commit)
@@ -301,7 +319,7 @@ class Cache(CacheFolder):
         return self.root / "hf" / size / "refs.json"
 
     def refs(self, size: str) -> dict[str, str]:
-        data = read_json(self.refs_path(size))
+        data = read_json(self.refs_path(size)) if _real_dirs(self.root / "hf" / size) else None  # never through a link
         if not isinstance(data, dict):
             return {}
         return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str) and COMMIT.fullmatch(v)}
@@ -327,9 +345,21 @@ class Cache(CacheFolder):
         return self.root / "locks" / f"{key.source}--{key.size}.lock"
 
 
+def enclosing_cache(path: Path) -> Path | None:
+    """The gpt2hub cache (a folder with its marker) that `path` is or lies in, links resolved; None if there is none:
+    what hands files out (export, mirror) refuses to write there."""
+    real = Path(os.path.realpath(path))
+    return next((p for p in (real, *real.parents) if CacheFolder(p)._version() is not None), None)
+
+
 def _marker_temporary(name: str) -> bool:
     m = _TEMPORARY.fullmatch(name)
     return m is not None and m.group(1) in (TAG, VERSION_FILE)
+
+
+def _real_dirs(folder: Path) -> bool:
+    """Whether `folder` (hf/{size}) and its parent are real folders, not links (which are never followed)."""
+    return all((st := stat_entry(f)) is not None and stat.S_ISDIR(st.st_mode) for f in (folder, folder.parent))
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -501,18 +531,20 @@ class Entry(EntryRecords):
         record = self.records().get(self.check_name(name))
         external = self.external_path(record.get("path")) if record else None
         if external is not None and self.external is not None:
-            discard_external(self.external, external)
+            discard_external(self.external, external, damaged=True)
         unlink_entry(self.raw_path(name))
         self.forget(name)
 
     def discard_external(self, path: Path) -> bool:
         """Delete a file of this commit that the Hub's cache handed over and that failed its gate: the link and its
-        blob, only when `path` is this commit's file in this repo's folder, reached through real folders."""
+        blob, only when `path` is this commit's file in this repo's folder, reached through real folders. Whether
+        its bytes are gone (a blob outside the repo's own blobs/ folder is left alone)."""
         link = self.external_path(str(path))
         if link is None or self.external is None:
             return False
-        discard_external(self.external, link)
-        return True
+        target = Path(os.path.realpath(link))
+        discard_external(self.external, link, damaged=True)
+        return not os.path.lexists(target)
 
     def discard_weights(self, dtype: str) -> None:
         """Delete the stored weights of a dtype (its manifest, and its own file if any)."""
@@ -580,18 +612,21 @@ def _unlink_counted(path: Path) -> int:
     return st.st_size if stat.S_ISREG(st.st_mode) else 0
 
 
-def discard_external(repo: Path, link: Path) -> int:
+def discard_external(repo: Path, link: Path, damaged: bool = False) -> int:
     """Delete a file of a repo in Hugging Face's cache: the link (snapshots/{commit}/{name}) and the blob it points to,
-    when that blob lies in the repo's `blobs/` and no other snapshot's link points to it. Returns the bytes freed."""
-    blobs = Path(os.path.abspath(repo)) / "blobs"
+    when that blob lies in the repo's `blobs/` and no other snapshot's link points to it, or the file is `damaged`
+    (a blob is its content: the other links are as damaged, and huggingface_hub would hand it back instead of
+    downloading it again; they download it on their next use). Returns the bytes freed."""
+    blobs = Path(os.path.realpath(repo)) / "blobs"  # (the repo's folder may be linked to another disk; its blobs/ not)
     freed = 0
     with contextlib.suppress(OSError):
         target = link.resolve()
         st = stat_entry(blobs)
         if st is not None and stat.S_ISDIR(st.st_mode) and target.parent == blobs and regular_file(target):
-            others = [p for snap in _listing(Path(os.path.abspath(repo)) / "snapshots") for p in _listing(snap)
-                      if p != Path(os.path.abspath(link)) and p.is_symlink() and p.resolve() == target]
-            if not others:
+            snapshots = Path(os.path.abspath(repo)) / "snapshots"  # every link below it, subfolders too (onnx/)
+            links = [Path(d, n) for d, _, names in os.walk(snapshots) for n in names]  # (never into a linked folder)
+            others = [p for p in links if p != Path(os.path.abspath(link)) and p.is_symlink() and p.resolve() == target]
+            if damaged or not others:
                 freed = _unlink_counted(target)
     unlink_entry(link)
     return freed

@@ -38,7 +38,7 @@ import google_crc32c
 from tqdm.auto import tqdm
 
 from .errors import DownloadError, IntegrityError, quoted
-from .files import CACHE_MODE, disk_errors, fsync_dir, regular_file
+from .files import CACHE_MODE, disk_errors, fsync_dir, regular_file, unlink_entry
 from .settings import min_rate, read_timeout
 from .settings import progress_disabled as progress_disabled  # re-exported: where the bars are drawn
 
@@ -317,10 +317,13 @@ def _read(resp: http.client.HTTPResponse) -> bytes:
 
 def claim_partial(dest: Path) -> Path:
     """This process's partial file for `dest`, taking over the largest one an earlier process left (by an atomic
-    rename, so two processes never write the same partial file)."""
+    rename, so two processes never write the same partial file). Anything but a regular file under this process's
+    name (a link planted there) is removed, never written through."""
     mine = dest.with_name(f"{dest.name}.{os.getpid()}.incomplete")
-    if mine.exists():
+    if regular_file(mine) is not None:
         return mine
+    if os.path.lexists(mine):
+        unlink_entry(mine)
     pattern = re.compile(re.escape(dest.name) + r"\.(\d+\.)?incomplete$")
     with contextlib.suppress(OSError):
         leftovers = [p for p in dest.parent.iterdir() if pattern.fullmatch(p.name) and regular_file(p)]

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from . import names
+from .cache import enclosing_cache
 from .convert import hf_config, hparams_from_config, openai_variables
 from .errors import GPT2HubError
 from .files import atomic_path, atomic_write, unlink_entry, user_mode, write_json
@@ -167,7 +168,8 @@ def export_model(name: str | ModelSpec, folder: PathLike, *, format: str = "hf",
     """
     if format not in FORMATS:
         raise ValueError(f"format={format!r} is not one of {', '.join(FORMATS)}")
-    if os.path.lexists(folder) and (not Path(folder).is_dir() or (any(Path(folder).iterdir()) and not overwrite)):
+    if os.path.lexists(folder) and (not Path(folder).is_dir() or (any(Path(folder).iterdir()) and not overwrite)) \
+            or enclosing_cache(Path(folder)) is not None:
         _claim(Path(folder), format, overwrite)  # refuse before loading anything
     model = from_pretrained(name, source=source, revision=revision, cache_dir=cache_dir,
                             local_files_only=local_files_only, progress=progress)
@@ -191,6 +193,9 @@ def _claim(out: Path, format: str, overwrite: bool) -> None:
     remove what this format writes or its readers read (regular files and links only, never through a link)."""
     if os.path.lexists(out) and not out.is_dir():
         raise ValueError(f"folder={str(out)!r} is an existing file, not a folder: pass a folder path")
+    if (cache := enclosing_cache(out)) is not None:
+        raise ValueError(f"folder={str(out)!r} lies in the gpt2hub cache at {cache}, which keeps only its own files: "
+                         "export into a folder of your own")
     held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if held and not overwrite:
         shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import names
 from .cache import Cache, Entry, Manifest
 from .checks import Problem, check_weights, mark, verify
-from .errors import CheckpointError, DeviceError, IntegrityError
+from .errors import CacheError, CheckpointError, DeviceError, IntegrityError, UnknownModelError
 from .fetching import Arrived, Fetcher
 from .registry import ModelSpec, dtype_name, resolve
 from .settings import check_settings, default_root, offline, progress_disabled
@@ -140,7 +140,7 @@ class Hub:
         ready = time.perf_counter()
         try:
             sd = store.state_dict(self.entry, self.fmt, weights.paths, weights.manifest, device)
-        except UNREADABLE as e:  # damaged with its size and timestamp kept: the quick check could not tell
+        except UNREADABLE as e:  # damaged with its size and timestamp kept (the quick check could not tell), or removed
             self._discard_unreadable(weights.manifest, e)
             weights = self.weights(store)
             sd = store.state_dict(self.entry, self.fmt, weights.paths, weights.manifest, device)
@@ -197,7 +197,11 @@ def repair(entry: Entry) -> list[Problem]:
     `gpt2hub cache verify --repair` runs); returns the problems left (none when repaired)."""
     from .storage import storage_for
 
-    spec = resolve(entry.key.size)
+    try:
+        spec = resolve(entry.key.size)
+    except UnknownModelError:
+        raise CacheError(f"cannot repair {entry.dir}: no model of size {entry.key.size!r} is registered in this "
+                         "process (gpt2hub.register it, then repair), and its files stay as they are") from None
     transport = for_source(entry.key.source, spec, entry.key.commit, offline(), progress=True)
     hub = Hub(spec, transport, entry.cache, offline())
     dtypes = [d for d in entry.stored_dtypes()]

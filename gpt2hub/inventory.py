@@ -5,6 +5,7 @@ gpt2hub cache (cache.Cache.open_existing): pointed at any other folder, it refus
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import stat
@@ -15,10 +16,12 @@ import filelock
 
 from .cache import Cache, Entry, EntryKey
 from .checks import Problem, mark, verify
-from .errors import UnknownModelError
+from .errors import CacheError, UnknownModelError
 from .files import default_root, disk_error, regular_file, sha256_file, stat_entry, unlink_entry
 from .registry import SOURCE_FILES, SOURCES, resolve
 from .settings import ignore_pins
+
+log = logging.getLogger("gpt2hub")
 
 
 def _cache(cache_dir: str | Path | None) -> Cache:
@@ -222,8 +225,11 @@ def check_cache(cache_dir: str | Path | None = None, mark_problems: bool = True)
     for entry in entries(cache):
         problems = verify(entry)
         if problems and mark_problems:
-            with entry.lock(f"marking the problems cache verify found in {entry.key}"):
-                mark(entry, problems)
+            try:
+                with entry.lock(f"marking the problems cache verify found in {entry.key}"):
+                    mark(entry, problems)
+            except CacheError as e:  # a read-only cache: the problems are still reported
+                log.warning("%s; not marked", e)
         found.append((entry, problems + pin_problems(entry)))
     return CheckedCache(cache.root, found)
 

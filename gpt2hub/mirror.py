@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cache import Cache, Entry, EntryKey
+from .cache import Cache, Entry, EntryKey, enclosing_cache
 from .checks import verify
 from .errors import CacheError, IntegrityError, UnknownModelError
 from .files import (
@@ -73,10 +73,18 @@ def write_mirror(folder: str | Path, names: list[str] | None = None, cache_dir: 
         raise CacheError(f"there is no gpt2hub cache at {cache.root}: run `gpt2hub download NAME` first (or set "
                          "GPT2HUB_CACHE to the cache to mirror)")
     folder = Path(folder)
+    _outside_caches(folder)
     chosen = [_named_entry(cache, n) for n in names] if names else _complete_entries(cache)
     written = [f for entry in chosen for f in _mirror_model(entry, folder, link)]
     _write_sums(folder, written, {e.key.size for e in chosen})
     return written
+
+
+def _outside_caches(folder: Path) -> None:
+    """Refuse a folder that is or lies in a gpt2hub cache, links resolved (the cache keeps only its own files)."""
+    if (inside := enclosing_cache(folder)) is not None:
+        raise CacheError(f"not mirroring into {folder}: it lies in the gpt2hub cache at {inside}, which keeps only its "
+                         "own files; mirror into a folder of your own")
 
 
 def _openai_entry(cache: Cache, spec: ModelSpec) -> Entry:
@@ -112,6 +120,7 @@ def _mirror_model(entry: Entry, folder: Path, link: bool) -> list[MirroredFile]:
     if problems:
         raise IntegrityError(f"not mirroring {entry.key.size}: {problems[0]}. Load the model once (or `gpt2hub "
                              "download`) to repair it, then mirror again")
+    _outside_caches(folder / entry.key.size)  # (a link there into the cache: its files would be replaced by copies)
     spec = _spec(entry.key.size)
     records = entry.records()
     if spec is not None:  # a file kept under GPT2HUB_IGNORE_PINS is refused unless the opt-out is set now
@@ -174,12 +183,14 @@ def _matches(path: Path, record: dict, sha256: str) -> bool:
 
 def _write_sums(folder: Path, written: list[MirroredFile], sizes: set[str]) -> None:
     """SHA256SUMS: the files just written, plus earlier lines of other models whose files are still there."""
-    lines = {}
-    with contextlib.suppress(FileNotFoundError):
-        for line in (folder / SUMS).read_text().splitlines():
-            m = _SUM_LINE.fullmatch(line)
-            if m and m.group(2).split("/")[0] not in sizes and os.path.lexists(folder / m.group(2)):
-                lines[m.group(2)] = m.group(1)
+    lines, text = {}, ""
+    if regular_file(folder / SUMS, follow=True) is not None:  # (a FIFO would block, a folder cannot be read)
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            text = (folder / SUMS).read_text()
+    for line in text.splitlines():
+        m = _SUM_LINE.fullmatch(line)
+        if m and m.group(2).split("/")[0] not in sizes and os.path.lexists(folder / m.group(2)):
+            lines[m.group(2)] = m.group(1)
     for f in written:
         lines[f.path.relative_to(folder).as_posix()] = f.sha256
     with disk_errors(folder / SUMS), atomic_write(folder / SUMS, file_mode=user_mode()) as out:

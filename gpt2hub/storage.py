@@ -29,15 +29,16 @@ from .config import ModelConfig
 from .convert import openai_state_dict
 from .errors import CheckpointError
 from .fetching import Arrived
-from .files import CACHE_MODE, atomic_path, disk_error, fsync_dir
+from .files import CACHE_MODE, atomic_path, disk_error, fsync_dir, unlink_entry
 from .formats import Format, Paths
 from .model import GPTModel
 from .registry import DTYPES
 from .safetensors_file import load_safetensors, save_state_dict
 from .streaming import StreamedWeights
 
-# what reading stored weights raises when a file is damaged in a way its size and timestamp do not show
-UNREADABLE = (CheckpointError, safetensors.SafetensorError, ValueError)
+# what reading stored weights raises when a file is damaged in a way its size and timestamp do not show, or was
+# removed since it was checked (`gpt2hub cache rm` in another shell: a warm load checks its files under no lock)
+UNREADABLE = (CheckpointError, safetensors.SafetensorError, ValueError, FileNotFoundError)
 TORCH_DTYPES = {name: getattr(torch, d.tensors) for name, d in DTYPES.items()}
 Progress = Callable[[], Any] | None
 
@@ -103,7 +104,7 @@ class Mapped(Storage):
                 raise CheckpointError(f"{problem.path} {problem.what}", file=paths[name])
             if record is not None and record.get("tensors") != "checked":  # recorded by an earlier gpt2hub
                 fmt.check_tensors(paths, cfg, progress)
-        entry.stored_path(self.dtype).unlink(missing_ok=True)  # a copy an older gpt2hub wrote
+        unlink_entry(entry.stored_path(self.dtype))  # a copy an older gpt2hub wrote (a folder there: CacheError)
         return self.manifest(entry, paths[name], cfg, None, prepared=f"checked {how}")
 
     def state_dict(self, entry: Entry, fmt: Format, paths: Paths, manifest: Manifest,

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .arrival import Accepted, Gate
 from .cache import COMMIT, Cache, Entry, EntryKey
 from .download import MirrorDown, download
-from .errors import DownloadError, IntegrityError, OfflineError
+from .errors import CacheError, DownloadError, IntegrityError, OfflineError
 from .files import CACHE_MODE, atomic_path, clone_file, disk_error, regular_file
 from .formats import FORMATS, Format, for_folder
 from .published import Published
@@ -159,6 +159,7 @@ class OpenAIMirrors:
     def _from_mirror(self, url: str, gate: Gate, dest: Path, base: str) -> Accepted | tuple[str, bool]:
         """The file, accepted; else (why this mirror failed, whether it served a bad file)."""
         for attempt in range(2):
+            gate.entry.secure()  # a folder linked since the last attempt (another user of a shared cache) is removed
             try:
                 accepted = download(url, dest, lambda part, digest: gate(part, digest, url), digest_kind=gate.digest_kind,
                                     expected_size=gate.expected_size, bar=self._bar(), tap=gate.tap,
@@ -226,10 +227,12 @@ class HFHub:
 
     def external(self) -> Path:
         """This repo's folder in Hugging Face's cache (HF_HUB_CACHE, HF_HOME), as huggingface_hub resolves it now:
-        where its files stay."""
+        where its files stay. Its links resolved as huggingface_hub resolves them (a cache reached through a link,
+        ~/.cache/huggingface -> /data/hf, hands out paths under /data/hf)."""
         import huggingface_hub.constants
 
-        return Path(huggingface_hub.constants.HF_HUB_CACHE) / f"models--{self.spec.hf_repo.replace('/', '--')}"
+        hub_cache = Path(huggingface_hub.constants.HF_HUB_CACHE).expanduser().resolve()
+        return hub_cache / f"models--{self.spec.hf_repo.replace('/', '--')}"
 
     def identity(self, cache: Cache) -> EntryKey:
         """The entry of the commit this revision names: a commit hash as it is; a branch or tag as resolved earlier
@@ -248,7 +251,10 @@ class HFHub:
         if not COMMIT.fullmatch(commit):
             raise DownloadError(f"the Hugging Face Hub at {self.endpoint or 'huggingface.co'} gave {path} for "
                                 f"{self.spec.hf_repo} revision {self.ref!r}, not a commit's file: check HF_ENDPOINT")
-        cache.set_ref(self.spec.size, self.ref, commit)
+        try:
+            cache.set_ref(self.spec.size, self.ref, commit)
+        except CacheError as e:  # a read-only cache: what it holds of this commit still loads; asked again next time
+            log.info("%s; %s not remembered", e, self.ref)
         return commit
 
     def published(self) -> Published:
@@ -262,9 +268,11 @@ class HFHub:
         try:
             return gate(path).at(path=str(path), revision=self.ref, commit=self.commit)
         except IntegrityError as e:
+            real = os.path.realpath(path)
             gone = entry.discard_external(path)  # only inside this repo's folder of Hugging Face's cache
             then = "it was deleted, run again to download it afresh" if gone else (
-                "it lies outside Hugging Face's cache folders (a linked folder?) and was left alone: remove it by hand")
+                f"its bytes at {real} lie outside this repo's folders in Hugging Face's cache (a linked folder?) and "
+                "were left alone: delete that file by hand, then run again")
             raise IntegrityError(f"{gate.name} of {self.spec.hf_repo} ({path}) {e}; {then}") from None
 
     def done(self) -> None:
