@@ -329,6 +329,14 @@ class Cache(CacheFolder):
         real_folder(self.root / "hf" / size)
         write_json(self.refs_path(size), {**self.refs(size), revision: commit})
 
+    def temporaries(self) -> list[Path]:
+        """Temporary files a killed process left beside the cache's own root files (its marker) and refs, by the
+        names atomic writes give them; regular files only."""
+        found = [p for p in _listing(self.root) if _marker_temporary(p.name)]
+        for folder in _subdirs(self.root / "hf"):
+            found += [p for p in _listing(folder) if (m := _TEMPORARY.fullmatch(p.name)) and m.group(1) == "refs.json"]
+        return [p for p in found if regular_file(p) is not None]
+
     def forget_stale_refs(self) -> None:
         """Drop the refs that name a commit no longer cached, and a size's folder once it is empty."""
         for folder in _subdirs(self.root / "hf"):
@@ -395,12 +403,20 @@ class EntryRecords:
         """Hold this model's lock (see files.hold_lock)."""
         return hold_lock(self.lock_path, why, timeout)
 
+    def folders(self) -> list[Path]:
+        """Every folder from the cache root down to this entry's files."""
+        chain = [self.cache.root.joinpath(*self.key.parts[:i]) for i in range(1, len(self.key.parts) + 1)]
+        return [*chain, self.raw, self.converted]
+
     def secure(self) -> None:
         """Make every folder from the cache root down to this entry's files a real folder: a link (or a file) where
         one belongs is removed (the link itself, never what it points to). Called before any write."""
-        folders = [self.cache.root.joinpath(*self.key.parts[:i]) for i in range(1, len(self.key.parts) + 1)]
-        for folder in (*folders, self.raw, self.converted):
+        for folder in self.folders():
             real_folder(folder)
+
+    def misplaced(self) -> list[Path]:
+        """The links or files found where this entry's folders belong (what `secure` would remove), touching nothing."""
+        return [f for f in self.folders() if (st := stat_entry(f)) is not None and not stat.S_ISDIR(st.st_mode)]
 
     # names and paths --------------------------------------------------------------------------------------------
     def check_name(self, name: str) -> str:
@@ -559,8 +575,8 @@ class Entry(EntryRecords):
 
     def partials(self) -> list[Path]:
         """Partial downloads and temporary files left by interrupted processes, recognised by the names gpt2hub
-        gives them (`{file}.{pid}.incomplete`, `.{file}.XXXXXXXX.tmp`) and regular files only."""
-        self.secure()
+        gives them (`{file}.{pid}.incomplete`, `.{file}.XXXXXXXX.tmp`) and regular files only. Lists only: callers that
+        delete them call `secure` first."""
         found = []
         incomplete = re.compile("(" + "|".join(map(re.escape, self.names)) + r")\.(\d+\.)?incomplete")
         for folder, finals in self.own_files().items():

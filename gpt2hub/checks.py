@@ -8,12 +8,15 @@ next load, quick as it is, replaces it: what verify says will happen, happens.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from .cache import Entry, Manifest
+from .errors import CacheError
 from .files import crc32c_file, digest_kind, matches_record, regular_file, stat_entry
 
 NEXT_LOAD = {"file": "it is downloaded again on the next load", "weights": "they are prepared again on the next load"}
@@ -77,16 +80,23 @@ def check_weights(entry: Entry, dtype: str, quick: bool = False, manifest: Manif
     if crc32c_file(weights) != m.crc32c:
         return Problem(weights, f"damaged (crc32c differs from {path.name})", NEXT_LOAD["weights"], dtype=dtype)
     if st.st_mtime_ns != m.mtime_ns:  # whole but touched: remember, so the next load need not read it again
-        entry.write_manifest(type(m)(**{**m.__dict__, "mtime_ns": st.st_mtime_ns}))
+        with contextlib.suppress(CacheError):  # a read-only cache: checked in full again next time
+            entry.write_manifest(dataclasses.replace(m, mtime_ns=st.st_mtime_ns))
     return None
 
 
 def verify(entry: Entry, names: tuple[str, ...] | None = None, dtypes: tuple[str, ...] | None = None,
            quick: bool = False, records: dict[str, dict] | None = None,
-           manifests: dict[str, Manifest] | None = None) -> list[Problem]:
+           manifests: dict[str, Manifest] | None = None, secure: bool = True) -> list[Problem]:
     """Every problem of the given published files (default: all) and stored dtypes (default: those present);
-    `records` and `manifests` are what the caller already read (read here otherwise)."""
-    entry.secure()
+    `records` and `manifests` are what the caller already read (read here otherwise). With `secure` (the load path)
+    a link or file where one of the entry's folders belongs is removed first; without it (listing, `cache verify`)
+    it is a problem of its own and nothing is touched."""
+    if secure:
+        entry.secure()
+    elif misplaced := entry.misplaced():
+        return [Problem(f, "a link or file where gpt2hub keeps a folder", "it is removed (never followed) and what "
+                        "belongs there fetched or prepared again on the next load") for f in misplaced]
     records = entry.records() if records is None else records
     problems = [p for n in (entry.names if names is None else names)
                 if (p := check_file(entry, n, records.get(n), quick)) is not None]

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,12 +91,18 @@ def prune(root: Path) -> list[Pruned]:
         except OSError as e:
             raise disk_error(entry.lock_path, e) from e
         try:
+            entry.secure()
             for leftover in entry.partials():
                 freed = leftover.stat().st_size
                 unlink_entry(leftover)
                 done.append(Pruned(leftover, "removed", freed))
         finally:
             lock.release()
+    for leftover in cache.temporaries():
+        st = regular_file(leftover)
+        if st is not None and time.time() - st.st_mtime > 60:  # not one another process is writing right now
+            unlink_entry(leftover)
+            done.append(Pruned(leftover, "removed", st.st_size))
     return done + _stale_locks(cache)
 
 
@@ -195,7 +202,7 @@ def describe(entry: Entry) -> CachedModel:
 
 
 def _problem(entry: Entry, name: str) -> bool:
-    return bool(verify(entry, (name,), (), quick=True))
+    return bool(verify(entry, (name,), (), quick=True, secure=False))
 
 
 def scan_cache(cache_dir: str | Path | None = None) -> CacheInfo:
@@ -223,7 +230,7 @@ def check_cache(cache_dir: str | Path | None = None, mark_problems: bool = True)
         return CheckedCache(cache.root, None)
     found = []
     for entry in entries(cache):
-        problems = verify(entry)
+        problems = verify(entry, secure=False)
         if problems and mark_problems:
             try:
                 with entry.lock(f"marking the problems cache verify found in {entry.key}"):

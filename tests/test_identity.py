@@ -362,3 +362,30 @@ def test_verify_on_a_missing_or_empty_cache_says_so(tmp_path, capsys, monkeypatc
     assert code == 0 and "holds no model" in out
     code, out, _ = _cli(capsys, "cache", "list")
     assert code == 0 and "is empty" in out
+
+
+def test_listing_and_verifying_touch_nothing_and_verify_names_a_linked_folder(hub_env, server, tmp_path, capsys):
+    from_pretrained("gpt2-tiny")
+    outside = tmp_path / "outside"
+    (hub_env / "openai/tiny/raw").rename(outside)
+    (hub_env / "openai/tiny/raw").symlink_to(outside)
+    before = _snapshot(hub_env)
+    assert _cli(capsys, "cache", "list")[0] == 0 and _snapshot(hub_env) == before
+    code, out, _ = _cli(capsys, "cache", "verify")
+    assert code == 1 and "a link or file where gpt2hub keeps a folder" in out and _snapshot(hub_env) == before
+    from_pretrained("gpt2-tiny")  # the load removes the link (never following it) and fetches the files again
+    assert not (hub_env / "openai/tiny/raw").is_symlink() and len(list(outside.iterdir())) == 7
+
+
+def test_prune_removes_old_temporary_files_of_the_marker_and_refs_only(hub_env, server, capsys):
+    gpt2hub.download_files("gpt2-tiny")
+    (hub_env / "hf/tiny").mkdir(parents=True)
+    old = [hub_env / ".CACHEDIR.TAG.k3j4h5g6.tmp", hub_env / ".gpt2hub-cache.json.a1b2c3d4.tmp",
+           hub_env / "hf/tiny/.refs.json.zz99yy88.tmp"]
+    fresh, mine = hub_env / ".gpt2hub-cache.json.q1w2e3r4.tmp", hub_env / ".notes.backup.tmp"
+    for p in [*old, fresh, mine]:
+        p.write_text("x")
+    for p in [*old, mine]:
+        os.utime(p, (1, 1))  # long ago
+    assert _cli(capsys, "cache", "prune")[0] == 0
+    assert not any(p.exists() for p in old) and fresh.exists() and mine.exists()
