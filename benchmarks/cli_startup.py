@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from _report import describe, machine, save, table
+from idle import note, wait_idle
 
 HERE = str(Path(__file__).resolve().parents[1])
 COMMANDS = {"--help": ["--help"], "cache list": ["cache", "list"], "download (cached)": ["download", "gpt2-small"]}
@@ -54,7 +56,7 @@ def wall(argv: list[str], tree: str, cache: Path) -> float:
 def imports_torch(argv: list[str], tree: str, cache: Path) -> bool:
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "gpt2hub", *argv], env=_env(tree, cache), cwd=tree,
                           capture_output=True, text=True, timeout=300)
-    return any(line.rstrip().endswith("| torch") for line in proc.stderr.splitlines())
+    return any(re.search(r"\|\s*torch$", line.rstrip()) for line in proc.stderr.splitlines())
 
 
 def fill_cache(cache: Path, work: Path) -> None:
@@ -72,33 +74,38 @@ def fill_cache(cache: Path, work: Path) -> None:
     shutil.rmtree(work / "served")
 
 
-def measure(trees: dict[str, str], rounds: int, cache: Path) -> dict[str, Any]:
+def measure(trees: dict[str, str], rounds: int, cache: Path, idle: float | None = None) -> dict[str, Any]:
     for tree in trees.values():  # once each, untimed: the files' first read and Python's bytecode caches
         for argv in COMMANDS.values():
             wall(argv, tree, cache)
     times: dict[str, dict[str, list[float]]] = {c: {t: [] for t in trees} for c in COMMANDS}
+    others = []
     for _ in range(rounds):
+        others.append(wait_idle(idle))
         for command, argv in COMMANDS.items():
             for label, tree in trees.items():
                 times[command][label].append(wall(argv, tree, cache))
-    return {command: {label: {"median": statistics.median(runs), "min": min(runs), "max": max(runs), "runs": runs,
-                              "imports_torch": imports_torch(COMMANDS[command], trees[label], cache)}
-                      for label, runs in per.items()}
-            for command, per in times.items()}
+    return {"others_busy": others,
+            **{command: {label: {"median": statistics.median(runs), "min": min(runs), "max": max(runs), "runs": runs,
+                                 "imports_torch": imports_torch(COMMANDS[command], trees[label], cache)}
+                         for label, runs in per.items()}
+               for command, per in times.items()}}
 
 
-def report(results: dict[str, Any], trees: dict[str, str], info: dict[str, Any], rounds: int) -> list[str]:
+def report(results: dict[str, Any], trees: dict[str, str], info: dict[str, Any], rounds: int,
+           idle: float | None) -> list[str]:
     rows = []
-    for command, per in results.items():
+    for command in COMMANDS:
+        per = results[command]
         base = per.get("baseline", {}).get("median")
         for label, m in per.items():
-            ratio = f"{base / m['median']:.1f}x faster" if base and label != "baseline" else ""
+            ratio = f"{base / m['median']:.2f}x" if base and label != "baseline" else ""
             rows.append([f"`gpt2hub {COMMANDS[command][0] if command == '--help' else command}`", label,
                          f"**{m['median']:.3f} s** ({m['min']:.3f}-{m['max']:.3f})", "yes" if m["imports_torch"] else "no",
                          ratio])
     return [f"CLI start-up to exit, fresh processes, {describe(info)}, {os.cpu_count()} CPUs; median (min-max) of "
-            f"{rounds} alternating rounds ({', '.join(f'{k}: {v}' for k, v in trees.items())})", "",
-            *table(["command", "checkout", "wall time", "imports torch", "vs baseline"], rows)]
+            f"{rounds} alternating rounds{note(idle)} ({', '.join(f'{k}: {v}' for k, v in trees.items())})", "",
+            *table(["command", "checkout", "wall time", "imports torch", "baseline's time / this one's"], rows)]
 
 
 def main() -> None:
@@ -106,16 +113,18 @@ def main() -> None:
     ap.add_argument("--baseline", help="another checkout of gpt2hub (e.g. the branch point) to time beside this one")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--out", type=Path, help="folder for cli_startup.json and cli_startup.md")
+    ap.add_argument("--wait-idle", type=float, default=None, metavar="SHARE",
+                    help="before each round, wait until other processes use under SHARE of the CPUs (see idle.py)")
     args = ap.parse_args()
     trees = {"this checkout": HERE, **({"baseline": str(Path(args.baseline).resolve())} if args.baseline else {})}
     work = Path(tempfile.mkdtemp(prefix="gpt2hub-cli-startup-"))
     try:
         fill_cache(work / "cache", work)
-        results = measure(trees, args.rounds, work / "cache")
+        results = measure(trees, args.rounds, work / "cache", args.wait_idle)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     info = machine()
-    save(report(results, trees, info, args.rounds), args.out, "cli_startup",
+    save(report(results, trees, info, args.rounds, args.wait_idle), args.out, "cli_startup",
          {"machine": info, "trees": trees, "rounds": args.rounds, "results": results})
 
 

@@ -3,6 +3,12 @@
 Loads are timed in fresh processes (imports excluded), generation in this process with the same weights and threads
 for every implementation. Without a real checkpoint in the cache, a full-size one with random weights is generated
 in OpenAI's layout and served from 127.0.0.1.
+
+Decoding is timed directly: each implementation marks the arrival of every new column (`Marks`), and the rate is the
+tokens after the first over the time from the first column to the last, per run. Every run is checked before it is
+reported (`check_generation`, `check_results`): it must produce every token asked for, and neither its first token
+nor a decoding step may take less than reading the weights once at GENEROUS times the copy bandwidth measured in the
+same run, or less than the timer resolves. A run that fails is a MeasurementError naming it, never a number.
 """
 
 from __future__ import annotations
