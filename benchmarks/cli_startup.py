@@ -79,13 +79,14 @@ def measure(trees: dict[str, str], rounds: int, cache: Path, idle: float | None 
         for argv in COMMANDS.values():
             wall(argv, tree, cache)
     times: dict[str, dict[str, list[float]]] = {c: {t: [] for t in trees} for c in COMMANDS}
-    others = []
+    others, load = [], [os.getloadavg()[0]]
     for _ in range(rounds):
         others.append(wait_idle(idle))
         for command, argv in COMMANDS.items():
             for label, tree in trees.items():
                 times[command][label].append(wall(argv, tree, cache))
-    return {"others_busy": others,
+    load.append(os.getloadavg()[0])
+    return {"others_busy": others, "load_average": load,
             **{command: {label: {"median": statistics.median(runs), "min": min(runs), "max": max(runs), "runs": runs,
                                  "imports_torch": imports_torch(COMMANDS[command], trees[label], cache)}
                          for label, runs in per.items()}
@@ -104,7 +105,9 @@ def report(results: dict[str, Any], trees: dict[str, str], info: dict[str, Any],
                          f"**{m['median']:.3f} s** ({m['min']:.3f}-{m['max']:.3f})", "yes" if m["imports_torch"] else "no",
                          ratio])
     return [f"CLI start-up to exit, fresh processes, {describe(info)}, {os.cpu_count()} CPUs; median (min-max) of "
-            f"{rounds} alternating rounds{note(idle)} ({', '.join(f'{k}: {v}' for k, v in trees.items())})", "",
+            f"{rounds} alternating rounds{note(idle)} ({', '.join(f'{k}: {v}' for k, v in trees.items())}); the "
+            f"1-minute load average was {results['load_average'][0]:.1f} at the start and "
+            f"{results['load_average'][1]:.1f} at the end (other work shared the machine)", "",
             *table(["command", "checkout", "wall time", "imports torch", "baseline's time / this one's"], rows)]
 
 

@@ -332,7 +332,7 @@ def _generate_parser(sub: Any) -> None:
     g = _sub(sub, "generate", "continue a prompt, streaming the text",
              '  gpt2hub generate "Every effort moves you"\n'
              '  gpt2hub generate --model gpt2-medium --temperature 0.8 --top-k 50 --seed 1 "Once upon a time"\n'
-             "  cat prompt.txt | gpt2hub generate -", f"interrupted; {KEPT}")
+             "  cat prompt.txt | gpt2hub generate -")  # cmd_generate says more once it loads, then generates
     g.add_argument("prompt", help="the text to continue; - reads it from standard input")
     g.add_argument("--model", type=MODEL, default="gpt2-small", help="a model name, size, Hugging Face id or folder")
     _common(g)
