@@ -566,8 +566,8 @@ class Plan:
         self.took[kind] = self.took.get(kind, 0.0) + now - self.last
         self.done_count[kind] = self.done_count.get(kind, 0) + 1
         self.last = now
-        if self.bar is not None:
-            self.bar.update(self.steps[kind][2])
+        if self.bar is not None:  # never past the total (sums of floats in another order may differ in the last bit)
+            self.bar.update(max(0.0, min(self.steps[kind][2], self.bar.total - self.bar.n)))
 
     def record(self) -> dict[str, dict[str, Any]]:
         """kind -> what, steps planned and done, seconds estimated and taken (in all)."""
@@ -751,7 +751,7 @@ def run(cfg: BenchConfig, out: Path, say: Callable[[str], None] | None = None) -
     logging.getLogger("gpt2hub").addFilter(own)
     results: dict[str, Any] = {"machine": machine_info(), "config": asdict(cfg), "runs": []}
     try:
-        with tqdm(total=round(p.seconds), desc="benchmarking", unit="s", disable=progress_disabled(),
+        with tqdm(total=p.seconds, desc="benchmarking", unit="s", disable=progress_disabled(),
                   bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} estimated s [{elapsed}<{remaining}]") as p.bar:
             p.last = time.perf_counter()
             results.update(_run_all(cfg, p, asked, work, have_hf, have_tf, machine_label(results["machine"]), own))
