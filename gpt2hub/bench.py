@@ -48,7 +48,7 @@ from .registry import OPENAI_FILES, ModelSpec, register, resolve
 
 @dataclass
 class BenchConfig:
-    """What `gpt2hub bench` measures; the defaults are the full run (about 5 minutes on a 2-core CPU)."""
+    """What `gpt2hub bench` measures; the defaults are the full run (under 3 minutes on a quiet 2-core CPU)."""
 
     model: str = "gpt2-small"
     devices: list[str] = field(default_factory=lambda: ["cpu"])
@@ -509,23 +509,23 @@ def check_results(res: dict[str, Any]) -> None:
 
 
 # -- the plan, its estimate and the progress bar -------------------------------------------------------------------------
-# Seconds on a 2-core AMD EPYC (Zen 4) shared with other work (load average about 5), measured with gpt2-small
-# (GIB_SMALL of float32 weights); the weight-bound parts scale with the model's bytes. A rough guide, said to be one:
-# the bar's ETA corrects itself as steps finish.
+# Seconds on a 2-core AMD EPYC (Zen 4) with little other work, measured with gpt2-small (GIB_SMALL of float32
+# weights); the weight-bound parts scale with the model's bytes. A rough guide, said to be one: other work on the
+# machine stretches every step (2-3x was seen), and the bar's ETA corrects itself as steps finish.
 GIB_SMALL = 124_439_808 * 4 / 2**30
-COST = {"python": 4.0, "load": 1.5, "transformers": 5.0, "tensorflow": 3.5, "notebook": 2.5, "cold": 6.5,
-        "write": 4.5}
-# greedy generation: seconds per decoding step (batch 1, scaled by the weights and by 1 + batch/16), per token of
-# context in the batch (attention), and per prompt token of prefill
-GEN_COST = {"gpt2hub": {"step": 0.036, "context": 2e-6, "prefill": 0.0013},
-            "transformers": {"step": 0.066, "context": 3.5e-4, "prefill": 0.005}}
+COST = {"python": 1.8, "load": 0.3, "transformers": 3.2, "tensorflow": 6.0, "notebook": 2.6, "cold": 2.5,
+        "write": 3.4}
+# greedy generation: seconds per call, per decoding step (batch 1, scaled by the weights and by 1 + batch/16), per
+# token of context in the batch (attention), and per prompt token of prefill
+GEN_COST = {"gpt2hub": {"call": 0.005, "step": 0.032, "context": 2e-6, "prefill": 0.0011},
+            "transformers": {"call": 0.05, "step": 0.038, "context": 4e-5, "prefill": 0.0013}}
 
 
 def _generation_seconds(impl: str, batch: int, prompt: int, new_tokens: int, scale: float) -> float:
     """One timed generation (prefill, then new_tokens - 1 steps), as GEN_COST estimates it."""
     c = GEN_COST["transformers" if impl == "transformers" else "gpt2hub"]
     step = c["step"] * scale * (1 + batch / 16) + c["context"] * batch * (prompt + new_tokens / 2)
-    return c["prefill"] * scale * batch * prompt + new_tokens * step
+    return c["call"] + c["prefill"] * scale * batch * prompt + new_tokens * step
 
 
 @dataclass
@@ -743,8 +743,8 @@ def run(cfg: BenchConfig, out: Path, say: Callable[[str], None] | None = None) -
         f"{cfg.loads} timing(s) of each load, {cfg.repeats} of each generation:")
     for line in p.lines():
         say(line)
-    say(f"estimated time: about {_duration(p.seconds)} on a 2-core CPU like the one the estimate was measured on"
-        + ("" if cfg.quick else "; `gpt2hub bench --quick` takes under a minute there"))
+    say(f"estimated time: about {_duration(p.seconds)} on a quiet 2-core CPU like the one the estimate was measured on "
+        "(longer where other work shares the machine)" + ("" if cfg.quick else "; `gpt2hub bench --quick` takes ~30 s there"))
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpt2hub-bench-"))
     own = _OwnFiles(str(work))

@@ -188,5 +188,5 @@ def test_the_plan_lists_every_step_and_quick_is_planned_under_a_minute():
             for p in (16, 512)} <= kinds
     quick = plan(quick_config(), small, have_hf=True, have_tf=True, synthetic=True)
     assert not any(k.startswith(("cold", "warm notebook")) for k in quick.steps)
-    assert quick.seconds < 60 < 3 * 60 < full.seconds < 8 * 60
+    assert quick.seconds < 60 < full.seconds and quick.seconds < full.seconds / 3
     assert all(line.strip()[0].isdigit() for line in full.lines())
