@@ -381,9 +381,9 @@ def _subdirs(folder: Path) -> list[Path]:
         return []
 
 
-class EntryRecords:
-    """One entry of the cache: one model of one source (and commit). Its files, records, manifests and lock;
-    `Entry` adds deletion."""
+class EntryLayout:
+    """Where one entry of the cache (one model of one source, and commit) keeps its files, and its lock;
+    `EntryRecords` adds the records and manifests, `Entry` deletion."""
 
     def __init__(self, cache: Cache, key: EntryKey, names: tuple[str, ...], config: ModelConfig | None = None,
                  external: Path | None = None):
@@ -444,6 +444,11 @@ class EntryRecords:
             return None
         folders = [snapshot, *(p for p in snapshot.parents if Path(os.path.abspath(self.external or "")) in p.parents)]
         return path if all((st := stat_entry(p)) is None or stat.S_ISDIR(st.st_mode) for p in folders) else None
+
+
+
+class EntryRecords(EntryLayout):
+    """An entry's records (files.json) and manifests (converted/{dtype}.json)."""
 
     def file_path(self, name: str, record: dict | None = None) -> Path:
         """Where a published file lives: raw/{name}, or this commit's file in Hugging Face's cache."""

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import difflib
 import json
 import logging
 import math
+import re
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict
@@ -15,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from .__version__ import __version__
-from .errors import GPT2HubError, SettingError
+from .errors import GPT2HubError
 from .registry import SOURCES, dtype_choices
 
 log = logging.getLogger("gpt2hub")
+# the dtypes and sources the commands accept, from the registry's tables
+DTYPES, EXPORT_DTYPES = tuple(dtype_choices()), tuple(dtype_choices(exportable=True))
 
 
 # argument types: each bad value is a one-line usage error naming the option, the value and the accepted range ------
@@ -43,6 +48,7 @@ POSITIVE = _number(int, 1, 1_000_000, "a whole number from 1 to 1000000")
 SECONDS = _number(float, 0.0, None, "a number of seconds >= 0")
 PENALTY = _number(float, 0.01, 100.0, "a penalty from 0.01 to 100 (1 is off)")
 POSITIVE_SMALL = _number(int, 1, 64, "a whole number from 1 to 64")
+NEW_TOKENS = _number(int, 2, 1_000_000, "a whole number from 2 to 1000000 (the rate is timed after the first token)")
 
 
 def TOP_P(text: str) -> float:  # noqa: N802 - an argparse type, named like the others
@@ -73,13 +79,33 @@ def _when(t: float | None) -> str:
 
 # commands ----------------------------------------------------------------------------------------------------------
 def cmd_download(args: argparse.Namespace) -> int:
+    from .files import default_root
     from .hub import download_files
 
+    start = time.perf_counter()
+    log.info("downloading %s (source %s%s) into the cache at %s", args.name, args.source,
+             f", revision {args.revision}" if args.revision else "", args.cache_dir or default_root())
     paths = download_files(args.name, source=args.source, revision=args.revision, cache_dir=args.cache_dir,
                            force_download=args.force)
     for name, path in paths.items():
+        log.info("%s: %s", name, _human(path.stat().st_size))
         print(f"{name}\t{path}")
+    log.info("%d file(s), %s, ready in %.2f s", len(paths), _human(sum(p.stat().st_size for p in paths.values())),
+             time.perf_counter() - start)
     return 0
+
+
+def read_prompt(text: str) -> str:
+    """The prompt: `text`, or for "-" standard input (one trailing newline, which a shell's echo adds, removed)."""
+    if text != "-":
+        return text
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        prompt = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"the prompt read from standard input is not UTF-8 text (byte {e.start}): "
+                         "convert it, e.g. with iconv -t UTF-8") from None
+    return prompt.removesuffix("\n").removesuffix("\r")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -88,8 +114,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import generate_text, stream_text
     from .hub import from_pretrained, load_tokenizer
 
-    if not args.prompt:
-        raise ValueError("the prompt is empty: give some text to continue, e.g. gpt2hub generate \"Every effort\"")
+    prompt = read_prompt(args.prompt)
+    if not prompt:
+        raise ValueError("the prompt is empty: give some text to continue, e.g. gpt2hub generate \"Every effort\", "
+                         "or - to read it from standard input")
+    args.interrupted = f"interrupted while loading {args.model}; a partial download is kept and resumes on the next run"
     model = from_pretrained(args.model, device=args.device, dtype=args.dtype, source=args.source,
                             revision=args.revision, cache_dir=args.cache_dir)
     tokenizer = load_tokenizer(args.model, source=args.source, revision=args.revision, cache_dir=args.cache_dir)
@@ -98,18 +127,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
         generator = torch.Generator(device=model.tok_emb.weight.device).manual_seed(args.seed)
     options = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "generator": generator,
                "repetition_penalty": args.repetition_penalty, "stop": args.stop or None}
+    args.interrupted = "interrupted; generation stopped"
     if args.num_return_sequences > 1:
-        texts = generate_text(model, tokenizer, args.prompt, args.max_new_tokens,
+        texts = generate_text(model, tokenizer, prompt, args.max_new_tokens,
                               num_return_sequences=args.num_return_sequences, **options)
         for i, text in enumerate(texts, start=1):
             print(f"--- {i} ---\n{text}")
         return 0
-    sys.stdout.write(args.prompt)
+    sys.stdout.write(prompt)
     sys.stdout.flush()
-    for piece in stream_text(model, tokenizer, args.prompt, args.max_new_tokens, **options):
-        sys.stdout.write(piece)
+    try:
+        for piece in stream_text(model, tokenizer, prompt, args.max_new_tokens, **options):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    finally:  # the shell's prompt starts on a line of its own, however the text ended
+        sys.stdout.write("\n")
         sys.stdout.flush()
-    sys.stdout.write("\n")
     return 0
 
 
@@ -232,8 +265,25 @@ def cmd_cache_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_config(args: argparse.Namespace) -> Any:
+    """The BenchConfig that `gpt2hub bench` options ask for: --quick's settings, else the full run's, and any option
+    given on the command line over them."""
+    from .bench import BenchConfig, quick_config
+
+    given = {"model": args.model, "devices": args.device, "dtypes": args.dtype, "batch_sizes": args.batch_sizes,
+             "prompt_lengths": args.prompt_lengths, "new_tokens": args.new_tokens, "repeats": args.repeats}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.repeats is not None:
+        given["load_repeats"] = args.repeats  # asked for: loads too, --quick or not
+    flags = {"real_cache": args.real_cache, "transformers": False if args.no_transformers else None,
+             "notebook": False if args.no_notebook else None, "plots": False if args.no_plots else None,
+             "cold": False if args.no_cold else None}
+    given.update({k: v for k, v in flags.items() if v is not None})
+    return quick_config(**given) if args.quick else BenchConfig(**given)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchConfig, compare, markdown, run
+    from .bench import compare, markdown, run
     from .hub import check_device
 
     out = Path(args.out)
@@ -241,88 +291,123 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(compare([Path(f) for f in args.files], out), end="")
         print(f"wrote {out / 'compare.md'} and plots in {out}")
         return 0
-    for device in args.device:
+    cfg = bench_config(args)
+    for device in cfg.devices:
         check_device(device)
-    cfg = BenchConfig(model=args.model, devices=args.device, dtypes=args.dtype, batch_sizes=args.batch_sizes,
-                      prompt_lengths=args.prompt_lengths, new_tokens=args.new_tokens, repeats=args.repeats,
-                      real_cache=args.real_cache, transformers=not args.no_transformers, notebook=not args.no_notebook,
-                      plots=not args.no_plots)
     results = run(cfg, out)
     print(markdown([results]), end="")
-    plots = "" if args.no_plots else " and plots"
+    plots = " and plots" if cfg.plots else ""
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}{plots} in {out}")
     return 0
 
 
 # the parser --------------------------------------------------------------------------------------------------------
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown beside each option; the examples in each command's epilog kept as written."""
-
-
 class Parser(argparse.ArgumentParser):
-    """Usage errors are one line, `gpt2hub: error: ...`, exit status 2."""
+    """Usage errors are one line, `gpt2hub: error: ...`, exit status 2, with a suggestion for a mistyped choice.
+
+    Each option's help ends with its default, written once: added here unless the help already says it, and left
+    out where there is nothing to say (a flag, or None: the help tells what happens without the option).
+    """
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        default, text = kwargs.get("default"), kwargs.get("help")
+        nothing = default is None or default is False or default is argparse.SUPPRESS  # 0 and 0.0 are defaults
+        if text and args and str(args[0]).startswith("-") and "default" not in text and not nothing:
+            shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+            kwargs["help"] = f"{text} (default: {shown})"
+        return super().add_argument(*args, **kwargs)
 
     def error(self, message: str) -> Any:
-        self.exit(2, f"gpt2hub: error: {self.prog.removeprefix('gpt2hub').strip() or 'usage'}: {message} "
-                     f"(see `{self.prog} --help`)\n")
+        self.exit(2, f"gpt2hub: error: {self.prog.removeprefix('gpt2hub').strip() or 'usage'}: {message}"
+                     f"{_suggestion(message)} (see `{self.prog} --help`)\n")
+
+
+def _suggestion(message: str) -> str:
+    """'; did you mean 'generate'?' for argparse's "invalid choice: 'generat' (choose from ...)", else ''."""
+    found = re.search(r"invalid choice: '?([^'\s]*)'? \(choose from (.*)\)", message)
+    if not found:
+        return ""
+    choices = [c.strip(" '\"") for c in found.group(2).split(",")]
+    close = difflib.get_close_matches(found.group(1), choices, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _common(p: argparse.ArgumentParser, source: bool = True) -> None:
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="cache folder (default: GPT2HUB_CACHE, else the platform's user cache folder)")
     if source:
-        p.add_argument("--source", default="openai", choices=list(SOURCES),
+        p.add_argument("--source", default="openai", choices=SOURCES,
                        help="OpenAI's published files, or openai-community/* on the Hugging Face Hub")
-        p.add_argument("--revision", default=None, help="Hugging Face revision (branch, tag or commit; --source hf)")
+        p.add_argument("--revision", default=None,
+                       help="Hugging Face revision: branch, tag or commit (--source hf only; default: main)")
 
 
-def _sub(sub: Any, name: str, helptext: str, examples: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=helptext, description=helptext, formatter_class=_Formatter,
-                          epilog="examples:\n" + examples)
+# what Ctrl-C leaves behind, per command (generate says more precisely once it knows whether it is loading)
+KEPT = "partial downloads are kept and resume on the next run"
+WHOLE = "every file gpt2hub writes appears whole or not at all"
+
+
+def _sub(sub: Any, name: str, helptext: str, examples: str, interrupted: str = "interrupted") -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=helptext, description=helptext, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n" + examples)
+    p.set_defaults(interrupted=interrupted)
+    return p
 
 
 def _generate_parser(sub: Any) -> None:
     g = _sub(sub, "generate", "continue a prompt, streaming the text",
              '  gpt2hub generate "Every effort moves you"\n'
-             '  gpt2hub generate --model gpt2-medium --temperature 0.8 --top-k 50 --seed 1 "Once upon a time"')
-    g.add_argument("prompt", help="the text to continue")
+             '  gpt2hub generate --model gpt2-medium --temperature 0.8 --top-k 50 --seed 1 "Once upon a time"\n'
+             "  cat prompt.txt | gpt2hub generate -")  # cmd_generate says more once it loads, then generates
+    g.add_argument("prompt", help="the text to continue; - reads it from standard input")
     g.add_argument("--model", type=MODEL, default="gpt2-small", help="a model name, size, Hugging Face id or folder")
     _common(g)
     g.add_argument("--max-new-tokens", type=TOKENS, default=50, help="tokens to generate")
     g.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="sampling temperature; 0 is greedy")
     g.add_argument("--top-k", type=TOP_K, default=0, help="sample among the k most likely tokens; 0 is off")
     g.add_argument("--top-p", type=TOP_P, default=1.0, help="sample from the smallest set with this much mass; 1 is off")
-    g.add_argument("--seed", type=SEED, default=None, help="seed for sampling (same seed, same text)")
+    g.add_argument("--seed", type=SEED, default=None,
+                   help="seed for sampling: the same seed gives the same text (default: a fresh seed each run)")
     g.add_argument("--repetition-penalty", type=PENALTY, default=1.0,
                    help="divide the scores of tokens already in the text by this (transformers' rule); 1 is off")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop once the text contains TEXT (may be given several times); TEXT is not printed")
     g.add_argument("--num-return-sequences", type=POSITIVE_SMALL, default=1, help="continuations to sample and print")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    g.add_argument("--dtype", default="float32", choices=dtype_choices(), help="weights' dtype")
+    g.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype")
     g.set_defaults(func=cmd_generate)
 
 
 def _bench_parser(sub: Any) -> None:
     b = _sub(sub, "bench", "time loading and generation on this machine, beside transformers",
+             "  gpt2hub bench --quick                        # under a minute: the main figures, fewer settings\n"
              "  gpt2hub bench --dtype float32 bfloat16 --out results/\n"
-             "  gpt2hub bench compare cpu/results.json gpu/results.json --out compare/")
-    b.add_argument("--model", type=MODEL, default="gpt2-small", help="model whose size to time")
-    b.add_argument("--device", nargs="+", default=["cpu"], help="one or more devices, e.g. cpu cuda")
-    b.add_argument("--dtype", nargs="+", default=["float32"], choices=dtype_choices(),
-                   help="one or more dtypes")
-    b.add_argument("--batch-sizes", nargs="+", type=POSITIVE, default=[1, 4], help="batch sizes for generation")
-    b.add_argument("--prompt-lengths", nargs="+", type=POSITIVE, default=[16, 512], help="prompt lengths in tokens")
-    b.add_argument("--new-tokens", type=POSITIVE, default=32, help="tokens generated per timing")
-    b.add_argument("--repeats", type=POSITIVE, default=3, help="timings per measurement (medians are reported)")
+             "  gpt2hub bench compare cpu/results.json gpu/results.json --out compare/",
+             "interrupted; the benchmark stopped and wrote no results")
+    b.add_argument("--quick", action="store_true",
+                   help="a run under a minute on a 2-core CPU: batch 1, a 16-token prompt, 16 new tokens, no cold "
+                        "loads, no notebook path, no plots; options given beside it still apply")
+    b.add_argument("--model", type=MODEL, default=None, help="model whose size to time (default: gpt2-small)")
+    b.add_argument("--device", nargs="+", default=None, help="one or more devices, e.g. cpu cuda (default: cpu)")
+    b.add_argument("--dtype", nargs="+", default=None, choices=DTYPES, help="one or more dtypes (default: float32)")
+    b.add_argument("--batch-sizes", nargs="+", type=POSITIVE, default=None,
+                   help="batch sizes for generation (default: 1 4; --quick: 1)")
+    b.add_argument("--prompt-lengths", nargs="+", type=POSITIVE, default=None,
+                   help="prompt lengths in tokens (default: 16 512; --quick: 16)")
+    b.add_argument("--new-tokens", type=NEW_TOKENS, default=None,
+                   help="tokens generated per timing (default: 32; --quick: 16)")
+    b.add_argument("--repeats", type=POSITIVE, default=None,
+                   help="timings of each generation setting and loads of each kind; medians are reported with min and "
+                        "max (default: 3; --quick: 3 timings, 2 loads)")
     b.add_argument("--real-cache", action="store_true", help="use your cached real weights, skip the cold load")
+    b.add_argument("--no-cold", action="store_true", help="do not time cold loads (an empty cache fed from 127.0.0.1)")
     b.add_argument("--no-transformers", action="store_true", help="do not time transformers beside gpt2hub")
     b.add_argument("--no-notebook", action="store_true", help="do not time the notebook path (TensorFlow)")
     b.add_argument("--no-plots", action="store_true", help="write no PNG plots (make them later with `bench compare`)")
     b.add_argument("--out", default="gpt2hub-bench", help="folder for results.json, results.md and plots")
-    bsub = b.add_subparsers(dest="bench_command")
-    cmp_ = bsub.add_parser("compare", help="merge results.json files of several machines into one table and plot",
-                           formatter_class=_Formatter)
+    bsub = b.add_subparsers(dest="bench_command", metavar="{compare}")
+    cmp_ = _sub(bsub, "compare", "merge the results.json files of several machines into one table and plot",
+                "  gpt2hub bench compare laptop/results.json h100/results.json --out compare/")
     cmp_.add_argument("files", nargs="+", help="results.json files")
     cmp_.add_argument("--out", default="gpt2hub-compare", help="folder for compare.md and plots")
     b.set_defaults(func=cmd_bench)
@@ -337,16 +422,17 @@ def _cache_parser(sub: Any) -> None:
     ls.set_defaults(func=cmd_cache_list)
     v = _sub(csub, "verify", "re-hash every file; one line per missing or damaged file, marked so that the next load "
              "repairs it (or repaired now with --repair); exit 1 on any",
-             "  gpt2hub cache verify\n  gpt2hub cache verify --repair")
+             "  gpt2hub cache verify\n  gpt2hub cache verify --repair", "interrupted; what was checked so far is marked")
     v.add_argument("--repair", action="store_true", help="download or convert again what is damaged, now")
     v.set_defaults(func=cmd_cache_verify)
     rm = _sub(csub, "rm", "delete models (or one dtype's weights) from the cache, reporting the bytes freed",
-              "  gpt2hub cache rm gpt2-small\n  gpt2hub cache rm --all --dry-run\n  gpt2hub cache rm 124M --dtype bfloat16 -y")
+              "  gpt2hub cache rm gpt2-small\n  gpt2hub cache rm --all --dry-run\n  gpt2hub cache rm 124M --dtype bfloat16 -y",
+              "interrupted; what was removed so far stays removed: `gpt2hub cache list` shows what is left")
     rm.add_argument("name", nargs="?", type=MODEL, help="model name or size folder (as `cache list` shows it)")
     rm.add_argument("--all", action="store_true", help="every model in the cache")
-    rm.add_argument("--source", choices=list(SOURCES), default=None, help="only this source (default: both)")
-    rm.add_argument("--dtype", choices=dtype_choices(), default=None,
-                    help="only the prepared weights of this dtype (the published files stay)")
+    rm.add_argument("--source", choices=SOURCES, default=None, help="only this source (default: both)")
+    rm.add_argument("--dtype", choices=DTYPES, default=None,
+                    help="only the prepared weights of this dtype, the published files stay (default: every dtype)")
     rm.add_argument("--include-hf", action="store_true", help="also delete the files in the Hugging Face cache")
     rm.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
     rm.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation on a terminal")
@@ -360,32 +446,33 @@ def _cache_parser(sub: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="gpt2hub", description="OpenAI's GPT-2 weights as PyTorch models, cached and verified.",
-               formatter_class=_Formatter, epilog="examples:\n  gpt2hub download gpt2-small\n"
+               formatter_class=argparse.RawDescriptionHelpFormatter, epilog="examples:\n  gpt2hub download gpt2-small\n"
                '  gpt2hub generate "Every effort moves you"\n  gpt2hub cache list')
     p.add_argument("--version", action="version", version=f"gpt2hub {__version__}")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="log where models come from, each stage's time, locks and retries; tracebacks on errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="{download,generate,export,mirror,cache,bench}")
     d = _sub(sub, "download", "fetch a model's published files into the cache",
-             "  gpt2hub download gpt2-small\n  gpt2hub download gpt2-xl --source hf --revision main")
+             "  gpt2hub download gpt2-small\n  gpt2hub download gpt2-xl --source hf --revision main", f"interrupted; {KEPT}")
     d.add_argument("name", type=MODEL, help="a model name, size or Hugging Face id")
     _common(d)
     d.add_argument("--force", action="store_true", help="download again even if cached")
     d.set_defaults(func=cmd_download)
     e = _sub(sub, "export", "write a model as a Hugging Face folder (transformers, vLLM, TGI) or gpt2hub safetensors",
-             "  gpt2hub export gpt2-small ./gpt2-small-hf\n  gpt2hub export gpt2-xl ./xl --dtype bfloat16")
+             "  gpt2hub export gpt2-small ./gpt2-small-hf\n  gpt2hub export gpt2-xl ./xl --dtype bfloat16",
+             f"interrupted; {WHOLE}, and {KEPT}")
     e.add_argument("name", type=MODEL, help="a model name, size, Hugging Face id or folder")
     e.add_argument("folder", help="the folder to write (created if needed)")
     e.add_argument("--format", default="hf", choices=["hf", "safetensors"], help="Hugging Face's layout or gpt2hub's")
-    e.add_argument("--dtype", default=None, choices=dtype_choices(exportable=True),
-                   help="dtype of the written weights (default: float32)")
-    e.add_argument("--overwrite", action="store_true",
-                   help="export into a folder that is not empty, first removing the files an export writes or its readers read")
+    e.add_argument("--dtype", default=None, choices=EXPORT_DTYPES, help="dtype of the written weights (default: float32)")
+    e.add_argument("--overwrite", action="store_true", help="export into a folder that is not empty, first removing "
+                   "the files an export writes and those its readers would also read (other files stay)")
     _common(e)
     e.set_defaults(func=cmd_export)
     mi = _sub(sub, "mirror", "write cached models in OpenAI's layout with SHA256SUMS, for other machines to download",
               "  gpt2hub mirror /srv/gpt2 && python -m http.server -d /srv/gpt2 8000\n"
-              "  GPT2HUB_OPENAI_URL=http://THIS_HOST:8000 gpt2hub download gpt2-small   # on another machine")
+              "  GPT2HUB_OPENAI_URL=http://THIS_HOST:8000 gpt2hub download gpt2-small   # on another machine",
+              f"interrupted; {WHOLE}: run the command again to finish the mirror")
     mi.add_argument("folder", help="the folder to fill (FOLDER/<size>/<file>, FOLDER/SHA256SUMS)")
     mi.add_argument("names", nargs="*", type=MODEL, help="models to mirror (default: every fully cached OpenAI model)")
     mi.add_argument("--link", action="store_true", help="hard-link instead of copying: no second copy on disk, but an "
@@ -415,8 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     _log_setup(args.verbose)
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print("gpt2hub: interrupted; partial downloads are kept and resume on the next run", file=sys.stderr)
+    except KeyboardInterrupt:  # the message fits what was stopped: each command says it (generate: loading, then not)
+        print(f"gpt2hub: {args.interrupted}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
@@ -425,5 +512,5 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"gpt2hub: error: {message}", file=sys.stderr)
-        usage = isinstance(e, ValueError) and (not isinstance(e, GPT2HubError) or isinstance(e, SettingError))
-        return 2 if usage else 1
+        # a bad argument (an unknown model name included: UnknownModelError is a ValueError) is 2, a failure 1
+        return 2 if isinstance(e, ValueError) else 1

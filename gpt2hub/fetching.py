@@ -4,6 +4,7 @@ missing or damaged, under the entry's lock; the pins checked on every call, what
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -92,8 +93,13 @@ class Fetcher:
                 if store is not None and name == self.fmt.weights_file:
                     arrived.tap = tap = store.tap(self.fmt, self.entry, self.entry.paths(), self.spec.arch)
                 gate = Gate(self.entry, name, self.fmt, self.published, self.spec.arch, tap)
-                self.entry.record(self.transport.fetch(self.entry, gate, force))
+                start = time.perf_counter()
+                accepted = self.transport.fetch(self.entry, gate, force)
+                self.entry.record(accepted)
                 arrived.fresh.add(name)
+                log.info("fetched %s (%d bytes) from %s in %.2f s, %s checked", name, accepted.record["size"],
+                         accepted.origin.get("url") or accepted.origin.get("path") or "a copy already in the cache",
+                         time.perf_counter() - start, gate.digest_kind)
         except BaseException:
             arrived.close()
             raise

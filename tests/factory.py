@@ -1,4 +1,5 @@
-"""Test data in OpenAI's exact layout: TensorFlow-written checkpoints with the real vocabulary files."""
+"""Test data in OpenAI's exact layout with the real vocabulary files: checkpoints written by gpt2hub's own writer
+(no TensorFlow import, fast), or by TensorFlow itself for the tests whose point is reading what TensorFlow writes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from gpt2hub.registry import TOKENIZER_SHA256, ModelSpec
-from gpt2hub.synthetic import CHECKPOINT_FILE, hf_config, hf_tensors, random_weights
+from gpt2hub.synthetic import CHECKPOINT_FILE, META_FILE, hf_config, hf_tensors, random_weights
+from gpt2hub.tf_checkpoint import write_checkpoint
 
 DATA = Path(__file__).parent / "data"
 VOCAB_FILES = ("encoder.json", "vocab.bpe")
@@ -36,11 +38,17 @@ def write_tf_checkpoint(prefix: Path, weights: dict[str, np.ndarray]) -> None:
             saver.save(sess, str(prefix))
 
 
-def write_openai_folder(folder: Path, hp: dict, seed: int = 0) -> dict[str, np.ndarray]:
-    """A model folder exactly as OpenAI publishes it, written by TensorFlow itself, real vocabulary included."""
+def write_openai_folder(folder: Path, hp: dict, seed: int = 0, tensorflow: bool = False) -> dict[str, np.ndarray]:
+    """A model folder exactly as OpenAI publishes it, real vocabulary included; the checkpoint written by gpt2hub's
+    writer (`gpt2hub.tf_checkpoint.write_checkpoint`, with a stand-in .meta file), or with `tensorflow=True` by
+    TensorFlow's own Saver (its .meta graph included)."""
     folder.mkdir(parents=True, exist_ok=True)
     weights = random_weights(hp, seed)
-    write_tf_checkpoint(folder / "model.ckpt", weights)
+    if tensorflow:
+        write_tf_checkpoint(folder / "model.ckpt", weights)
+    else:
+        write_checkpoint(folder / "model.ckpt", weights)
+        (folder / "model.ckpt.meta").write_bytes(META_FILE)
     (folder / "checkpoint").write_text(CHECKPOINT_FILE)  # OpenAI's: relative, not this machine's absolute path
     (folder / "hparams.json").write_text(json.dumps(hp, indent=2) + "\n")
     for name in VOCAB_FILES:

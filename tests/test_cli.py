@@ -74,7 +74,7 @@ def test_rm_and_prune(hub_env, server, capsys):
 
 def test_errors_are_one_line_without_traceback(hub_env, server, capsys, monkeypatch):
     code, _, err = run(capsys, "generate", "--model", "gpt2-smal", "hi")
-    assert code == 1 and err.count("\n") == 1 and "Did you mean 'gpt2-small'" in err
+    assert code == 2 and err.count("\n") == 1 and "Did you mean 'gpt2-small'" in err  # a bad argument: 2
     monkeypatch.setenv("GPT2HUB_OFFLINE", "1")
     code, _, err = run(capsys, "generate", "--model", "gpt2-tiny", "hi")
     assert code == 1 and "gpt2hub download gpt2-tiny" in err and "Traceback" not in err

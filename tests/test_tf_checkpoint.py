@@ -16,8 +16,8 @@ def _tf_load(prefix, name):
     return tf.train.load_variable(str(prefix), name)
 
 
-def test_reads_every_variable_as_tensorflow_does(tiny_folder):
-    folder, weights = tiny_folder
+def test_reads_every_variable_as_tensorflow_does(tf_tiny_folder):
+    folder, weights = tf_tiny_folder
     ckpt = TFCheckpoint(folder)
     assert sorted(ckpt.names()) == sorted(weights)
     for name in ckpt.names():
@@ -131,10 +131,10 @@ def test_missing_data_file_and_missing_index(tiny_folder, tmp_path):
         TFCheckpoint(tmp_path / "nothing")
 
 
-def test_masked_crc_matches_what_tensorflow_stores(tiny_folder):
+def test_masked_crc_matches_what_tensorflow_stores(tf_tiny_folder):
     # TensorFlow wrote each entry's crc32c field; the masked crc of the raw bytes must reproduce it exactly
-    ckpt = TFCheckpoint(tiny_folder[0])
-    data = (tiny_folder[0] / "model.ckpt.data-00000-of-00001").read_bytes()
+    ckpt = TFCheckpoint(tf_tiny_folder[0])
+    data = (tf_tiny_folder[0] / "model.ckpt.data-00000-of-00001").read_bytes()
     for e in ckpt.entries.values():
         crc = google_crc32c.value(data[e.offset:e.offset + e.size])
         assert mask_crc(crc) == e.crc32c and mask_crc(crc) != crc
@@ -158,3 +158,20 @@ def test_our_writer_is_read_by_tensorflow(tmp_path):
     for name, value in tensors.items():
         np.testing.assert_array_equal(reader.get_tensor(name), value)
         np.testing.assert_array_equal(ours.read(name), value)
+
+
+def test_the_test_checkpoints_written_by_gpt2hub_hold_what_tensorflow_writes(tiny_folder, tf_tiny_folder):
+    """The test suite's checkpoints come from gpt2hub's writer; TensorFlow's, from the same weights, read the same
+    and load into the same model, so the tests built on them prove what they proved with TensorFlow's."""
+    import torch
+
+    from gpt2hub import from_pretrained
+
+    ours, theirs = TFCheckpoint(tiny_folder[0]), TFCheckpoint(tf_tiny_folder[0])
+    assert sorted(ours.names()) == sorted(theirs.names())
+    for name in ours.names():
+        np.testing.assert_array_equal(ours.read(name), theirs.read(name))
+        np.testing.assert_array_equal(ours.read(name), _tf_load(tiny_folder[0] / "model.ckpt", name))
+    idx = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(tiny_folder[0])(idx), from_pretrained(tf_tiny_folder[0])(idx))
