@@ -92,13 +92,15 @@ def report(results: list[dict[str, Any]], trees: dict[str, str], info: dict[str,
     for r in results:
         for label in trees:
             m = r[label]
-            rows.append([r["model"], r["dtype"], label, f"{m['total_s']:.3f} s", f"{m['download_s']:.3f} s",
+            totals = [run["total_s"] for run in m["runs"]]
+            rows.append([r["model"], r["dtype"], label, _spread({"median": m["total_s"], "min": min(totals),
+                                                                  "max": max(totals)}), f"{m['download_s']:.3f} s",
                          f"{m['convert_s']:.3f} s", f"{m['load_s']:.3f} s", f"{r['copy_s']:.3f} s",
                          f"**{m['over_copy']:.2f}x**", f"{m['peak_rss_delta_mib']:.0f} MiB"])
     warm = [[r["model"], r["dtype"], label, _spread(r[label]["warm"]["total_s"]),
              _spread(r[label]["warm"]["load_s"]), f"{r[label]['warm']['peak_rss_delta_mib']['median']:.0f} MiB"]
             for r in results for label in trees]
-    return [f"Cold loads to first logits, {describe(info)}; medians of {repeats} alternating rounds "
+    return [f"Cold loads to first logits, {describe(info)}; medians (min-max of the totals) of {repeats} alternating rounds "
             f"({', '.join(f'{k}: {v}' for k, v in trees.items())})", "",
             *table(["model", "dtype", "checkout", "cold total", "download (with streaming)", "convert (after)", "load",
                     "copy floor", "cold / copy", "peak RSS delta"], rows), "",
