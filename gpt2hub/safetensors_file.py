@@ -24,7 +24,7 @@ def load_safetensors(path: Path, device: torch.device | str = "cpu") -> dict[str
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int8: "I8", torch.uint8: "U8"}
 Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]  # tensor name -> (dtype, shape), in the file's order
 
 
