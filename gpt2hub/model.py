@@ -81,11 +81,15 @@ class LayerCache:
 
 
 def _consecutive(tensors: list[torch.Tensor | None], stride: tuple[int, ...], elements: int) -> bool:
-    """Whether the tensors have `stride` and follow one another in memory, `elements` apart."""
+    """Whether the tensors have `stride` and follow one another in one storage, `elements` apart (tensors that merely
+    lie side by side, each with a storage of its own as a safetensors file gives them, cannot be viewed as one)."""
     first = tensors[0]
-    return all(t is not None and first is not None and t.stride() == stride and t.dtype == first.dtype
-               and t.device == first.device and t.data_ptr() == first.data_ptr() + i * elements * first.element_size()
-               for i, t in enumerate(tensors))
+    if first is None:
+        return False
+    storage = first.untyped_storage()
+    return all(t is not None and t.stride() == stride and t.dtype == first.dtype and t.device == first.device
+               and t.data_ptr() == first.data_ptr() + i * elements * first.element_size()
+               and t.untyped_storage().data_ptr() == storage.data_ptr() for i, t in enumerate(tensors))
 
 
 class Linear(nn.Linear):
@@ -115,6 +119,7 @@ class MultiHeadAttention(nn.Module):
         self.W_qkv: nn.Module | None = None
         self.out_proj = Linear(d_out, d_out)
         self.dropout = nn.Dropout(dropout)
+        self._fused: tuple[tuple[int, ...], Any] = ((), None)  # fused_qkv() and the addresses it was made for
 
     def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """W_query, W_key and W_value as one [3 * d_out, d_in] weight (and bias) when they lie side by side in memory:
@@ -135,12 +140,21 @@ class MultiHeadAttention(nn.Module):
             return None
         return w, self.W_query.bias.as_strided((3 * d,), (1,))
 
+    def _fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """fused_qkv(), made again only when a weight or bias has moved: the views kept here hold the memory they
+        read, so no other tensor can come to lie at the addresses compared."""
+        layers = (self.W_query, self.W_key, self.W_value)
+        key = tuple(t.data_ptr() if t is not None else 0 for m in layers for t in (m.weight, m.bias))
+        if self._fused[0] != key:
+            self._fused = (key, self.fused_qkv())
+        return self._fused[1]
+
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries [batch, heads, t, head_dim] and keys with values [2, batch, heads, t, head_dim] for `x` [batch, t, d_in]."""
         b, t, _ = x.shape
         if self.W_qkv is not None:
             qkv = self.W_qkv(x)
-        elif not torch.is_grad_enabled() and (fused := self.fused_qkv()) is not None:
+        elif not torch.is_grad_enabled() and (fused := self._fused_qkv()) is not None:
             qkv = linear(x, *fused)  # one product reads the three matrices once
         else:
             q, k, v = (w(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
@@ -168,7 +182,8 @@ class MultiHeadAttention(nn.Module):
         k, v = kv.unbind(0)
         p = self.dropout.p if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
-        return self.out_proj(y.transpose(1, 2).reshape(b, t, self.d_out))
+        # [b, heads, t, head_dim] -> [b, t, d_out]; one position needs no transpose
+        return self.out_proj(y.reshape(b, t, self.d_out) if t == 1 else y.transpose(1, 2).reshape(b, t, self.d_out))
 
 
 class LayerNorm(nn.Module):

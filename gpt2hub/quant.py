@@ -55,9 +55,9 @@ import torch.nn.functional as F
 from .kernels import native_bf16
 from .model import GPTModel
 
-__all__ = ["DEFAULT_GROUP_SIZE", "GROUP_SIZES", "HEADS", "HEADS_DEFAULT", "KERNELS", "SCHEMES", "Int4Linear",
-           "Int8Linear", "QuantLinear", "pack_int4", "quantize_state_dict", "quantized_model", "stored_layout",
-           "unpack_int4"]
+__all__ = ["DEFAULT_GROUP_SIZE", "FAST_CPU", "GROUP_SIZES", "HEADS", "HEADS_DEFAULT", "INT4_TILES", "KERNELS",
+           "SCHEMES", "Int4Linear", "Int8Linear", "QuantLinear", "pack_int4", "quantize_state_dict", "quantized_model",
+           "stored_layout", "unpack_int4"]
 
 log = logging.getLogger("gpt2hub")
 SCHEMES = ("int8", "int4")
@@ -70,9 +70,10 @@ HEADS = ("tied", "int8", "int4")
 HEADS_DEFAULT = {"int8": "int8", "int4": "int8"}
 TILE = 64  # rows per tile of stored int4 codes
 BF16 = torch.bfloat16
-_CAPABLE = (native_bf16() and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+# whether ATen runs its AVX512 kernels here and bfloat16 is native: the int8/int4 kernels' fast path
+FAST_CPU = (native_bf16() and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
             and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
-KERNELS = _CAPABLE  # set False to run the plain path (dequantize, then F.linear) everywhere
+KERNELS = FAST_CPU  # set False to run the plain path (dequantize, then F.linear) everywhere
 
 
 # -- the arithmetic ----------------------------------------------------------------------------------------------------
@@ -160,19 +161,23 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-@functools.cache
 def _int4_kernel_reads_tiles() -> bool:
-    """Whether this PyTorch has the CPU int4 kernel and packs weights in the stored tile order (checked once)."""
-    if not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
+    """Whether this PyTorch has the CPU int4 kernel and packs weights in the stored tile order."""
+    if not (FAST_CPU and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")):
         return False
-    codes = torch.randint(0, 16, (2 * TILE, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    codes = torch.randint(0, 16, (2 * TILE, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32,
+                          device="cpu")
     with contextlib.suppress(RuntimeError):
         return torch.equal(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), pack_int4(codes))
     return False
 
 
+INT4_TILES = _int4_kernel_reads_tiles()  # checked once, at import
+
+
 # -- the modules -------------------------------------------------------------------------------------------------------
-_told: set[tuple[str, bool]] = set()
+_told: set[tuple[str, bool]] = set()  # the paths already said in the log
+_compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)  # (torch.compile cannot trace logging)
 
 
 class QuantLinear(nn.Module):
@@ -202,18 +207,19 @@ class QuantLinear(nn.Module):
 
     def _usable(self) -> bool:
         """Whether this PyTorch and CPU run this layer's kernel."""
-        return _CAPABLE
+        return FAST_CPU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out]: the kernel for bfloat16 CPU inputs on a capable CPU, else dequantize + F.linear."""
         flat = x.reshape(-1, x.shape[-1])
         fast = KERNELS and x.is_cpu and x.dtype == BF16 and not x.requires_grad and self._usable()
-        if (self.scheme, fast) not in _told:
+        if (self.scheme, fast) not in _told and not _compiling():
             self._tell(fast, x)
         y = self._kernel(flat.contiguous()) if fast else F.linear(flat, self.dequantize(x.dtype))
         if y.shape[1] != self.out_features:  # int4 rows padded to a whole tile
-            y = y[:, :self.out_features]
-        y = y if self.bias is None else y + self.bias
+            y = y[:, :self.out_features] if self.bias is None else y[:, :self.out_features] + self.bias
+        elif self.bias is not None:
+            y = y.add_(self.bias)  # (y is new: no other tensor sees the write)
         return y.view(*x.shape[:-1], self.out_features)
 
     def _tell(self, fast: bool, x: torch.Tensor) -> None:
@@ -269,7 +275,7 @@ class Int4Linear(QuantLinear):
         return torch.addcmul(zero[..., None], codes.to(dtype) - 8, scale[..., None]).reshape(self.out_features, -1)
 
     def _usable(self) -> bool:
-        return _CAPABLE and _int4_kernel_reads_tiles()
+        return INT4_TILES
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, self.scale_zero)

@@ -20,7 +20,7 @@ from gpt2hub.quant import (
     stored_layout,
     unpack_int4,
 )
-from gpt2hub.safetensors_file import load_safetensors, save_state_dict
+from gpt2hub.safetensors_file import load_safetensors, map_safetensors, save_state_dict
 
 BF16 = torch.bfloat16
 CFG = {"vocab_size": 300, "context_length": 64, "emb_dim": 128, "n_heads": 4, "n_layers": 2, "qkv_bias": True,
@@ -33,7 +33,7 @@ SCHEMES = [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128)]
 @pytest.fixture(params=["kernel", "plain"])
 def path(request, monkeypatch):
     """Both ways a quantized layer multiplies: PyTorch's int8/int4 kernels, and dequantize + F.linear."""
-    if request.param == "kernel" and not (quant.KERNELS and quant._int4_kernel_reads_tiles()):
+    if request.param == "kernel" and not (quant.KERNELS and quant.INT4_TILES):
         pytest.skip("this CPU or PyTorch has no fast path for the int8/int4 kernels: only the plain path runs here")
     monkeypatch.setattr(quant, "KERNELS", request.param == "kernel")
     return request.param
@@ -95,7 +95,7 @@ def test_int4_codes_are_stored_in_the_documented_tile_order():
     t, k, j = 1, 5, 3
     assert int(tile[t, k, j]) == int(codes[64 * t + j, k]) | int(codes[64 * t + 32 + j, k]) << 4
     assert int(tile[t, k, 16 + j]) == int(codes[64 * t + 16 + j, k]) | int(codes[64 * t + 48 + j, k]) << 4
-    if hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu") and quant._CAPABLE:
+    if hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu") and quant.FAST_CPU:
         # the order PyTorch's AVX512 kernel reads, which lets it multiply the mapped file as it is
         assert torch.equal(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 1), packed)
 
@@ -147,15 +147,16 @@ def test_quantized_model_computes_its_dequantized_weights_and_stays_close_to_bfl
     assert torch.corrcoef(torch.stack([got.flatten(), exact.flatten()]))[0, 1] > (0.999 if scheme == "int8" else 0.98)
 
 
+@pytest.mark.parametrize("load", [load_safetensors, map_safetensors])
 @pytest.mark.parametrize("scheme,group,head", [("int8", None, None), ("int4", 32, None), ("int4", 64, "int4")])
-def test_saved_and_mapped_model_gives_the_same_logits_without_copies(tmp_path, scheme, group, head):
+def test_saved_and_mapped_model_gives_the_same_logits_without_copies(tmp_path, scheme, group, head, load):
     model = _tiny()
     stored = quantize_state_dict(model.state_dict(), scheme, group, head)
     layout = stored_layout(CFG, scheme, group, head)
     assert list(stored) == list(layout) and {k: (v.dtype, tuple(v.shape)) for k, v in stored.items()} == layout
     assert all(v.dtype in (torch.int8, torch.uint8, BF16) for v in stored.values())
     save_state_dict(stored, tmp_path / "q.safetensors")
-    mapped = load_safetensors(tmp_path / "q.safetensors")
+    mapped = load(tmp_path / "q.safetensors")
     loaded = quantized_model(CFG, mapped, scheme, group, head)
     direct = quantized_model(CFG, stored, scheme, group, head)
     idx = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(4))
