@@ -74,7 +74,7 @@ class LayerCache:
         cache = self.kv if kv.shape[1] == self.kv.shape[1] else self.kv.narrow(1, 0, kv.shape[1])
         t = kv.shape[3]
         if isinstance(start, torch.Tensor):
-            cache.index_copy_(3, start + torch.arange(t, device=kv.device), kv)
+            cache.index_copy_(3, start + torch.arange(t, device=kv.device), kv.to(cache.dtype))
             return cache
         cache.narrow(3, start, t).copy_(kv)
         return cache.narrow(3, 0, start + t)
@@ -120,6 +120,8 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = Linear(d_out, d_out)
         self.dropout = nn.Dropout(dropout)
         self._fused: tuple[tuple[int, ...], Any] = ((), None)  # fused_qkv() and the addresses it was made for
+        # the dtype attention computes in when it is not the activations' (see GPTModel.attention_dtype)
+        self.attention_dtype: torch.dtype | None = None
 
     def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """W_query, W_key and W_value as one [3 * d_out, d_in] weight (and bias) when they lie side by side in memory:
@@ -179,11 +181,14 @@ class MultiHeadAttention(nn.Module):
                 # queries sit at start..start+t-1 and see every key up to their own position
                 mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
             is_causal = is_causal and mask is None
-        k, v = kv.unbind(0)
+        elif self.attention_dtype is not None:
+            kv = kv.to(self.attention_dtype)
+        k, v = kv.unbind(0)  # (with a cache, the cache's dtype is the attention's: the write above converted)
         p = self.dropout.p if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
+        y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
         # [b, heads, t, head_dim] -> [b, t, d_out]; one position needs no transpose
-        return self.out_proj(y.reshape(b, t, self.d_out) if t == 1 else y.transpose(1, 2).reshape(b, t, self.d_out))
+        y = y.reshape(b, t, self.d_out) if t == 1 else y.transpose(1, 2).reshape(b, t, self.d_out)
+        return self.out_proj(y.to(x.dtype))
 
 
 class LayerNorm(nn.Module):
@@ -290,6 +295,21 @@ class GPTModel(nn.Module):
             if paused:
                 gc.enable()
         return model.eval()
+
+    @property
+    def attention_dtype(self) -> torch.dtype:
+        """The dtype attention computes in, and generation's KV cache holds: the activations' (the embedding's dtype)
+        unless set. Setting float32 on a bfloat16 model costs twice the cache memory and gives other (closer to
+        float32) values, but PyTorch's CPU attention reads a float32 cache several times faster at one query per step
+        (benchmarks/results/cpu-epyc-2core/decode_step.md): quantized models (gpt2hub.quant) use it."""
+        dtype = next((m.attention_dtype for m in self.modules() if isinstance(m, MultiHeadAttention)), None)
+        return self.tok_emb.weight.dtype if dtype is None else dtype
+
+    @attention_dtype.setter
+    def attention_dtype(self, dtype: torch.dtype | None) -> None:
+        for m in self.modules():
+            if isinstance(m, MultiHeadAttention):
+                m.attention_dtype = dtype
 
     @property
     def tied(self) -> bool:

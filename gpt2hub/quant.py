@@ -64,10 +64,11 @@ SCHEMES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 32
 HEADS = ("tied", "int8", "int4")
-# measured on gpt2-small (benchmarks/results/cpu-epyc-2core/quant_accuracy.md, decode_step.md): an int8 head reads
-# half the bytes of the bfloat16 one and keeps its accuracy; an int4 head costs top-1 agreement for a few tenths of a
-# millisecond per token
-HEADS_DEFAULT = {"int8": "int8", "int4": "int8"}
+# measured on gpt2-small (benchmarks/results/cpu-epyc-2core/quant_accuracy.md, linear_kernels_quant.md): an int8
+# head costs int8 models nothing in accuracy and, unlike the tied head, needs no packed bfloat16 copy to be fast; an
+# int4 head would be most of an int8 model's error. int4 models take an int4 head: a third of the int8 head's time per
+# token, and still closer to float32 than ggml's q4_0, which quantizes its head too
+HEADS_DEFAULT = {"int8": "int8", "int4": "int4"}
 TILE = 64  # rows per tile of stored int4 codes
 BF16 = torch.bfloat16
 # whether ATen runs its AVX512 kernels here and bfloat16 is native: the int8/int4 kernels' fast path
@@ -437,4 +438,6 @@ def quantized_model(cfg: Mapping, stored: Mapping[str, torch.Tensor], scheme: st
             parent, _, child = owner.rpartition(".")
             setattr(model.get_submodule(parent), child, layer)
 
-    return GPTModel.from_state_dict(dict(cfg), dict(stored), tie_weights=head == "tied", modules=quantize_modules)
+    model = GPTModel.from_state_dict(dict(cfg), dict(stored), tie_weights=head == "tied", modules=quantize_modules)
+    model.attention_dtype = torch.float32  # PyTorch's CPU attention reads a float32 KV cache far faster than bfloat16
+    return model
