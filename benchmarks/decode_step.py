@@ -30,12 +30,14 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 PRECISIONS = ("float32", "bfloat16", "int8", "int4")
+EXTRA = ("bfloat16-attn32",)  # bfloat16 weights, attention in float32 (GPTModel.attention_dtype)
 LINEAR_OPS = ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::_weight_int8pack_mm",
               "aten::_weight_int4pack_mm_for_cpu", "aten::linear")
 
 
 # -- the worker: one per implementation, reading commands from stdin ---------------------------------------------------
-def _models(names: list[str], precisions: list[str]) -> dict[tuple[str, str], Any]:
+def _model(name: str, precision: str) -> Any:
+    """gpt2-<size> with random weights in `precision`, as gpt2hub loads it; None where this gpt2hub lacks it."""
     import torch
 
     from gpt2hub import GPTModel
@@ -43,24 +45,23 @@ def _models(names: list[str], precisions: list[str]) -> dict[tuple[str, str], An
     from gpt2hub.registry import resolve
     from gpt2hub.synthetic import random_weights
 
+    hp = resolve(name).hparams()
+    cfg = config_from_hparams(hp)
+    weights = random_weights(hp, seed=0)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bfloat16-attn32": torch.bfloat16}.get(precision)
+    sd = openai_state_dict(lambda n: weights[f"model/{n}"], cfg, dtype or torch.float32)
+    if dtype is not None:
+        model = GPTModel.from_state_dict(cfg, sd)
+        if precision == "bfloat16-attn32":
+            if not hasattr(model, "attention_dtype"):
+                return None
+            model.attention_dtype = torch.float32
+        return model
     try:
         from gpt2hub import quant
     except ImportError:  # a baseline from before gpt2hub.quant
-        quant = None
-    models = {}
-    for name in names:
-        hp = resolve(name).hparams()
-        cfg = config_from_hparams(hp)
-        w = random_weights(hp, seed=0)
-        for p in precisions:
-            if p in ("float32", "bfloat16"):
-                models[(name, p)] = GPTModel.from_state_dict(cfg, openai_state_dict(lambda n: w[f"model/{n}"], cfg,
-                                                                                    getattr(torch, p)))
-            elif quant is not None:
-                sd = openai_state_dict(lambda n: w[f"model/{n}"], cfg, torch.float32)
-                models[(name, p)] = quant.quantized_model(cfg, quant.quantize_state_dict(sd, p), p)
-        del w
-    return models
+        return None
+    return quant.quantized_model(cfg, quant.quantize_state_dict(sd, precision), precision)
 
 
 def _profile(model: Any, idx: Any, tokens: int) -> dict[str, Any]:
@@ -88,7 +89,7 @@ def worker(names: list[str], precisions: list[str], threads: int) -> None:
     from gpt2hub import generate
 
     torch.set_num_threads(threads)
-    models = _models(names, precisions)
+    models = {(n, p): m for n in names for p in precisions if (m := _model(n, p)) is not None}
     print(json.dumps({"ready": sorted(f"{m}/{p}" for m, p in models)}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -172,7 +173,7 @@ def run_rounds(workers: list[Worker], args: argparse.Namespace) -> list[dict[str
     return rows
 
 
-def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
     from _report import describe, machine, table
 
     info = machine()
@@ -183,8 +184,10 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
     out = []
     for r in rows:
         base = by.get(("baseline", r["model"], r["precision"]))
-        same = "" if base is None or r["impl"] == "baseline" else str(base["tokens"] == r["tokens"])
-        ratio = "" if base is None or r["impl"] == "baseline" else f"{statistics.median(r['tokens_per_s']) / statistics.median(base['tokens_per_s']):.2f}x"
+        same = ratio = ""
+        if base is not None and r["impl"] != "baseline":
+            same = str(base["tokens"] == r["tokens"])
+            ratio = f"{statistics.median(r['tokens_per_s']) / statistics.median(base['tokens_per_s']):.2f}x"
         out.append((r["model"], r["precision"], r["impl"], _spread(r["tokens_per_s"]),
                     _spread([t * 1e3 for t in r["first_token_s"]], "{:.0f}") + " ms", ratio, same,
                     r["made_equals_asked"]))
@@ -212,7 +215,7 @@ def profile(workers: list[Worker], args: argparse.Namespace) -> tuple[list[str],
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["gpt2-small", "gpt2-medium"])
-    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
+    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS + EXTRA)
     parser.add_argument("--baseline", type=Path, default=None, help="another gpt2hub checkout to run beside this one")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--new-tokens", type=int, default=128)

@@ -148,7 +148,7 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """uint8 [rows, in / 2] in the stored tile order (see the module docstring) from codes [rows, in], rows % 64 == 0."""
     n, k = codes.shape
     c = codes.to(torch.uint8).view(n // TILE, 4, TILE // 4, k)
-    return (c[:, :2] | (c[:, 2:] << 4)).permute(0, 3, 1, 2).reshape(n, k // 2)
+    return (c[:, :2] | (c[:, 2:] << 4)).permute(0, 3, 1, 2).contiguous().view(n, k // 2)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -438,6 +438,8 @@ def quantized_model(cfg: Mapping, stored: Mapping[str, torch.Tensor], scheme: st
             parent, _, child = owner.rpartition(".")
             setattr(model.get_submodule(parent), child, layer)
 
-    model = GPTModel.from_state_dict(dict(cfg), dict(stored), tie_weights=head == "tied", modules=quantize_modules)
+    # the kernels read memory as dense: a strided tensor (never a mapped file's) is copied, not misread
+    dense = {k: v if v.is_contiguous() else v.contiguous() for k, v in stored.items()}
+    model = GPTModel.from_state_dict(dict(cfg), dense, tie_weights=head == "tied", modules=quantize_modules)
     model.attention_dtype = torch.float32  # PyTorch's CPU attention reads a float32 KV cache far faster than bfloat16
     return model

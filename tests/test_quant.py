@@ -90,7 +90,8 @@ def test_each_layer_equals_its_dequantized_reference(path, scheme, group, n_in, 
 def test_int4_codes_are_stored_in_the_documented_tile_order():
     codes = torch.randint(0, 16, (192, 96), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     packed = pack_int4(codes)
-    assert packed.shape == (192, 48) and torch.equal(unpack_int4(packed), codes)
+    assert packed.shape == (192, 48) and packed.is_contiguous() and torch.equal(unpack_int4(packed), codes)
+    assert pack_int4(codes[:64, :64]).is_contiguous()  # one tile (reshaping could have given a strided view)
     tile = packed.view(3, 96, 32)  # tiles of 64 rows, 32 bytes per input
     t, k, j = 1, 5, 3
     assert int(tile[t, k, j]) == int(codes[64 * t + j, k]) | int(codes[64 * t + 32 + j, k]) << 4
