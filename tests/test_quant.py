@@ -168,6 +168,17 @@ def test_saved_and_mapped_model_gives_the_same_logits_without_copies(tmp_path, s
 
 
 @pytest.mark.parametrize("scheme,group", [("int8", None), ("int4", 32)])
+def test_strided_stored_tensors_are_read_as_what_they_hold(path, scheme, group):
+    stored = quantize_state_dict(_tiny().state_dict(), scheme, group)
+    # the same values, laid out with other strides: PyTorch's kernels would read their memory as dense
+    strided = {k: torch.stack([v, torch.zeros_like(v)], dim=-1)[..., 0] if v.dim() < 3 else v for k, v in stored.items()}
+    assert not strided["trf_blocks.0.att.W_qkv.qweight"].is_contiguous()
+    idx = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert torch.equal(quantized_model(CFG, strided, scheme, group)(idx), quantized_model(CFG, stored, scheme, group)(idx))
+
+
+@pytest.mark.parametrize("scheme,group", [("int8", None), ("int4", 32)])
 def test_greedy_generation_on_a_quantized_model(path, scheme, group):
     q = quantized_model(CFG, quantize_state_dict(_tiny().state_dict(), scheme, group), scheme, group)
     idx = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(5))
