@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import ONEDNN, linear  # noqa: F401  (ONEDNN: still importable from gpt2hub.model)
+from .kernels import ONEDNN, compiling, linear  # noqa: F401  (ONEDNN: still importable from gpt2hub.model)
 
 GPT_CONFIG_124M = {
     "vocab_size": 50257,
@@ -145,6 +145,8 @@ class MultiHeadAttention(nn.Module):
     def _fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """fused_qkv(), made again only when a weight or bias has moved: the views kept here hold the memory they
         read, so no other tensor can come to lie at the addresses compared."""
+        if compiling():  # (addresses cannot be traced; compiled code decides once, as benchmarks/compile_decode.py does)
+            return self.fused_qkv()
         layers = (self.W_query, self.W_key, self.W_value)
         key = tuple(t.data_ptr() if t is not None else 0 for m in layers for t in (m.weight, m.bias))
         if self._fused[0] != key:

@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import native_bf16
+from .kernels import compiling, native_bf16
 from .model import GPTModel
 
 __all__ = ["DEFAULT_GROUP_SIZE", "FAST_CPU", "GROUP_SIZES", "HEADS", "HEADS_DEFAULT", "INT4_TILES", "KERNELS",
@@ -178,7 +178,6 @@ INT4_TILES = _int4_kernel_reads_tiles()  # checked once, at import
 
 # -- the modules -------------------------------------------------------------------------------------------------------
 _told: set[tuple[str, bool]] = set()  # the paths already said in the log
-_compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)  # (torch.compile cannot trace logging)
 
 
 class QuantLinear(nn.Module):
@@ -214,7 +213,7 @@ class QuantLinear(nn.Module):
         """x [..., in] -> [..., out]: the kernel for bfloat16 CPU inputs on a capable CPU, else dequantize + F.linear."""
         flat = x.reshape(-1, x.shape[-1])
         fast = KERNELS and x.is_cpu and x.dtype == BF16 and not x.requires_grad and self._usable()
-        if (self.scheme, fast) not in _told and not _compiling():
+        if (self.scheme, fast) not in _told and not compiling():  # (torch.compile cannot trace logging)
             self._tell(fast, x)
         y = self._kernel(flat.contiguous()) if fast else F.linear(flat, self.dequantize(x.dtype))
         if y.shape[1] != self.out_features:  # int4 rows padded to a whole tile
