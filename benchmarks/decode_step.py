@@ -30,7 +30,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 PRECISIONS = ("float32", "bfloat16", "int8", "int4")
-EXTRA = ("bfloat16-attn32",)  # bfloat16 weights, attention in float32 (GPTModel.attention_dtype)
+# bfloat16 weights with attention in float32 (GPTModel.attention_dtype); int4 in groups of 64 and 128
+EXTRA = ("bfloat16-attn32", "int4-g64", "int4-g128")
 LINEAR_OPS = ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::_weight_int8pack_mm",
               "aten::_weight_int4pack_mm_for_cpu", "aten::linear")
 
@@ -61,7 +62,9 @@ def _model(name: str, precision: str) -> Any:
         from gpt2hub import quant
     except ImportError:  # a baseline from before gpt2hub.quant
         return None
-    return quant.quantized_model(cfg, quant.quantize_state_dict(sd, precision), precision)
+    scheme, _, group = precision.partition("-g")  # "int4-g64": groups of 64 instead of the default
+    size = int(group) if group else None
+    return quant.quantized_model(cfg, quant.quantize_state_dict(sd, scheme, size), scheme, size)
 
 
 def _profile(model: Any, idx: Any, tokens: int) -> dict[str, Any]:

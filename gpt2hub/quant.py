@@ -7,8 +7,10 @@ Schemes (weights only; activations, embeddings, layer norms and biases stay bflo
 - "int4": asymmetric, one scale and one offset per group of `group_size` consecutive inputs of a row, the form of
   PyTorch's int4 kernels (gpt-fast's and torchao's "tinygemm" form): codes q in [0, 15], w ~ (q - 8) * scale + zero
   (bfloat16). Each group's range is the one of a few candidates inside its min..max with the least squared error,
-  refined by least squares (20% less error than min..max). DEFAULT_GROUP_SIZE is 32: see
-  benchmarks/results/cpu-epyc-2core/quant_accuracy.md for what 32, 64 and 128 cost in accuracy and speed.
+  refined by least squares (20% less error than min..max). DEFAULT_GROUP_SIZE is 64: 4.5 bits per weight, as ggml's
+  q4_0, closer to float32 than q4_0 on the same weights, and 15% faster to decode than groups of 32 (which are
+  closer still, at 5 bits); groups of 128 decode no faster (benchmarks/results/cpu-epyc-2core/quant_accuracy.md,
+  decode_step.md).
 
 Stored tensors (`quantize_state_dict`'s result, plain tensors for a safetensors file, in this order). `P` is a
 quantized layer: in each block `trf_blocks.{i}.att.W_qkv` (W_query, W_key and W_value stacked into one [3d, d] layer,
@@ -62,7 +64,7 @@ __all__ = ["DEFAULT_GROUP_SIZE", "FAST_CPU", "GROUP_SIZES", "HEADS", "HEADS_DEFA
 log = logging.getLogger("gpt2hub")
 SCHEMES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
-DEFAULT_GROUP_SIZE = 32
+DEFAULT_GROUP_SIZE = 64
 HEADS = ("tied", "int8", "int4")
 # measured on gpt2-small (benchmarks/results/cpu-epyc-2core/quant_accuracy.md, linear_kernels_quant.md): an int8
 # head costs int8 models nothing in accuracy and, unlike the tied head, needs no packed bfloat16 copy to be fast; an
