@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["NATIVE_BF16", "ONEDNN", "PACKED_MAX_ROWS", "PACKING", "forget_packs", "linear", "native_bf16", "packed_bytes",
-           "packs_made"]
+__all__ = ["NATIVE_BF16", "ONEDNN", "PACKED_MAX_ROWS", "PACKING", "compiling", "forget_packs", "linear", "native_bf16",
+           "packed_bytes", "packs_made"]
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 PACKING = ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
@@ -62,7 +62,7 @@ NATIVE_BF16 = native_bf16()
 PACKED_MAX_ROWS = 32
 # under torch.compile, F.linear: inductor picks (and with freezing, packs) the kernel itself; it cannot lower
 # _linear_pointwise on a weight that is not a frozen constant
-_compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)
+compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)  # whether torch.compile is tracing
 
 # id(storage) -> (weak reference to the storage, {(offset, shape, stride, dtype): ((version, data_ptr), pack or None)}):
 # the packs of a weight live as long as its memory (a plain dict: torch.utils.weak's costs microseconds per lookup)
@@ -74,7 +74,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear, run on the fastest kernel this CPU has for inference (see the module's docstring); same results."""
     dtype = x.dtype  # (checks ordered and written for speed: this runs about 75 times per generated token)
     if not (ONEDNN and x.is_cpu and dtype == weight.dtype and not torch.is_grad_enabled() and weight.dim() == 2
-            and torch.backends.mkldnn.enabled) or _compiling():
+            and torch.backends.mkldnn.enabled) or compiling():
         return F.linear(x, weight, bias)
     if dtype == torch.float32 and (weight.is_contiguous() or weight.t().is_contiguous()):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")

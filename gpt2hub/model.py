@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import gc
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import ONEDNN, linear  # noqa: F401  (ONEDNN: still importable from gpt2hub.model)
+from .kernels import ONEDNN, compiling, linear  # noqa: F401  (ONEDNN: still importable from gpt2hub.model)
 
 GPT_CONFIG_124M = {
     "vocab_size": 50257,
@@ -24,29 +25,71 @@ GPT_CONFIG_124M = {
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values for every layer: [n_layers, batch, heads, max_len, head_dim]."""
+    """Preallocated keys and values for every layer: `kv` [n_layers, 2, batch, heads, max_len, head_dim] (keys at 0,
+    values at 1 of the second dimension), with `k` and `v` as views. `layers[i]` is layer i's share, which the
+    attention reads and writes through `LayerCache.update`."""
 
-    k: torch.Tensor  # buffers, declared: nn.Module's __getattr__ types them as Tensor | Module
-    v: torch.Tensor
+    kv: torch.Tensor  # a buffer, declared: nn.Module's __getattr__ types it as Tensor | Module
 
     def __init__(self, cfg: dict, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
         head_dim = cfg["emb_dim"] // cfg["n_heads"]
-        shape = (cfg["n_layers"], batch_size, cfg["n_heads"], max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (cfg["n_layers"], 2, batch_size, cfg["n_heads"], max_len, head_dim)
+        self.register_buffer("kv", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.layers = [LayerCache(layer) for layer in self.kv]
+
+    def _apply(self, fn: Any, recurse: bool = True) -> KVCache:
+        super()._apply(fn, recurse)
+        self.layers = [LayerCache(layer) for layer in self.kv]  # moved or converted: the views follow
+        return self
+
+    @property
+    def k(self) -> torch.Tensor:
+        """Keys [n_layers, batch, heads, max_len, head_dim] (a view of `kv`)."""
+        return self.kv[:, 0]
+
+    @property
+    def v(self) -> torch.Tensor:
+        """Values [n_layers, batch, heads, max_len, head_dim] (a view of `kv`)."""
+        return self.kv[:, 1]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.kv.shape[4]
+
+
+class LayerCache:
+    """One layer's keys and values, `kv` [2, batch, heads, max_len, head_dim]; `update` owns the write (gpt-fast's
+    KVCache.update)."""
+
+    __slots__ = ("kv",)
+
+    def __init__(self, kv: torch.Tensor):
+        self.kv = kv
+
+    def update(self, kv: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        """Write keys and values `kv` [2, batch, heads, t, head_dim] at positions start..start+t-1 (one copy for
+        both); return those to attend over: the first start+t positions, or the whole cache when `start` is a 0-dim
+        tensor (the static shapes CUDA graphs replay: positions are then never read on the host)."""
+        cache = self.kv if kv.shape[1] == self.kv.shape[1] else self.kv.narrow(1, 0, kv.shape[1])
+        t = kv.shape[3]
+        if isinstance(start, torch.Tensor):
+            cache.index_copy_(3, start + torch.arange(t, device=kv.device), kv.to(cache.dtype))
+            return cache
+        cache.narrow(3, start, t).copy_(kv)
+        return cache.narrow(3, 0, start + t)
 
 
 def _consecutive(tensors: list[torch.Tensor | None], stride: tuple[int, ...], elements: int) -> bool:
-    """Whether the tensors have `stride` and follow one another in memory, `elements` apart."""
+    """Whether the tensors have `stride` and follow one another in one storage, `elements` apart (tensors that merely
+    lie side by side, each with a storage of its own as a safetensors file gives them, cannot be viewed as one)."""
     first = tensors[0]
-    return all(t is not None and first is not None and t.stride() == stride and t.dtype == first.dtype
-               and t.device == first.device and t.data_ptr() == first.data_ptr() + i * elements * first.element_size()
-               for i, t in enumerate(tensors))
+    if first is None:
+        return False
+    storage = first.untyped_storage()
+    return all(t is not None and t.stride() == stride and t.dtype == first.dtype and t.device == first.device
+               and t.data_ptr() == first.data_ptr() + i * elements * first.element_size()
+               and t.untyped_storage().data_ptr() == storage.data_ptr() for i, t in enumerate(tensors))
 
 
 class Linear(nn.Linear):
@@ -58,6 +101,13 @@ class Linear(nn.Linear):
 
 
 class MultiHeadAttention(nn.Module):
+    """The book's causal multi-head attention, with a KV cache for generation.
+
+    W_query, W_key and W_value are three Linear layers; inference multiplies them as one [3 * d_out, d_in] matrix
+    when they lie side by side in memory (`fused_qkv`). A model may instead hold them as one layer `W_qkv` (quantized
+    models do: gpt2hub.quant), whose output is queries, keys and values side by side.
+    """
+
     def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int, qkv_bias: bool = False):
         super().__init__()
         assert d_out % num_heads == 0, "d_out must be divisible by num_heads"
@@ -66,55 +116,81 @@ class MultiHeadAttention(nn.Module):
         self.W_query = Linear(d_in, d_out, bias=qkv_bias)
         self.W_key = Linear(d_in, d_out, bias=qkv_bias)
         self.W_value = Linear(d_in, d_out, bias=qkv_bias)
+        self.W_qkv: nn.Module | None = None
         self.out_proj = Linear(d_out, d_out)
         self.dropout = nn.Dropout(dropout)
+        self._fused: tuple[tuple[int, ...], Any] = ((), None)  # fused_qkv() and the addresses it was made for
+        # the dtype attention computes in when it is not the activations' (see GPTModel.attention_dtype)
+        self.attention_dtype: torch.dtype | None = None
 
     def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """W_query, W_key and W_value as one [3 * d_out, d_in] weight (and bias) when they are consecutive column
-        blocks of one [d_in, 3 * d_out] matrix, as in OpenAI's c_attn mapped from its checkpoint; else None."""
+        """W_query, W_key and W_value as one [3 * d_out, d_in] weight (and bias) when they lie side by side in memory:
+        the three column blocks of one [d_in, 3 * d_out] matrix (OpenAI's c_attn, mapped from its checkpoint), or the
+        three row blocks of one [3 * d_out, d_in] matrix (c_attn converted to nn.Linear's layout); else None."""
         layers, d = (self.W_query, self.W_key, self.W_value), self.d_out
-        if not _consecutive([m.weight for m in layers], (1, 3 * d), d):
+        first = self.W_query.weight
+        d_in = first.shape[1] if first.dim() == 2 else 0
+        if _consecutive([m.weight for m in layers], (1, 3 * d), d):
+            w = first.as_strided((3 * d, d_in), (1, 3 * d))
+        elif _consecutive([m.weight for m in layers], (d_in, 1), d * d_in):
+            w = first.as_strided((3 * d, d_in), (d_in, 1))
+        else:
             return None
-        w = self.W_query.weight.as_strided((3 * d, self.W_query.weight.shape[1]), (1, 3 * d))
         if all(m.bias is None for m in layers):
             return w, None
         if not _consecutive([m.bias for m in layers], (1,), d):
             return None
         return w, self.W_query.bias.as_strided((3 * d,), (1,))
 
-    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-                start: int | torch.Tensor = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention over `x` (and the cached keys before `start`); `mask` (True: may attend) replaces the causal one."""
+    def _fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """fused_qkv(), made again only when a weight or bias has moved: the views kept here hold the memory they
+        read, so no other tensor can come to lie at the addresses compared."""
+        if compiling():  # (addresses cannot be traced; compiled code decides once, as benchmarks/compile_decode.py does)
+            return self.fused_qkv()
+        layers = (self.W_query, self.W_key, self.W_value)
+        key = tuple(t.data_ptr() if t is not None else 0 for m in layers for t in (m.weight, m.bias))
+        if self._fused[0] != key:
+            self._fused = (key, self.fused_qkv())
+        return self._fused[1]
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries [batch, heads, t, head_dim] and keys with values [2, batch, heads, t, head_dim] for `x` [batch, t, d_in]."""
         b, t, _ = x.shape
-        fused = None if torch.is_grad_enabled() else self.fused_qkv()
-        if fused is not None:  # one matrix product reads c_attn once instead of three strided thirds
-            q, k, v = linear(x, *fused).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.W_qkv is not None:
+            qkv = self.W_qkv(x)
+        elif not torch.is_grad_enabled() and (fused := self._fused_qkv()) is not None:
+            qkv = linear(x, *fused)  # one product reads the three matrices once
         else:
             q, k, v = (w(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
                        for w in (self.W_query, self.W_key, self.W_value))
+            return q, torch.stack([k, v])
+        qkv = qkv.view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1:]
+
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None, start: int | torch.Tensor = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention over `x` (and the cached keys before `start`); `mask` (True: may attend) replaces the causal one.
+
+        With a 0-dim tensor `start` the whole cache is attended to under `mask` (GPTModel.forward makes it)."""
+        b, t, _ = x.shape
+        q, kv = self.project(x)
         is_causal = t > 1 and mask is None
-        if cache is not None and isinstance(start, torch.Tensor):
-            # static shapes for CUDA graphs: write at positions start.., attend over the whole cache under a mask
-            k_cache, v_cache = cache
-            pos = start + torch.arange(t, device=x.device)
-            k_cache.index_copy_(2, pos, k)
-            v_cache.index_copy_(2, pos, v)
-            k, v = k_cache, v_cache
-            if mask is None:
-                mask = pos[:, None] >= torch.arange(k_cache.shape[2], device=x.device)
-            is_causal = False
-        elif cache is not None and not isinstance(start, torch.Tensor):
-            k_cache, v_cache = cache
-            k_cache[:b, :, start:start + t] = k
-            v_cache[:b, :, start:start + t] = v
-            k, v = k_cache[:b, :, :start + t], v_cache[:b, :, :start + t]
-            if mask is None and start > 0 and t > 1:
+        if cache is not None:
+            kv = cache.update(kv, start)
+            if mask is None and isinstance(start, torch.Tensor):
+                mask = (start + torch.arange(t, device=x.device))[:, None] >= torch.arange(kv.shape[3], device=x.device)
+            elif mask is None and not isinstance(start, torch.Tensor) and start > 0 and t > 1:
                 # queries sit at start..start+t-1 and see every key up to their own position
                 mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
-                is_causal = False
+            is_causal = is_causal and mask is None
+        elif self.attention_dtype is not None:
+            kv = kv.to(self.attention_dtype)
+        k, v = kv.unbind(0)  # (with a cache, the cache's dtype is the attention's: the write above converted)
         p = self.dropout.p if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
-        return self.out_proj(y.transpose(1, 2).reshape(b, t, self.d_out))
+        y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
+        # [b, heads, t, head_dim] -> [b, t, d_out]; one position needs no transpose
+        y = y.reshape(b, t, self.d_out) if t == 1 else y.transpose(1, 2).reshape(b, t, self.d_out)
+        return self.out_proj(y.to(x.dtype))
 
 
 class LayerNorm(nn.Module):
@@ -155,11 +231,14 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg["emb_dim"])
         self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
 
-    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-                start: int | torch.Tensor = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None, start: int | torch.Tensor = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         """One pre-norm block: attention (see MultiHeadAttention.forward), then the feed-forward, each with a shortcut."""
-        x = x + self.drop_shortcut(self.att(self.norm1(x), cache, start, mask))
-        return x + self.drop_shortcut(self.ff(self.norm2(x)))
+        if self.training:
+            x = x + self.drop_shortcut(self.att(self.norm1(x), cache, start, mask))
+            return x + self.drop_shortcut(self.ff(self.norm2(x)))
+        x = x + self.att(self.norm1(x), cache, start, mask)  # (dropout is the identity in eval mode)
+        return x + self.ff(self.norm2(x))
 
 
 class GPTModel(nn.Module):
@@ -195,12 +274,15 @@ class GPTModel(nn.Module):
             _init_gpt2(self)
 
     @classmethod
-    def from_state_dict(cls, cfg: dict, state_dict: dict[str, torch.Tensor], *, tie_weights: bool = True) -> GPTModel:
+    def from_state_dict(cls, cfg: dict, state_dict: dict[str, torch.Tensor], *, tie_weights: bool = True,
+                        modules: Callable[[GPTModel], None] | None = None) -> GPTModel:
         """Built on the meta device and handed the given tensors (no random init, no copy), in eval mode.
 
         Without an `out_head.weight` in `state_dict`, `tie_weights=True` (GPT-2's checkpoints) makes the head share
         `tok_emb`'s weight; `tie_weights=False` gives it its own contiguous copy, as the book's
         `load_weights_into_gpt` does, so fine-tuning matches the book's. A distinct `out_head.weight` stays distinct.
+        `modules`, if given, is called on the model (still on the meta device) before the tensors are handed over:
+        gpt2hub.quant puts its quantized layers in there.
         """
         # a full garbage collection triggered by these few hundred objects would cost more than the build itself
         paused = gc.isenabled()
@@ -208,6 +290,8 @@ class GPTModel(nn.Module):
         try:
             with torch.device("meta"):
                 model = cls(cfg, tie_weights=tie_weights)
+                if modules is not None:
+                    modules(model)
             model.load_state_dict(state_dict, assign=True, strict=True)
         finally:
             if paused:
@@ -215,9 +299,24 @@ class GPTModel(nn.Module):
         return model.eval()
 
     @property
+    def attention_dtype(self) -> torch.dtype:
+        """The dtype attention computes in, and generation's KV cache holds: the activations' (the embedding's dtype)
+        unless set. Setting float32 on a bfloat16 model costs twice the cache memory and gives other (closer to
+        float32) values, but PyTorch's CPU attention reads a float32 cache several times faster at one query per step
+        (benchmarks/results/cpu-epyc-2core/decode_step.md): quantized models (gpt2hub.quant) use it."""
+        dtype = next((m.attention_dtype for m in self.modules() if isinstance(m, MultiHeadAttention)), None)
+        return self.tok_emb.weight.dtype if dtype is None else dtype
+
+    @attention_dtype.setter
+    def attention_dtype(self, dtype: torch.dtype | None) -> None:
+        for m in self.modules():
+            if isinstance(m, MultiHeadAttention):
+                m.attention_dtype = dtype
+
+    @property
     def tied(self) -> bool:
         """Whether `out_head` shares `tok_emb`'s weight (one Parameter)."""
-        return self.out_head.weight is self.tok_emb.weight
+        return getattr(self.out_head, "weight", None) is self.tok_emb.weight
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, start: int | torch.Tensor = 0, *,
                 last_only: bool = False, positions: torch.Tensor | None = None,
@@ -244,9 +343,13 @@ class GPTModel(nn.Module):
                 mask = _padding_mask(torch.arange(t, device=idx.device), key_mask[:, :t])
             else:
                 mask = _padding_mask(pos, key_mask[:, :cache.max_len if isinstance(start, torch.Tensor) else start + t])
-        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos if positions is None else positions))
+        elif cache is not None and isinstance(start, torch.Tensor):  # the whole cache is read: positions up to each query's
+            mask = pos[:, None] >= torch.arange(cache.max_len, device=idx.device)
+        x = self.tok_emb(idx) + self.pos_emb(pos if positions is None else positions)
+        if self.training:
+            x = self.drop_emb(x)
         for i, block in enumerate(self.trf_blocks):
-            x = block(x, None if cache is None else (cache.k[i], cache.v[i]), start, mask)
+            x = block(x, None if cache is None else cache.layers[i], start, mask)
         return self.out_head(self.final_norm(x[:, -1:] if last_only else x))
 
 
@@ -286,6 +389,8 @@ def _load_hook(module: GPTModel, state_dict: dict[str, Any], prefix: str, local_
     """
     for key in [k for k in state_dict if k.startswith(prefix) and k.endswith(".att.mask")]:
         del state_dict[key]
+    if not isinstance(module.out_head, nn.Linear):  # a quantized head (gpt2hub.quant) has tensors of its own
+        return
     head_key = prefix + "out_head.weight"
     head, emb = state_dict.get(head_key), state_dict.get(prefix + "tok_emb.weight")
     if emb is None:
@@ -304,8 +409,8 @@ def _load_hook(module: GPTModel, state_dict: dict[str, Any], prefix: str, local_
 
 def _retie_hook(module: GPTModel, incompatible_keys: Any) -> None:
     # load_state_dict(assign=True) gives each name its own Parameter; share one object again when the storage is one
-    head, emb = module.out_head.weight, module.tok_emb.weight
-    if head is not emb and _shares_storage(head, emb):
+    head, emb = getattr(module.out_head, "weight", None), module.tok_emb.weight
+    if head is not None and head is not emb and _shares_storage(head, emb):
         module.out_head.weight = emb
 
 

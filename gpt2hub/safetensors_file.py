@@ -15,7 +15,7 @@ import torch
 
 from .__version__ import __version__
 
-__all__ = ["Layout", "SafetensorsWriter", "layout_of", "load_safetensors", "save_state_dict"]
+__all__ = ["Layout", "SafetensorsWriter", "layout_of", "load_safetensors", "map_safetensors", "save_state_dict"]
 
 
 def load_safetensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -24,7 +24,58 @@ def load_safetensors(path: Path, device: torch.device | str = "cpu") -> dict[str
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int8: "I8", torch.uint8: "U8"}
+_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as a view of ONE copy-on-write mapping of the whole file (CPU).
+
+    `load_safetensors` gives each tensor a storage of its own; here they share one, so tensors written side by side
+    can be viewed as one (GPTModel multiplies W_query, W_key and W_value, written in that order, as one matrix).
+    Writes to the tensors never reach the file. A file whose header or offsets do not fit its size, or that holds
+    a dtype gpt2hub does not write, raises ValueError naming it.
+    """
+    import mmap
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+        if not 0 < n <= size - 8:
+            raise ValueError(f"{path} is not a safetensors file (header length {n}, file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ValueError(f"{path} has a damaged safetensors header: {e}") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path} has a damaged safetensors header: not a JSON object")
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else b""
+    data = torch.frombuffer(mapping, dtype=torch.uint8) if size > 8 + n else torch.empty(8 + n, dtype=torch.uint8)
+    out = {}
+    for name, entry in header.items():
+        if name != "__metadata__":
+            out[name] = _view(path, data, 8 + n, name, entry)
+    return out
+
+
+def _view(path: Path, data: torch.Tensor, base: int, name: str, entry: Any) -> torch.Tensor:
+    """Tensor `name` of a mapped safetensors file: a view of `data` (the whole file), its bytes from `base` on."""
+    try:
+        dtype, shape, (start, end) = _TORCH_DTYPES.get(entry["dtype"]), list(entry["shape"]), entry["data_offsets"]
+        fits = dtype is not None and 0 <= start <= end <= data.numel() - base and end - start == math.prod(
+            shape) * dtype.itemsize
+    except (KeyError, TypeError, ValueError):
+        fits, dtype, shape, start, end = False, None, None, None, None
+    if not fits:
+        raise ValueError(f"{path}: tensor {name!r} ({entry}) does not fit the file's {data.numel() - base} data bytes "
+                         "or has a dtype gpt2hub does not write; delete the file to have it written again")
+    assert dtype is not None and shape is not None
+    raw = data[base + start:base + end]
+    if (base + start) % dtype.itemsize:  # out of step with its element size (gpt2hub's writer never does that)
+        raw = raw.clone()
+    return raw.view(dtype).view(shape)
+
+
 Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]  # tensor name -> (dtype, shape), in the file's order
 
 

@@ -148,9 +148,10 @@ def test_layouts_hold_the_same_values_and_round_trip_through_the_cache_format(sm
     save_state_dict(in_out, tmp_path / "w.safetensors")
     model = GPTModel.from_state_dict(cfg, load_safetensors(tmp_path / "w.safetensors"))
     assert model.tied and all(p.is_contiguous() for p in model.parameters())  # stored in nn.Linear's layout
-    assert model.trf_blocks[0].att.fused_qkv() is None  # as three matrices
+    assert model.trf_blocks[0].att.fused_qkv() is None  # as three matrices, a storage each
     ref, views = GPTModel.from_state_dict(cfg, out_in), GPTModel.from_state_dict(cfg, in_out)
-    assert ref.trf_blocks[0].att.fused_qkv() is None and views.trf_blocks[0].att.fused_qkv() is not None
+    # c_attn is one tensor in both layouts: its column blocks (in_out) or row blocks (out_in) are multiplied as one
+    assert ref.trf_blocks[0].att.fused_qkv() is not None and views.trf_blocks[0].att.fused_qkv() is not None
     x = _prompts(SMALL_HP["n_vocab"], SMALL_HP["n_ctx"])[2]
     with torch.no_grad():
         assert torch.allclose(model(x), ref(x), atol=1e-5)

@@ -82,13 +82,19 @@ def _pair(seed: int) -> tuple[GPTModel, GPTModel]:
 
 @pytest.mark.parametrize("b,t", [(1, 1), (2, 17)])
 def test_fused_qkv_matches_three_products(b, t):
-    views, copies = _pair(seed=b * t)
+    views, rows = _pair(seed=b * t)
+    # c_attn converted to nn.Linear's layout is one [3d, d] tensor too: its row blocks are fused; tensors of their
+    # own (as a safetensors file gives them) are three products
+    copies = GPTModel.from_state_dict(rows.cfg, {k: v.clone() for k, v in rows.state_dict().items()})
     assert all(blk.att.fused_qkv() is not None for blk in views.trf_blocks)
+    assert all(blk.att.fused_qkv() is not None for blk in rows.trf_blocks)
     assert all(blk.att.fused_qkv() is None for blk in copies.trf_blocks)
     idx = torch.randint(0, HP["n_vocab"], (b, t), generator=torch.Generator().manual_seed(b + t))
     with torch.no_grad():
         torch.testing.assert_close(views(idx), copies(idx), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rows(idx), copies(idx), rtol=1e-5, atol=1e-5)
     assert torch.equal(generate(views, idx, 20), generate(copies, idx, 20))
+    assert torch.equal(generate(rows, idx, 20), generate(copies, idx, 20))
     assert torch.equal(generate(views, idx, 12, decode="static"), generate(copies, idx, 12, decode="static"))
 
 
