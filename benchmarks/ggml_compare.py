@@ -335,6 +335,7 @@ class Settings:
             if self.max_others is None or share is None or share <= self.max_others or len(discarded) == self.retries:
                 return result, {"busy_before": busy, "others_share": share, "discarded_others_shares": discarded}
             discarded.append(share)
+            print(f"  other processes used {share:.0%} of the CPUs during it: made again", file=sys.stderr)
 
 
 def _ggml_side(s: Settings, pair: dict[str, Any], round_: int) -> GgmlOutput:
@@ -531,7 +532,11 @@ def main() -> None:
     from gpt2hub.registry import resolve
 
     bw: list[dict[str, float]] = []
-    results = []
+    results: list[dict[str, Any]] = []
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    info = machine(ggml_commit=ggml_commit(args.ggml_src), cpu_flags=cpu_flags())
+    data: dict[str, Any] = {"machine": info, "config": config, "bandwidth_bytes_per_s": bw,
+                            "cache_bytes": cache_bytes(), "results": results}
     try:
         with work_folder(args.work) as work:
             for model in args.models:
@@ -542,16 +547,16 @@ def main() -> None:
                 bw.append(bandwidth(args.threads))
                 s = Settings(model, paths, args.ggml_build / "bin" / "gpt-2-backend", args.prompt,
                              tokenizer.encode(args.prompt), args.new_tokens, args.threads, args.wait_idle, args.patience,
-                             args.max_others, args.retries,
-                             resolve(model).config(), bw, cache_bytes())
+                             args.max_others, args.retries, resolve(model).config(), bw, data["cache_bytes"])
                 results.append(measure(s, args.dtypes, args.rounds, tokenizer.decode_single_token_bytes))
+                if args.out:  # what a long run on a shared machine has measured so far
+                    args.out.mkdir(parents=True, exist_ok=True)
+                    (args.out / "ggml_compare.partial.json").write_text(json.dumps(data, indent=2))
     except RunError as error:
         sys.exit(f"error: {error}")
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    info = machine(ggml_commit=ggml_commit(args.ggml_src), cpu_flags=cpu_flags())
-    data = {"machine": info, "config": config, "bandwidth_bytes_per_s": bw, "cache_bytes": cache_bytes(),
-            "results": results}
     save(report(data), args.out, "ggml_compare", data)
+    if args.out:
+        (args.out / "ggml_compare.partial.json").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
