@@ -329,11 +329,13 @@ class Settings:
         discarded: list[float] = []
         while True:
             busy = wait_idle(self.wait_idle, self.patience)
+            started = time.time()
             with OthersShare() as others:
                 result = fn()
             share = others.share
             if self.max_others is None or share is None or share <= self.max_others or len(discarded) == self.retries:
-                return result, {"busy_before": busy, "others_share": share, "discarded_others_shares": discarded}
+                return result, {"started": started, "busy_before": busy, "others_share": share,
+                                "discarded_others_shares": discarded}
             discarded.append(share)
             print(f"  other processes used {share:.0%} of the CPUs during it: made again", file=sys.stderr)
 

@@ -157,6 +157,13 @@ def test_a_round_runs_both_sides_on_the_same_prompt(tiny_folder, tmp_path):
     assert pair["same_first_tokens"] == [expected]
 
 
+def test_rounds_alternate_which_side_goes_first(tiny_folder, tmp_path):
+    folder, _ = tiny_folder
+    pair = gc.measure(_settings(tmp_path, folder, stop=99), ["float32"], 2, lambda t: b"")["pairs"][0]
+    ggml, ours = ([r["started"] for r in pair[side]] for side in ("ggml_runs", "gpt2hub_runs"))
+    assert ggml[0] < ours[0] < ours[1] < ggml[1]
+
+
 def test_a_round_stops_at_a_ggml_run_that_made_too_few_tokens(tiny_folder, tmp_path):
     folder, _ = tiny_folder
     with pytest.raises(gc.RunError, match="gpt2-tiny ggml f32 round 1: ggml produced 4 new tokens, 6 were asked"):
