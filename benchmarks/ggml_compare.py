@@ -29,7 +29,8 @@ rate is called impossible). A run that breaks a check stops the benchmark with a
 
 `--ggml-build` is a ggml build of examples/gpt-2 (its `bin/` holds gpt-2-backend and gpt-2-quantize); `--ggml-src`
 the ggml checkout it was built from (for the converter and the commit). `--work DIR` keeps the checkpoints and the
-converted files for the next run (default: a temporary folder, deleted at the end).
+converted files for the next run (default: a temporary folder, deleted at the end). `ggml_compare.py --report
+FILE.json` prints the Markdown of a saved run again.
 """
 
 from __future__ import annotations
@@ -414,7 +415,7 @@ def rows(result: dict[str, Any], new_tokens: int) -> list[list[str]]:
     """The table's rows for one model's result."""
     out = []
     for p in result["pairs"]:
-        ours = f"not accepted by this gpt2hub ({p['unsupported']})" if p["unsupported"] else _cell(p["gpt2hub_runs"])
+        ours = "not accepted by this gpt2hub" if p["unsupported"] else _cell(p["gpt2hub_runs"])
         same = f"{min(p['same_first_tokens'])}/{new_tokens}" if p["same_first_tokens"] else "-"
         out.append([result["model"], p["dtype"], p["ggml"], ours, _cell(p["ggml_runs"]), _ratio(p), same, _others(p)])
     return out
@@ -528,6 +529,9 @@ def _arguments() -> argparse.Namespace:
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--child":  # a measurement in a fresh process
         print(json.dumps(child(json.loads(sys.argv[2]))))
+        return
+    if len(sys.argv) == 3 and sys.argv[1] == "--report":  # the Markdown again from a saved ggml_compare.json
+        print("\n".join(report(json.loads(Path(sys.argv[2]).read_text()))))
         return
     args = _arguments()
     import gpt2hub

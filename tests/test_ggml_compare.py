@@ -192,7 +192,7 @@ def test_the_table_names_the_machine_and_gives_medians_spreads_and_ratios(tmp_pa
     assert "ggml commit d99724f2 (2026-08-21)" in md and "AMD EPYC (2 cores)" in md and "avx512_bf16" in md
     assert "3 alternating rounds of 128 new tokens after the 4-token prompt" in md
     assert "| gpt2-small | float32 | f32 | 36.0 (35.0-40.0) | 52.0 (50.0-60.0) | 0.69 (0.67-0.70) | 127/128 | 10% (15%) |" in md
-    assert ("| gpt2-small | int8 | q8_0 | not accepted by this gpt2hub (unsupported dtype 'int8') | 130.0 (126.0-141.0) "
-            "| - | - | 10% (15%) |") in md
+    assert "| gpt2-small | int8 | q8_0 | not accepted by this gpt2hub | 130.0 (126.0-141.0) | - | - | 10% (15%) |" in md
+    assert "- gpt2hub int8 was skipped: unsupported dtype 'int8'" in md
     assert "dot 30.0 GB/s" in md and "0 runs were made again for the 9 kept" in md
     assert json.loads((tmp_path / "ggml_compare.json").read_text()) == data
