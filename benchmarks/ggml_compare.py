@@ -76,6 +76,7 @@ class GgmlOutput:
     n_prompt: int
     first_ids: list[int]
     load_ms: float
+    sample_ms: float  # choosing the tokens (all of them), outside the predict time
     predict_ms: float
     per_token_ms: float
     text: bytes  # the prompt's tokens and the new ones, as ggml printed them
@@ -87,19 +88,22 @@ class GgmlOutput:
 
 _PROMPT = re.compile(rb"number of tokens in prompt = (\d+), first 8 tokens: ([\d ]*)\n\n")
 _TIME = re.compile(rb"\n\n\w+: +load time = +([\d.]+) ms\n")
+_SAMPLE = re.compile(rb"\w+: +sample time = +([\d.]+) ms\n")
 _PREDICT = re.compile(rb"\w+: +predict time = +([\d.]+) ms / ([\d.]+) ms per token")
 
 
 def parse_ggml(stdout: bytes, run: str) -> GgmlOutput:
     """The numbers in `gpt-2-backend`'s standard output; RunError naming `run` when a line is missing."""
-    prompt, predict = _PROMPT.search(stdout), _PREDICT.search(stdout)
+    prompt = _PROMPT.search(stdout)
     times = ([None] + list(_TIME.finditer(stdout)))[-1]  # the last one: the generated text could hold anything
-    if not (prompt and times and predict) or times.start() < prompt.end():
+    sample = _SAMPLE.match(stdout, times.end()) if times else None
+    predict = _PREDICT.match(stdout, sample.end()) if sample else None
+    if not (prompt and times and sample and predict) or times.start() < prompt.end():
         raise RunError(f"{run}: ggml's output lacks its prompt or timing lines (is it examples/gpt-2's gpt-2-backend?): "
                        f"...{stdout[-300:].decode(errors='replace')}")
     return GgmlOutput(n_prompt=int(prompt[1]), first_ids=[int(t) for t in prompt[2].split()],
-                      load_ms=float(times[1]), predict_ms=float(predict[1]), per_token_ms=float(predict[2]),
-                      text=stdout[prompt.end():times.start()])
+                      load_ms=float(times[1]), sample_ms=float(sample[1]), predict_ms=float(predict[1]),
+                      per_token_ms=float(predict[2]), text=stdout[prompt.end():times.start()])
 
 
 def evaluated_tokens(predict_ms: float, per_token_ms: float) -> int:
@@ -350,7 +354,7 @@ def _ggml_side(s: Settings, pair: dict[str, Any], round_: int) -> GgmlOutput:
                        f"to {s.prompt_ids}: pick a prompt both split alike (--prompt)")
     s.check_rate(run, 1000 / step_ms, fmt)
     pair["ggml_runs"].append({"round": round_ + 1, "step_ms": step_ms, "tokens_per_s": 1000 / step_ms,
-                              "ggml_ms_per_token": out.per_token_ms, **machine_use})
+                              "ggml_ms_per_token": out.per_token_ms, "ggml_sample_ms": out.sample_ms, **machine_use})
     return out
 
 
@@ -436,9 +440,13 @@ def report(data: dict[str, Any]) -> list[str]:
              "after the first new token; gpt2hub / ggml: ratio of the medians (min-max of the rounds' ratios).", ""]
     lines += table(COLUMNS, [row for res in data["results"] for row in rows(res, c["new_tokens"])])
     bw = data["bandwidth_bytes_per_s"]
+    sampling = [r["ggml_sample_ms"] / c["new_tokens"] for res in data["results"] for p in res["pairs"]
+                for r in p["ggml_runs"] if "ggml_sample_ms" in r]
+    sampled = f" (ggml's sampling, top-k 1, is outside: {statistics.median(sampling):.2f} ms a token)" if sampling else ""
     lines += ["", "- Neither figure includes loading, the prompt or the first new token. ggml: predict time (its "
-              "`gpt2_eval` calls) of a `-n N` run less that of a `-n 1` run, over N - 1; gpt2hub: a fresh process, "
-              "a 2-token warm-up, then `generate_stream` timed from the first new token to the last, over N - 1.",
+              "`gpt2_eval` calls) of a `-n N` run less that of a `-n 1` run, over N - 1" + sampled + "; gpt2hub: a "
+              "fresh process, a 2-token warm-up, then `generate_stream` (greedy: argmax inside) timed from the first "
+              "new token to the last, over N - 1.",
               "- same first tokens: how many of gpt2hub's greedy tokens ggml also chose, in order (fewest over the "
               "rounds); 16-bit and 8-/4-bit formats round differently, and random weights leave close logits.",
               "- others' CPU share: the share of the CPUs other processes used during the runs of the row, median "

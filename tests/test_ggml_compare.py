@@ -32,7 +32,7 @@ RUN_8 = HEAD + (b"Every effort moves youvyvy Conditions imaging positionazor ima
 def test_ggml_output_is_read_back():
     out = gc.parse_ggml(RUN_8, "run")
     assert (out.n_prompt, out.first_ids) == (4, [6109, 3626, 6100, 345])
-    assert (out.load_ms, out.predict_ms, out.per_token_ms) == (315.86, 1558.47, 141.68)
+    assert (out.load_ms, out.sample_ms, out.predict_ms, out.per_token_ms) == (315.86, 9.76, 1558.47, 141.68)
     assert out.evaluated == 11  # 4 prompt tokens and 7 new ones: the 8th is sampled, never evaluated
     assert out.text == b"Every effort moves youvyvy Conditions imaging positionazor imaging parameters"
 
@@ -127,7 +127,7 @@ evaluated = 4 + made - 1
 predict = 20.0 + 10.0 * (made - 1)
 text = b"Every effort moves you" + b" the" * made
 sys.stdout.buffer.write(b"main: number of tokens in prompt = 4, first 8 tokens: 6109 3626 6100 345 \\n\\n" + text
-                        + b"\\n\\nmain:     load time =   1.00 ms\\n"
+                        + b"\\n\\nmain:     load time =   1.00 ms\\nmain:   sample time =     0.50 ms\\n"
                         + b"main:  predict time = %8.2f ms / %.2f ms per token\\n" % (predict, predict / evaluated))
 """
 
