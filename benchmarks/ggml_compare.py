@@ -442,7 +442,8 @@ def report(data: dict[str, Any]) -> list[str]:
     bw = data["bandwidth_bytes_per_s"]
     sampling = [r["ggml_sample_ms"] / c["new_tokens"] for res in data["results"] for p in res["pairs"]
                 for r in p["ggml_runs"] if "ggml_sample_ms" in r]
-    sampled = f" (ggml's sampling, top-k 1, is outside: {statistics.median(sampling):.2f} ms a token)" if sampling else ""
+    sampled = (f" (ggml's sampling, greedy through `--top_k 1`, is outside: {statistics.median(sampling):.2f} ms a token)"
+               if sampling else "")
     lines += ["", "- Neither figure includes loading, the prompt or the first new token. ggml: predict time (its "
               "`gpt2_eval` calls) of a `-n N` run less that of a `-n 1` run, over N - 1" + sampled + "; gpt2hub: a "
               "fresh process, a 2-token warm-up, then `generate_stream` (greedy: argmax inside) timed from the first "
