@@ -32,6 +32,7 @@ from .errors import GPT2HubError
 from .files import atomic_path, atomic_write, unlink_entry, user_mode, write_json
 from .hub import download_files, from_pretrained
 from .model import GPTModel
+from .quant import QuantLinear
 from .registry import (
     DTYPES,
     HF_TOKENIZER_FILES,
@@ -82,11 +83,15 @@ def save_pretrained(model: GPTModel, folder: PathLike, format: str = "hf", dtype
     overwrite: a folder that already holds files is refused (ValueError naming it) unless True; then the files this
     format writes or its readers read are removed first (see the module docstring) and the others are left alone.
 
-    Raises ValueError naming the argument for an unknown format or dtype, a folder path that is an existing file, a
+    Raises ValueError naming the argument for an unknown format or dtype, a quantized (int8/int4) model, a folder
+    path that is an existing file, a
     non-empty folder without `overwrite`, or unusable tokenizer files; CacheError when the folder cannot be written.
     """
     if not isinstance(model, GPTModel):
         raise ValueError(f"model must be a gpt2hub GPTModel, got {type(model).__name__}")
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ValueError("model holds int8/int4 layers, which export does not write (transformers has no reader for "
+                         "them): export the float weights, e.g. `gpt2hub export NAME FOLDER --dtype bfloat16`")
     if format not in FORMATS:
         raise ValueError(f"format={format!r} is not one of {', '.join(FORMATS)}")
     out = Path(folder)

@@ -69,6 +69,7 @@ class Hub:
         """The weights `store` keeps, every file checked; fetching, repairing, converting as needed. A warm cache is
         read once: its records and the manifest, checked by size and timestamp."""
         self.stages = {"fetch": 0.0, "prepare": 0.0}
+        store.check(self.spec.arch, self.spec.name)
         if not force:
             records, manifest = self.entry.records(), self.entry.manifest(store.dtype)
             if manifest is not None and not verify(self.entry, self.fmt.files, (store.dtype,), True, records,
@@ -104,8 +105,7 @@ class Hub:
                 return m  # another process prepared it while we waited for the lock
             start = time.perf_counter()
             paths = self.entry.paths()
-            verb = "verifying" if store.kind == "mapped" else "converting"
-            with tqdm(desc=f"{verb} {self.spec.name} ({store.dtype})", unit="tensor",
+            with tqdm(desc=f"{store.verb} {self.spec.name} ({store.dtype})", unit="tensor",
                       total=len(names.openai_names(self.spec.n_layers)),
                       disable=arrived.streamed(paths[self.fmt.weights_file]) or not self.progress) as bar:
                 manifest = store.prepare(self.entry, self.fmt, paths, self.spec.arch, arrived, bar.update)
@@ -218,6 +218,7 @@ def load_folder(folder: Path, store: Storage, device: torch.device, tie_weights:
     local = LocalFolder(folder)
     paths = local.weight_paths()
     cfg = local.format.check_folder(paths)
+    store.check(cfg, str(folder))
     return store.build(cfg.book(), store.in_memory(local.format, paths, cfg, device), tie_weights)
 
 

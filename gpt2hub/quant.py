@@ -19,9 +19,9 @@ as OpenAI's c_attn, so that one product makes all three), `att.out_proj`, `ff.la
 
 | scheme | tensor | dtype | shape |
 |---|---|---|---|
-| int8 | `P.qweight` | int8 | [out, in] |
-| int8 | `P.scale` | bfloat16 | [out] |
-| int4 | `P.qweight` | uint8 | [rows, in / 2], rows = out rounded up to a multiple of 64 (zero weights below) |
+| int8 | `P.qweight` | int8 | [rows, in], rows = out rounded up to a multiple of 64 (zero weights below) |
+| int8 | `P.scale` | bfloat16 | [rows] |
+| int4 | `P.qweight` | uint8 | [rows, in / 2], rows as for int8 |
 | int4 | `P.scale_zero` | bfloat16| [in / group_size, rows, 2]: scale, then zero, per group and row |
 | both | `P.bias` | bfloat16 | [out] (layers with a bias) |
 | both | every other GPTModel tensor (embeddings, norms) | bfloat16 | as in GPTModel |
@@ -71,7 +71,10 @@ HEADS = ("tied", "int8", "int4")
 # int4 head would be most of an int8 model's error. int4 models take an int4 head: a third of the int8 head's time per
 # token, and still closer to float32 than ggml's q4_0, which quantizes its head too
 HEADS_DEFAULT = {"int8": "int8", "int4": "int4"}
-TILE = 64  # rows per tile of stored int4 codes
+# rows per tile of stored int4 codes; both schemes store whole tiles. For int8 that is not tidiness: PyTorch 2.13's
+# _weight_int8pack_mm reads out of bounds (SIGSEGV) on a weight whose rows are not a multiple of its block and whose
+# memory is not 64-byte aligned, which a mapped file's tensors seldom are (the head's 50,257 rows)
+TILE = 64
 BF16 = torch.bfloat16
 # whether ATen runs its AVX512 kernels here and bfloat16 is native: the int8/int4 kernels' fast path
 FAST_CPU = (native_bf16() and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
@@ -211,6 +214,16 @@ class QuantLinear(nn.Module):
         """Whether this PyTorch and CPU run this layer's kernel."""
         return FAST_CPU
 
+    def _aligned(self, name: str) -> torch.Tensor:
+        """Buffer `name`, first moved to 64-byte aligned memory if it is not there: PyTorch 2.13's int8 kernel reads
+        out of bounds (SIGSEGV) on codes that are not (a mapped file's tensors need not be; gpt2hub's files align
+        them, so this copies only codes from elsewhere, once)."""
+        t = getattr(self, name)
+        if t.data_ptr() % 64 and not compiling():
+            t = t.clone()  # (PyTorch's CPU allocator aligns to 64 bytes)
+            setattr(self, name, t)
+        return t
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out]: the kernel for bfloat16 CPU inputs on a capable CPU, else dequantize + F.linear."""
         flat = x.reshape(-1, x.shape[-1])
@@ -245,14 +258,16 @@ class Int8Linear(QuantLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__(in_features, out_features, bias)
-        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("scale", torch.empty(out_features, dtype=BF16))
+        rows = _round_up(out_features, TILE)
+        self.register_buffer("qweight", torch.empty(rows, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.empty(rows, dtype=BF16))
 
     def dequantize(self, dtype: torch.dtype = BF16) -> torch.Tensor:
-        return self.qweight.to(dtype) * self.scale.to(dtype)[:, None]
+        n = self.out_features
+        return self.qweight[:n].to(dtype) * self.scale[:n].to(dtype)[:, None]
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scale)
+        return torch.ops.aten._weight_int8pack_mm(x, self._aligned("qweight"), self._aligned("scale"))
 
 
 class Int4Linear(QuantLinear):
@@ -280,7 +295,8 @@ class Int4Linear(QuantLinear):
         return INT4_TILES
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, self.scale_zero)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self._aligned("qweight"), self.group_size,
+                                                           self._aligned("scale_zero"))
 
 
 # -- state_dicts and models ----------------------------------------------------------------------------------------------
@@ -333,10 +349,10 @@ def stored_layout(cfg: Mapping, scheme: str, group_size: int | None = None,
                 layout[name] = (BF16, tuple(t.shape))
         elif f"{owner}.qweight" not in layout:  # W_key and W_value come with W_query
             n_in, n_out, _, kind = layers[owner]
+            rows = _round_up(n_out, TILE)
             if kind == "int8":
-                layout.update({f"{owner}.qweight": (torch.int8, (n_out, n_in)), f"{owner}.scale": (BF16, (n_out,))})
+                layout.update({f"{owner}.qweight": (torch.int8, (rows, n_in)), f"{owner}.scale": (BF16, (rows,))})
             else:
-                rows = _round_up(n_out, TILE)
                 layout.update({f"{owner}.qweight": (torch.uint8, (rows, n_in // 2)),
                                f"{owner}.scale_zero": (BF16, (n_in // group, rows, 2))})
             if f"{module}.bias" in _plain_shapes(cfg):
@@ -397,12 +413,12 @@ def quantize_state_dict(sd: Mapping[str, torch.Tensor], scheme: str, group_size:
 
 
 def _quantize_layer(owner: str, w: torch.Tensor, scheme: str, group: int) -> dict[str, torch.Tensor]:
-    if scheme == "int8":
-        q, scale = quantize_int8(w)
-        return {f"{owner}.qweight": q, f"{owner}.scale": scale}
     rows = _round_up(w.shape[0], TILE)
     if rows != w.shape[0]:
         w = torch.cat([w, w.new_zeros(rows - w.shape[0], w.shape[1])])
+    if scheme == "int8":
+        q, scale = quantize_int8(w)
+        return {f"{owner}.qweight": q, f"{owner}.scale": scale}
     codes, scale_zero = quantize_int4(w, group)
     return {f"{owner}.qweight": pack_int4(codes), f"{owner}.scale_zero": scale_zero}
 

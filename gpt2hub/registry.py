@@ -48,6 +48,10 @@ DTYPES: dict[str, DType] = {d.name: d for d in (
     DType("float32", "mapped", "float32", ("fp32", "float")),
     DType("bfloat16", "converted", "bfloat16", ("bf16",)),
     DType("float16", "converted", "float16", ("fp16", "half")),
+    # weights quantized by gpt2hub.quant (its tensors are bfloat16 around the int8/int4 codes); transformers has no
+    # reader for them, so they are not exported
+    DType("int8", "quantized", "bfloat16", ("q8",), exportable=False),
+    DType("int4", "quantized", "bfloat16", ("q4",), exportable=False),
 )}
 DTYPE_NAMES = {alias: d.name for d in DTYPES.values() for alias in (d.name, *d.aliases)}  # spelling -> name
 MAPPED_DTYPES = tuple(n for n, d in DTYPES.items() if d.storage == "mapped")

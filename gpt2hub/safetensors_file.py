@@ -101,7 +101,9 @@ class SafetensorsWriter:
             header[k] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # the format aligns the data to 8 bytes
+        # the format aligns the data to 8 bytes; gpt2hub to 64, so that mapped tensors whose sizes are multiples of 64
+        # (all of GPT-2's, and every quantized layer's codes) start on 64-byte boundaries, as int8 kernels need
+        blob += b" " * (-(len(blob) + 8) % 64)
         self.f, self.layout, self.order, self.written, self.crc = f, layout, list(layout), 0, 0
         self._put(len(blob).to_bytes(8, "little") + blob)
 

@@ -5,6 +5,9 @@
   state_dict is views of it. Nothing is written but the manifest.
 - `Converted` (bfloat16, float16): a safetensors file in nn.Linear's layout, written once with its crc32c, while the
   data file downloads where the format allows (a download tap), else from the file on disk.
+- `Quantized` (int8, int4): a safetensors file of gpt2hub.quant's tensors (int8 or packed int4 codes with their
+  bfloat16 scales; embeddings and norms bfloat16), quantized once from the float32 weights; its manifest names the
+  scheme, the int4 group size and the head, and a load whose manifest names others prepares the file again.
 
 Each storage prepares its weights once, under the entry's lock, and records how in the manifest
 (converted/{dtype}.json, whose "kind" is the storage's name); every load then builds the model from them. A storage
@@ -27,7 +30,7 @@ from .__version__ import __version__
 from .cache import Entry, Manifest
 from .config import ModelConfig
 from .convert import openai_state_dict
-from .errors import CheckpointError
+from .errors import CheckpointError, ConversionError
 from .fetching import Arrived
 from .files import CACHE_MODE, atomic_path, disk_error, fsync_dir, unlink_entry
 from .formats import Format, Paths
@@ -47,9 +50,13 @@ class Storage(abc.ABC):
     """One way of keeping a dtype's weights in the cache."""
 
     kind: ClassVar[str]  # the manifest's "kind", registry.DType.storage
+    verb: ClassVar[str] = "converting"  # what the progress bar says while `prepare` runs
 
     def __init__(self, dtype: str):
         self.dtype, self.torch_dtype = dtype, TORCH_DTYPES[dtype]
+
+    def check(self, cfg: ModelConfig, name: str) -> None:  # noqa: B027 - a hook: most storages hold any model
+        """Refuse (ConversionError naming the model `name`) a model this storage cannot hold, before any download."""
 
     def tap(self, fmt: Format, entry: Entry, paths: Paths, cfg: ModelConfig) -> StreamedWeights | None:
         """The tap for the weights file's download: each tensor checked as its last byte arrives (see streaming)."""
@@ -89,6 +96,7 @@ class Mapped(Storage):
     """float32: the published weights file itself, checked once, then mapped (see the module docstring)."""
 
     kind = "mapped"
+    verb = "verifying"
 
     def prepare(self, entry: Entry, fmt: Format, paths: Paths, cfg: ModelConfig, arrived: Arrived,
                 progress: Progress = None) -> Manifest:
@@ -191,7 +199,80 @@ class Converted(Storage):
         return load_safetensors(entry.stored_path(manifest.dtype), device)
 
 
-STORAGES: dict[str, type[Storage]] = {cls.kind: cls for cls in (Mapped, Converted)}
+class Quantized(Storage):
+    """int8 and int4: gpt2hub.quant's tensors in a safetensors file, quantized once (see the module docstring).
+
+    The scheme is the dtype's name; the int4 group size and the head are quant's documented defaults
+    (DEFAULT_GROUP_SIZE, HEADS_DEFAULT), recorded in the manifest. The head is a quantized copy of the embedding,
+    whatever `tie_weights` says: there is no float matrix to share.
+    """
+
+    kind = "quantized"
+    verb = "quantizing"
+
+    def __init__(self, dtype: str):
+        from . import quant
+
+        super().__init__(dtype)
+        self.group_size = quant.DEFAULT_GROUP_SIZE if dtype == "int4" else None
+        self.head = quant.HEADS_DEFAULT[dtype]
+
+    def check(self, cfg: ModelConfig, name: str) -> None:
+        from . import quant
+
+        try:
+            quant.stored_layout(cfg.book(), self.dtype, self.group_size, self.head)
+        except ValueError as e:
+            raise ConversionError(f"{name} cannot be stored as {self.dtype}: {e}; load it with dtype='int8' or "
+                                  "'bfloat16'") from None
+
+    def how(self) -> dict[str, Any]:
+        """What the manifest records about the scheme; a stored file made otherwise is made again."""
+        return {"scheme": self.dtype, "group_size": self.group_size, "head": self.head}
+
+    def quantize(self, fmt: Format, paths: Paths, cfg: ModelConfig, progress: Progress = None) -> dict[str, torch.Tensor]:
+        """The stored tensors, from the published float32 weights (each tensor's checksum checked as it is read)."""
+        from . import quant
+
+        sd = openai_state_dict(fmt.tensors(paths, cfg, verify=True), cfg.book(), torch.float32, progress)
+        head = fmt.head(paths, cfg)
+        if head is not None:
+            sd["out_head.weight"] = head.float()
+        return quant.quantize_state_dict(sd, self.dtype, self.group_size, self.head)
+
+    def prepare(self, entry: Entry, fmt: Format, paths: Paths, cfg: ModelConfig, arrived: Arrived,
+                progress: Progress = None) -> Manifest:
+        entry.secure()
+        out = entry.stored_path(self.dtype)
+        stored = self.quantize(fmt, paths, cfg, progress)
+        with atomic_path(out, CACHE_MODE) as tmp:
+            crc = save_state_dict(stored, tmp)
+        return self.manifest(entry, out, cfg, crc, prepared="quantized from the float32 weights", **self.how())
+
+    def state_dict(self, entry: Entry, fmt: Format, paths: Paths, manifest: Manifest,
+                   device: torch.device) -> dict[str, torch.Tensor]:
+        from . import quant
+
+        path = entry.stored_path(manifest.dtype)
+        recorded = {k: manifest.extra.get(k) for k in self.how()}
+        if recorded != self.how():
+            raise CheckpointError(f"{path} was quantized with {recorded}, this gpt2hub uses {self.how()}", file=path)
+        stored = load_safetensors(path, device)
+        layout = quant.stored_layout(manifest.config, self.dtype, self.group_size, self.head)
+        if {k: (t.dtype, tuple(t.shape)) for k, t in stored.items()} != layout:
+            raise CheckpointError(f"{path} does not hold the tensors of a {self.dtype} model", file=path)
+        return stored
+
+    def build(self, cfg: dict, sd: dict[str, torch.Tensor], tie_weights: bool = True) -> GPTModel:
+        from . import quant
+
+        return quant.quantized_model(cfg, sd, self.dtype, self.group_size, self.head)
+
+    def in_memory(self, fmt: Format, paths: Paths, cfg: ModelConfig, device: torch.device) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in self.quantize(fmt, paths, cfg).items()}
+
+
+STORAGES: dict[str, type[Storage]] = {cls.kind: cls for cls in (Mapped, Converted, Quantized)}
 
 
 def storage_for(dtype: str) -> Storage:

@@ -17,6 +17,8 @@ from gpt2hub.synthetic import write_hf_folder  # noqa: E402
 
 TINY = register(tiny_spec())
 TINY_HP = TINY.hparams()
+# as TINY, 64 wide: int4's groups of 64 inputs need a width they divide (every GPT-2 size has one)
+TINY64 = register(tiny_spec("gpt2-tiny64", "tiny64", d=64))
 
 
 @pytest.fixture(autouse=True)
@@ -52,11 +54,20 @@ def hf_folder(tiny_folder, tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny64_folder(tmp_path_factory):
+    """OpenAI's seven files for gpt2-tiny64."""
+    folder = tmp_path_factory.mktemp("openai64") / TINY64.size
+    weights = write_openai_folder(folder, TINY64.hparams(), seed=2)
+    return folder, weights
+
+
 @pytest.fixture
-def server(tiny_folder, hf_folder):
+def server(tiny_folder, tiny64_folder, hf_folder):
     srv = FileServer()
-    for f in sorted(tiny_folder[0].iterdir()):
-        srv.served.files[f"/{TINY.size}/{f.name}"] = f.read_bytes()
+    for folder, spec in ((tiny_folder[0], TINY), (tiny64_folder[0], TINY64)):
+        for f in sorted(folder.iterdir()):
+            srv.served.files[f"/{spec.size}/{f.name}"] = f.read_bytes()
     for f in sorted(hf_folder.iterdir()):
         srv.served.files[f"/hf/{TINY.hf_repo}/{f.name}"] = f.read_bytes()
     yield srv

@@ -206,8 +206,10 @@ def test_bad_arguments_name_the_argument(hf_folder, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="folder=.*is an existing file"):
         save_pretrained(model, tmp_path / "file")
-    with pytest.raises(ValueError, match="dtype 'int8'"):
-        save_pretrained(model, tmp_path / "b", dtype="int8")
+    with pytest.raises(ValueError, match="dtype='int8' is not written by export: use one of float32, bfloat16"):
+        save_pretrained(model, tmp_path / "b", dtype="int8")  # quantized weights have no transformers reader
+    with pytest.raises(ValueError, match="dtype 'int3'"):
+        save_pretrained(model, tmp_path / "b", dtype="int3")
     with pytest.raises(ValueError, match="model must be a gpt2hub GPTModel"):
         save_pretrained(model.state_dict(), tmp_path / "c")  # type: ignore[arg-type]
     swapped = (DATA / "vocab.bpe", DATA / "encoder.json")

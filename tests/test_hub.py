@@ -331,7 +331,7 @@ def test_bad_names_sources_dtypes_and_unwritable_cache(hub_env, server, monkeypa
     with pytest.raises(ValueError, match="source"):
         from_pretrained("gpt2-tiny", source="s3")
     with pytest.raises(ValueError, match="dtype"):
-        from_pretrained("gpt2-tiny", dtype="int8")
+        from_pretrained("gpt2-tiny", dtype="int3")
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("GPT2HUB_CACHE", str(blocker / "cache"))

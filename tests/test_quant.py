@@ -45,13 +45,12 @@ def _layer(scheme: str, group: int, n_in: int, n_out: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n_out, n_in, generator=g) * 0.02
     bias = torch.randn(n_out, generator=g).to(BF16)
+    layer = Int8Linear(n_in, n_out) if scheme == "int8" else Int4Linear(n_in, n_out, group_size=group)
+    padded = torch.cat([w, w.new_zeros(layer.qweight.shape[0] - n_out, n_in)])  # whole tiles of 64 rows
     if scheme == "int8":
-        layer = Int8Linear(n_in, n_out)
-        layer.qweight, layer.scale = quantize_int8(w)
+        layer.qweight, layer.scale = quantize_int8(padded)
     else:
-        layer = Int4Linear(n_in, n_out, group_size=group)
-        rows = layer.qweight.shape[0]
-        codes, layer.scale_zero = quantize_int4(torch.cat([w, w.new_zeros(rows - n_out, n_in)]), group)
+        codes, layer.scale_zero = quantize_int4(padded, group)
         layer.qweight = pack_int4(codes)
     layer.bias = bias
     return layer, w, layer.dequantize(torch.float64)
@@ -242,3 +241,25 @@ def test_a_quantized_model_runs_on_cuda():
             gpu = q.to("cuda")(idx.cuda()).float().cpu()
         torch.testing.assert_close(gpu, cpu, atol=0.05 * cpu.std().item(), rtol=0.02)
         assert generate(q, idx.cuda(), 5).shape == (2, 17)
+
+
+@pytest.mark.parametrize("path", ["kernel", "plain"], indirect=True)
+@pytest.mark.parametrize("scheme,group", [("int8", 0), ("int4", 64)])
+@pytest.mark.parametrize("offset", [2, 8, 24, 40])
+def test_layers_read_codes_at_any_address_as_a_mapped_file_gives_them(path, scheme, group, offset):
+    """A mapped safetensors file places tensors at any multiple of their item size; PyTorch's int8 kernel once read
+    out of bounds (SIGSEGV) on an unaligned weight with a row count off its block (the 50,257-row head)."""
+    layer, w, ref = _layer(scheme, group, 128, 50257 % 320, seed=3)  # 17 rows: a tail in every block size
+    for name in ("qweight", "scale" if scheme == "int8" else "scale_zero"):
+        t = getattr(layer, name)
+        raw = torch.empty(t.numel() * t.element_size() + 128, dtype=torch.uint8)
+        start = (-raw.data_ptr()) % 64 + offset
+        moved = raw[start:start + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        moved.copy_(t)
+        assert moved.data_ptr() % 64 == offset
+        setattr(layer, name, moved)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for rows in (1, 3, 40):  # a decoding step, a short and a long prompt: the kernel's paths differ
+            x = torch.randn(rows, 128, generator=g).to(BF16)
+            _assert_product(layer(x), x, ref, layer.bias)
