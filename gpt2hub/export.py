@@ -84,8 +84,8 @@ def save_pretrained(model: GPTModel, folder: PathLike, format: str = "hf", dtype
     format writes or its readers read are removed first (see the module docstring) and the others are left alone.
 
     Raises ValueError naming the argument for an unknown format or dtype, a quantized (int8/int4) model, a folder
-    path that is an existing file, a
-    non-empty folder without `overwrite`, or unusable tokenizer files; CacheError when the folder cannot be written.
+    path that is an existing file, a non-empty folder without `overwrite`, or unusable tokenizer files; CacheError
+    when the folder cannot be written.
     """
     if not isinstance(model, GPTModel):
         raise ValueError(f"model must be a gpt2hub GPTModel, got {type(model).__name__}")
