@@ -85,13 +85,18 @@ def _profile(model: Any, idx: Any, tokens: int) -> dict[str, Any]:
                           key=lambda r: -r[1])[:12]}
 
 
-def worker(names: list[str], precisions: list[str], threads: int) -> None:
-    """Build the models, say "ready", then answer each JSON command on stdin with one JSON line."""
+def worker(names: list[str], precisions: list[str], threads: int, plain: bool = False) -> None:
+    """Build the models, say "ready", then answer each JSON command on stdin with one JSON line. `plain`: int8 and
+    int4 layers dequantize and call F.linear, as on a CPU without their kernels' fast path."""
     import torch
 
     from gpt2hub import generate
 
     torch.set_num_threads(threads)
+    if plain:
+        from gpt2hub import quant
+
+        quant.KERNELS = False
     models = {(n, p): m for n in names for p in precisions if (m := _model(n, p)) is not None}
     print(json.dumps({"ready": sorted(f"{m}/{p}" for m, p in models)}), flush=True)
     for line in sys.stdin:
@@ -115,11 +120,13 @@ def worker(names: list[str], precisions: list[str], threads: int) -> None:
 
 # -- the parent ----------------------------------------------------------------------------------------------------------
 class Worker:
-    def __init__(self, label: str, checkout: Path, names: list[str], precisions: list[str], threads: int):
+    def __init__(self, label: str, checkout: Path, names: list[str], precisions: list[str], threads: int,
+                 plain: bool = False):
         env = {**os.environ, "PYTHONPATH": str(checkout)}
         self.label = label
         self.proc = subprocess.Popen([sys.executable, __file__, "--worker", "--models", *names, "--precisions",
-                                      *precisions, "--threads", str(threads)], stdin=subprocess.PIPE,
+                                      *precisions, "--threads", str(threads), *(["--plain"] if plain else [])],
+                                     stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env, cwd=HERE)
         self.ready = self._read()["ready"]
 
@@ -230,15 +237,18 @@ def main() -> None:
     parser.add_argument("--profile-tokens", type=int, default=64)
     parser.add_argument("--name", default=None, help="results file name (default decode_step or decode_profile)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--plain", action="store_true",
+                        help="int8/int4 on their plain path (dequantize + F.linear), as on CPUs without the kernels")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.models, args.precisions, args.threads)
+        worker(args.models, args.precisions, args.threads, args.plain)
         return
     sys.path.insert(0, str(HERE))
     from _report import save
 
-    workers = [Worker("ours", HERE.parent, args.models, args.precisions, args.threads)]
+    workers = [Worker("ours, plain path" if args.plain else "ours", HERE.parent, args.models, args.precisions,
+                      args.threads, args.plain)]
     if args.baseline is not None:
         workers.append(Worker("baseline", args.baseline, args.models, args.precisions, args.threads))
     try:

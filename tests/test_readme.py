@@ -56,11 +56,11 @@ def _free_port() -> int:
 
 def test_the_readme_has_the_blocks_this_test_runs():
     sections = [s for s, _ in _blocks()]
-    assert sections == ["Python API", "Scaling out", "Migrating from the book's notebook", "Export and serving",
-                        "Export and serving"], sections
+    assert sections == ["Python API", "Quantized weights", "Scaling out", "Migrating from the book's notebook",
+                        "Export and serving", "Export and serving"], sections
 
 
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(6))
 def test_every_python_block_runs_as_written(small_hub, capsys, monkeypatch, index):
     section, code = _blocks()[index]
     code = code.replace('"path/to/gpt2hub"', repr(str(ROOT)))
@@ -79,6 +79,10 @@ def test_every_python_block_runs_as_written(small_hub, capsys, monkeypatch, inde
     out = capsys.readouterr().out
     if section == "Python API":
         assert out.startswith("Every effort moves you") and len(scope["texts"]) == 2 and scope["out"].shape[1] > 4
+    if section == "Quantized weights":
+        from gpt2hub.quant import Int4Linear
+
+        assert out.startswith("Every effort moves you") and isinstance(scope["model"].out_head, Int4Linear)
     if section == "Export and serving" and "hf" in scope:
         assert (Path("gpt2-small-hf") / "model.safetensors").exists()
         hf, ours = scope["hf"].transformer.wte.weight, scope["model"].tok_emb.weight
