@@ -314,3 +314,21 @@ def test_cold_load_benchmark_takes_every_dtype_of_the_registry(capsys):
     with pytest.raises(SystemExit):
         cold_load.parser().parse_args(["--dtype", "int3"])
     assert "invalid choice: 'int3'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cold_load_benchmark_quantizes_int8_cold_and_loads_it_warm(hub_env, tmp_path):
+    import sys
+    from pathlib import Path
+
+    from conftest import TINY64
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import cold_load
+
+    result = cold_load.measure(TINY64.name, "int8", {"this": cold_load.HERE}, 1, tmp_path)
+    this = result["this"]
+    assert this["convert_s"] > 0 and this["load_s"] > 0 and result["copy_s"] > 0  # "convert": the quantizing
+    assert this["warm"]["total_s"]["median"] > 0
+    lines = cold_load.report([result], {"this": cold_load.HERE}, {"cpu": "x", "cores": 2, "native_bf16": True}, 1)
+    assert any(line.startswith(f"| {TINY64.name} | int8 | this |") for line in lines)
