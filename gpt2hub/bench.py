@@ -554,9 +554,9 @@ GEN_COST = {"gpt2hub": {"call": 0.005, "step": 0.032, "context": 2e-6, "prefill"
             "transformers": {"call": 0.05, "step": 0.038, "context": 4e-5, "prefill": 0.0013}}
 
 # int8 and int4, beside those: seconds to quantize gpt2-small's weights into the cache (once per fresh cache: the
-# models' load and every cold load; measured while other work shared the machine, and divided by the load: rough),
+# models' load and every cold load; 1.2 s and 5.6 s measured at a load average of 2.7, and 10x that seen at 5: rough),
 # and gpt2hub's decoding step over float32's (decode_step.md: 80.5 and 147.7 tok/s against 29.4 at batch 1)
-QUANT_COST = {"int8": {"quantize": 3.0, "step": 0.37}, "int4": {"quantize": 20.0, "step": 0.2}}
+QUANT_COST = {"int8": {"quantize": 1.5, "step": 0.37}, "int4": {"quantize": 6.0, "step": 0.2}}
 
 
 def _generation_seconds(impl: str, batch: int, prompt: int, new_tokens: int, scale: float,
