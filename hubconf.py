@@ -16,7 +16,8 @@ dependencies = ["torch", "numpy", "safetensors", "tiktoken", "google_crc32c", "f
 def from_pretrained(name: str = "gpt2-small", dtype: _Any = None, device: _Any = None, weights_source: str = "openai",
                     **kwargs: _Any) -> _Any:
     """A GPTModel (eval mode) for any name gpt2hub knows ("gpt2-small", "355M", "openai-community/gpt2-xl") or a
-    local folder of OpenAI's or Hugging Face's files; `weights_source` is `from_pretrained`'s `source`."""
+    local folder of OpenAI's or Hugging Face's files, in any of `from_pretrained`'s dtypes ("int8" and "int4":
+    quantized once into the cache); `weights_source` is `from_pretrained`'s `source`."""
     import gpt2hub
 
     return gpt2hub.from_pretrained(name, dtype=dtype, device=device, source=weights_source, **kwargs)

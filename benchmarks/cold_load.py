@@ -12,6 +12,9 @@ gpt2-small pays for sha256 as with real weights, the other sizes (which have no 
 
     python benchmarks/cold_load.py --models gpt2-small gpt2-medium --dtype float32 bfloat16 \\
         --baseline /path/to/older/checkout --out benchmarks/results/cpu-xeon-amx-2core
+
+int8 and int4 (`--dtype int8 int4`) quantize while loading cold ("convert"); a baseline checkout that predates them
+cannot load them and fails naming its tree.
 """
 
 from __future__ import annotations
@@ -112,14 +115,21 @@ def _spread(s: dict[str, float]) -> str:
     return f"{s['median']:.3f} s ({s['min']:.3f}-{s['max']:.3f})"
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The script's options; the dtypes are the registry's (`gpt2hub.registry.dtype_choices`: int8 and int4 too)."""
+    from gpt2hub.registry import dtype_choices
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["gpt2-small"])
-    ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=dtype_choices())
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--baseline", help="another checkout of gpt2hub, measured in the same rounds")
     ap.add_argument("--out", type=Path)
-    a = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    a = parser().parse_args()
     trees = {"this": HERE, **({"baseline": str(Path(a.baseline).resolve())} if a.baseline else {})}
     info = machine()
     with tempfile.TemporaryDirectory(prefix="gpt2hub-cold-") as tmp:

@@ -43,7 +43,7 @@ from . import __version__
 from .cache import Cache, EntryKey
 from .errors import GPT2HubError
 from .files import default_root
-from .registry import OPENAI_FILES, ModelSpec, register, resolve
+from .registry import DTYPES, OPENAI_FILES, ModelSpec, dtype_name, register, resolve
 
 
 @dataclass
@@ -116,6 +116,25 @@ def machine_info() -> dict[str, Any]:
 
 def machine_label(info: dict[str, Any]) -> str:
     return info.get("gpu") or f"{info['cpu']} ({info['cores']} cores)"
+
+
+def reference_dtype(dtype: str) -> str:
+    """The dtype transformers and the notebook path are timed at beside gpt2hub's `dtype`: the same for a float dtype;
+    for int8 and int4, which neither has, bfloat16 (registry.DTYPES' `tensors`: the quantized models' activations)."""
+    return DTYPES[dtype_name(dtype)].tensors
+
+
+def model_bytes(model: Any) -> int:
+    """Bytes of a model's weights as it holds them: parameters and buffers (a quantized model's codes, scales and
+    biases are buffers), each storage once (a tied head is the embedding)."""
+    import torch
+
+    seen: dict[tuple[str, int], int] = {}
+    for t in (*model.parameters(), *model.buffers()):
+        if t.dtype != torch.bool:  # (older transformers hold the causal mask as a buffer: not weights)
+            key = (str(t.device), t.data_ptr())
+            seen[key] = max(seen.get(key, 0), t.numel() * t.element_size())
+    return sum(seen.values())
 
 
 def stats(values: list[float]) -> dict[str, Any]:
@@ -244,7 +263,6 @@ def _worker(kind: str, a: dict[str, Any]) -> dict[str, Any]:
     from .convert import config_from_hparams
     from .hub import from_pretrained, open_hub
     from .model import GPTModel
-    from .registry import dtype_name
     from .storage import storage_for
 
     if kind == "notebook":
@@ -253,7 +271,7 @@ def _worker(kind: str, a: dict[str, Any]) -> dict[str, Any]:
         from transformers import GPT2LMHeadModel
     if a.get("spec"):
         register(ModelSpec(**a["spec"]))
-    dtype = getattr(torch, a["dtype"])
+    dtype = getattr(torch, reference_dtype(a["dtype"]))  # the references' (transformers, the notebook path)
     # the full garbage collection that importing torch leaves due is import time too: without this it falls inside
     # or outside the timed load depending on how many objects the code before the clock happened to allocate
     gc.collect()
@@ -261,7 +279,7 @@ def _worker(kind: str, a: dict[str, Any]) -> dict[str, Any]:
     rss0, t0 = _rss_mib(), time.perf_counter()
     out: dict[str, Any] = {}
     if kind == "ours":
-        model = from_pretrained(a["model"], device=a["device"], dtype=dtype, progress=False)
+        model = from_pretrained(a["model"], device=a["device"], dtype=a["dtype"], progress=False)
         out["load_s"] = time.perf_counter() - t0
         _first_logits(model, a["device"])
     elif kind == "transformers":
@@ -391,8 +409,9 @@ def _generation(cfg: BenchConfig, ours: Any, hf: Any | None, device: str, where:
 
     decodes = ["cuda_graph", "eager"] if device.startswith("cuda") else ["eager"]
     impls = {f"gpt2hub ({d})": ours_runner(ours, d) for d in decodes}
+    read = dict.fromkeys(impls, model_bytes(ours))  # the weight bytes each implementation reads per step
     if hf is not None:
-        impls["transformers"] = transformers_runner(hf)
+        impls["transformers"], read["transformers"] = transformers_runner(hf), model_bytes(hf)
     rows = []
     vocab = ours.cfg["vocab_size"]
     for batch in cfg.batch_sizes:
@@ -405,8 +424,8 @@ def _generation(cfg: BenchConfig, ours: Any, hf: Any | None, device: str, where:
                     runs.append(time_run(run, idx, cfg.new_tokens, device))
                     tick(name, batch, prompt)
                 row = {"impl": name, "batch": batch, "prompt": prompt, "new_tokens": cfg.new_tokens,
-                       "produced": [r["produced"] for r in runs], "ttft_s": stats([r["ttft_s"] for r in runs]),
-                       "decode_s": stats([r["decode_s"] for r in runs])}
+                       "weight_bytes": read[name], "produced": [r["produced"] for r in runs],
+                       "ttft_s": stats([r["ttft_s"] for r in runs]), "decode_s": stats([r["decode_s"] for r in runs])}
                 check_generation(f"{where}, {name}, batch {batch}, prompt {prompt}", row, floor)
                 # decode rate: the tokens after the first over the time they took, each run timed on its own
                 row["tokens_per_s"] = stats([batch * (cfg.new_tokens - 1) / r["decode_s"] for r in runs])
@@ -414,7 +433,7 @@ def _generation(cfg: BenchConfig, ours: Any, hf: Any | None, device: str, where:
             if device.startswith("cuda"):
                 capture = []
                 for _ in range(cfg.repeats):
-                    cache = KVCache(ours.cfg, batch, ours.cfg["context_length"], ours.tok_emb.weight.dtype, device)
+                    cache = KVCache(ours.cfg, batch, ours.cfg["context_length"], ours.attention_dtype, device)
                     capture.append(_timed(functools.partial(_StaticDecoder, ours, cache, batch, graph=True), device))
                 rows[-len(impls)]["graph_capture_s"] = stats(capture)
     return rows
@@ -498,16 +517,22 @@ def check_generation(where: str, row: dict[str, Any], floor: Floor) -> None:
 
 def check_run(where: str, r: dict[str, Any]) -> None:
     """check_generation on every generation row of one device and dtype (`r`, as results.json holds it), against the
-    floor of its weights and copy bandwidth; and every load time positive."""
-    weight_bytes = r.get("weight_bytes", 0)
-    floor = Floor(weight_bytes, r.get("copy_bandwidth_bytes_per_s") if weight_bytes else None,
-                  timer_resolution(r["device"]))
+    floor of the weights each row's implementation reads and the run's copy bandwidth; and every load time positive."""
     for g in r.get("generation", []):
+        weight_bytes = _read_per_step(r, g)
+        floor = Floor(weight_bytes, r.get("copy_bandwidth_bytes_per_s") if weight_bytes else None,
+                      timer_resolution(r["device"]))
         check_generation(f"{where}, {g['impl']}, batch {g['batch']}, prompt {g['prompt']}", g, floor)
     for kind, measured in r["load"].items():
         for key, st in measured.items():
             if key.endswith("_s") and not min(st["runs"]) > 0:
                 raise MeasurementError(f"{where}, {kind} load: {key} of {min(st['runs'])} s is no time at all")
+
+
+def _read_per_step(r: dict[str, Any], g: dict[str, Any]) -> int:
+    """The weight bytes generation row `g` of run `r` reads per decoding step: its implementation's own (transformers
+    beside an int8 model holds bfloat16 weights), or, in results written before rows carried them, the run's."""
+    return int(g.get("weight_bytes", r.get("weight_bytes", 0)))
 
 
 def check_results(res: dict[str, Any]) -> None:
@@ -528,11 +553,18 @@ COST = {"python": 1.8, "load": 0.3, "transformers": 3.2, "tensorflow": 6.0, "not
 GEN_COST = {"gpt2hub": {"call": 0.005, "step": 0.032, "context": 2e-6, "prefill": 0.0011},
             "transformers": {"call": 0.05, "step": 0.038, "context": 4e-5, "prefill": 0.0013}}
 
+# int8 and int4, beside those: seconds to quantize gpt2-small's weights into the cache (once per fresh cache: the
+# models' load and every cold load; 1.2 s and 5.6 s measured at a load average of 2.7, and 10x that seen at 5: rough),
+# and gpt2hub's decoding step over float32's (decode_step.md: 80.5 and 147.7 tok/s against 29.4 at batch 1)
+QUANT_COST = {"int8": {"quantize": 1.5, "step": 0.37}, "int4": {"quantize": 6.0, "step": 0.2}}
 
-def _generation_seconds(impl: str, batch: int, prompt: int, new_tokens: int, scale: float) -> float:
+
+def _generation_seconds(impl: str, batch: int, prompt: int, new_tokens: int, scale: float,
+                        dtype: str = "float32") -> float:
     """One timed generation (prefill, then new_tokens - 1 steps), as GEN_COST estimates it."""
     c = GEN_COST["transformers" if impl == "transformers" else "gpt2hub"]
-    step = c["step"] * scale * (1 + batch / 16) + c["context"] * batch * (prompt + new_tokens / 2)
+    faster = 1.0 if impl == "transformers" else QUANT_COST.get(dtype, {}).get("step", 1.0)
+    step = c["step"] * scale * faster * (1 + batch / 16) + c["context"] * batch * (prompt + new_tokens / 2)
     return c["call"] + c["prefill"] * scale * batch * prompt + new_tokens * step
 
 
@@ -599,16 +631,19 @@ def plan(cfg: BenchConfig, spec: ModelSpec, have_hf: bool, have_tf: bool, synthe
           c["write"] * scale * (0.6 * synthetic + 0.4 * have_hf))
     for device in cfg.devices:
         for dtype in cfg.dtypes:
-            at = f"{device} {dtype}"
+            at, name, ref = f"{device} {dtype}", dtype_name(dtype), reference_dtype(dtype)
+            quantize = QUANT_COST.get(name, {}).get("quantize", 0.0) * scale
+            ref_at = "" if ref == name else f" (at {ref}: it has no {name})"
             colds = cfg.loads if cfg.cold and not cfg.real_cache else 0
-            p.add(f"cold {at}", f"cold load and copy of the same bytes, {at}", colds, 2 * c["python"] + c["cold"] * scale)
+            p.add(f"cold {at}", f"cold load and copy of the same bytes, {at}", colds,
+                  2 * c["python"] + c["cold"] * scale + quantize)
             p.add(f"models {at}", f"loading the models for generation in this process, {at}", 1,
-                  c["load"] * scale * (1 + have_hf) + c["transformers"] * have_hf)
+                  c["load"] * scale * (1 + have_hf) + c["transformers"] * have_hf + quantize)
             p.add(f"warm ours {at}", f"warm load by gpt2hub in a fresh process, {at}", cfg.loads, fresh)
-            p.add(f"warm transformers {at}", f"warm load by transformers in a fresh process, {at}", cfg.loads * have_hf,
-                  fresh + c["transformers"])
-            p.add(f"warm notebook {at}", f"warm load by the notebook path (TensorFlow) in a fresh process, {at}",
-                  cfg.loads * have_tf, c["python"] + c["tensorflow"] + c["notebook"] * scale)
+            p.add(f"warm transformers {at}", f"warm load by transformers{ref_at} in a fresh process, {at}",
+                  cfg.loads * have_hf, fresh + c["transformers"])
+            p.add(f"warm notebook {at}", f"warm load by the notebook path (TensorFlow){ref_at} in a fresh process, "
+                  f"{at}", cfg.loads * have_tf, c["python"] + c["tensorflow"] + c["notebook"] * scale)
             impls = (["gpt2hub (cuda_graph)"] if device.startswith("cuda") else []) + ["gpt2hub (eager)"]
             impls += ["transformers"] * have_hf
             group = (f"generation timings ({', '.join(impls)}; batch {' '.join(map(str, cfg.batch_sizes))}; prompt "
@@ -616,8 +651,8 @@ def plan(cfg: BenchConfig, spec: ModelSpec, have_hf: bool, have_tf: bool, synthe
             for impl in impls:
                 for batch in cfg.batch_sizes:
                     for prompt in cfg.prompt_lengths:
-                        each = _generation_seconds(impl, batch, prompt, cfg.new_tokens, scale)
-                        warm_up = _generation_seconds(impl, batch, prompt, 2, scale) / cfg.repeats
+                        each = _generation_seconds(impl, batch, prompt, cfg.new_tokens, scale, name)
+                        warm_up = _generation_seconds(impl, batch, prompt, 2, scale, name) / cfg.repeats
                         p.add(f"gen {at} {impl} {batch} {prompt}", f"generation, {impl}, batch {batch}, prompt "
                               f"{prompt}, {cfg.new_tokens} new tokens, {at}", cfg.repeats, each + warm_up, group)
     return p
@@ -658,7 +693,7 @@ def _generation_models(name: str, device: str, dtype: str, env: dict[str, str], 
         shown = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # its bar would cut into the benchmark's
         try:
-            hf = GPT2LMHeadModel.from_pretrained(str(hf_folder), dtype=getattr(torch, dtype))
+            hf = GPT2LMHeadModel.from_pretrained(str(hf_folder), dtype=getattr(torch, reference_dtype(dtype)))
         finally:
             if shown:
                 hf_logging.enable_progress_bar()
@@ -702,7 +737,8 @@ def _measure(cfg: BenchConfig, p: Plan, setup: _Setup, device: str, dtype: str, 
             samples.append(_in_subprocess(kind, args, {**env, "GPT2HUB_OFFLINE": "1"}))
             p.done(f"warm {kind} {at}")
         entry["load"][kind] = {k: stats([s[k] for s in samples]) for k in samples[0]}
-    entry["weight_bytes"] = sum(t.numel() * t.element_size() for t in ours.parameters())  # tied: once
+    entry["weight_bytes"] = model_bytes(ours)  # int8/int4: the codes and scales, and the bfloat16 rest
+    entry["reference_dtype"] = reference_dtype(dtype)  # transformers' and the notebook path's
     # the floor's bandwidth: the best copy of the weights' size, before and after the generation timings (so that a
     # moment of contention in one of them cannot make it stingy); each run's token count and the timer's resolution
     # are checked as it is measured
@@ -837,14 +873,27 @@ def _seconds(st: dict[str, Any] | None) -> str:
     return text if text == "-" else text + " s"
 
 
+def _at_reference(r: dict[str, Any], text: str) -> str:
+    """`text` (a cell or an implementation of the references) with the dtype they ran at where it is not the row's
+    (int8 and int4 rows: transformers and the notebook path have no such weights)."""
+    ref = r.get("reference_dtype", r["dtype"])
+    return text if ref == r["dtype"] or text == "-" else f"{text} at {ref}"
+
+
+def _impl(r: dict[str, Any], impl: str) -> str:
+    return _at_reference(r, impl) if impl == "transformers" else impl
+
+
 def _load_row(res: dict[str, Any], r: dict[str, Any]) -> str:
     ld = r["load"]
     ours, hf = _med(ld.get("ours"), "total_s"), _med(ld.get("transformers"), "total_s")
     cold = ld.get("cold") or {}
     rss = (ld.get("ours") or {}).get("peak_rss_delta_mib")
     cells = [machine_label(res["machine"]), f"{res['model']} ({res['weights']})", r["device"], r["dtype"],
-             _seconds((ld.get("ours") or {}).get("total_s")), _seconds((ld.get("transformers") or {}).get("total_s")),
-             f"{hf / ours:.2f}x" if ours and hf else "-", _seconds((ld.get("notebook") or {}).get("total_s")),
+             _seconds((ld.get("ours") or {}).get("total_s")),
+             _at_reference(r, _seconds((ld.get("transformers") or {}).get("total_s"))),
+             f"{hf / ours:.2f}x" if ours and hf else "-",
+             _at_reference(r, _seconds((ld.get("notebook") or {}).get("total_s"))),
              *(_seconds(cold.get(k)) for k in ("download_s", "convert_s", "load_s")),
              _seconds((ld.get("copy") or {}).get("total_s")), _spread(rss, lambda v: f"{v:.0f}") + " MiB" if rss else "-"]
     return "| " + " | ".join(cells) + " |"
@@ -856,8 +905,8 @@ def _generation_row(res: dict[str, Any], r: dict[str, Any], g: dict[str, Any], r
     vs = f"{tps / other['tokens_per_s']['median']:.2f}x" if other and g["impl"] != "transformers" else ""
     # weight bytes read per decoding step times steps per second, over the copy bandwidth measured in the same run
     copy_bw = r.get("copy_bandwidth_bytes_per_s")
-    bw = f"{r['weight_bytes'] * tps / g['batch'] / copy_bw:.0%}" if copy_bw else ""
-    return (f"| {machine_label(res['machine'])} | {r['device']} | {r['dtype']} | {g['impl']} | {g['batch']} | "
+    bw = f"{_read_per_step(r, g) * tps / g['batch'] / copy_bw:.0%}" if copy_bw else ""
+    return (f"| {machine_label(res['machine'])} | {r['device']} | {r['dtype']} | {_impl(r, g['impl'])} | {g['batch']} | "
             f"{g['prompt']} | {_spread(g['tokens_per_s'], lambda v: f'{v:,.1f}')} | "
             f"{_spread(g['ttft_s'], lambda v: f'{v * 1000:.1f}')} ms | {vs} | {bw} |")
 
@@ -881,6 +930,14 @@ def markdown(all_results: list[dict[str, Any]]) -> str:
         for r in res["runs"]:
             ref = {(g["batch"], g["prompt"]): g for g in r["generation"] if g["impl"] == "transformers"}
             lines += [_generation_row(res, r, g, ref) for g in r["generation"]]
+    refs = sorted({(r["dtype"], r["reference_dtype"]) for res in all_results for r in res["runs"]
+                   if r.get("reference_dtype", r["dtype"]) != r["dtype"]})
+    if refs:
+        lines += ["", f"{' and '.join(d for d, _ in refs)}: transformers and the notebook path have no such weights, "
+                  f"so beside them they ran at {', '.join(dict.fromkeys(ref for _, ref in refs))} (the quantized "
+                  "models' activations), marked \"at\": their ratios weigh gpt2hub's quantized weights against "
+                  "transformers' nearest, not the same arithmetic. \"bandwidth used\" counts the weight bytes each "
+                  "implementation reads per step (quantized: codes and scales, and the embeddings and norms)."]
     return "\n".join(lines) + "\n"
 
 
@@ -940,7 +997,7 @@ def _plot_tokens(plt: Any, all_results: list[dict[str, Any]], path: Path, plain:
                 pts = sorted((g["batch"], g["tokens_per_s"]["median"]) for g in r["generation"]
                              if g["impl"] == impl and g["prompt"] == prompt)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                        label=f"{machine_label(res['machine'])[:24]} {r['device']} {r['dtype']}: {impl}")
+                        label=f"{machine_label(res['machine'])[:24]} {r['device']} {r['dtype']}: {_impl(r, impl)}")
     batches = sorted({g["batch"] for res in all_results for r in res["runs"] for g in r["generation"]})
     ax.set_xscale("log", base=2)
     ax.set_xticks(batches, [str(b) for b in batches])

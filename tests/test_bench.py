@@ -190,3 +190,145 @@ def test_the_plan_lists_every_step_and_quick_is_planned_under_a_minute():
     assert not any(k.startswith(("cold", "warm notebook")) for k in quick.steps)
     assert quick.seconds < 60 < full.seconds and quick.seconds < full.seconds / 3
     assert all(line.strip()[0].isdigit() for line in full.lines())
+
+
+# -- int8 and int4: gpt2hub's quantized weights beside the references at bfloat16 -----------------------------------
+@pytest.mark.slow
+def test_bench_times_int8_and_int4_beside_transformers_at_bfloat16(hub_env, tmp_path, capsys):
+    from math import prod
+
+    from conftest import TINY64
+
+    from gpt2hub import quant
+    from gpt2hub.convert import config_from_hparams
+
+    out = tmp_path / "bench"
+    code = main(["bench", "--model", TINY64.name, "--dtype", "int8", "int4", "--repeats", "1", "--batch-sizes", "1",
+                 "--prompt-lengths", "4", "--new-tokens", "3", "--no-notebook", "--no-plots", "--out", str(out)])
+    printed, said = capsys.readouterr()
+    assert code == 0, said
+    assert "warm load by transformers (at bfloat16: it has no int4) in a fresh process, cpu int4" in said
+    res = json.loads((out / "results.json").read_text())
+    assert all(step["done"] == step["planned"] for step in res["plan"].values()), res["plan"]
+    int8, int4 = res["runs"]
+    for run in (int8, int4):
+        assert run["reference_dtype"] == "bfloat16"
+        load = run["load"]  # the cold load quantizes ("convert"); transformers loads its bfloat16 weights
+        assert load["cold"]["convert_s"]["median"] > 0 and load["transformers"]["total_s"]["median"] > 0
+        read = {g["impl"]: g["weight_bytes"] for g in run["generation"]}
+        assert all(g["produced"] == [3] for g in run["generation"]) and len(read) == 2
+        # the bytes of the floor and of "bandwidth used": exactly the stored codes, scales and bfloat16 rest; and
+        # transformers' own bfloat16 weights for its rows
+        layout = quant.stored_layout(config_from_hparams(TINY64.hparams()), run["dtype"])
+        assert read["gpt2hub (eager)"] == run["weight_bytes"] == sum(t.itemsize * prod(s) for t, s in layout.values())
+        assert read["transformers"] == TINY64.n_params * 2
+    # (this narrow model is mostly its embedding, which quantized models keep in bfloat16 beside a quantized head)
+    assert int4["weight_bytes"] < int8["weight_bytes"]
+    table = (out / "results.md").read_text()
+    assert "| cpu | int4 | transformers at bfloat16 | 1 | 4 |" in table and "| cpu | int8 | gpt2hub (eager) | 1 | 4 |" in table
+    assert " s at bfloat16 |" in table and "int4 and int8: transformers and the notebook path have no such weights" in table
+    assert printed.startswith(table)
+
+
+def _quantized_results(tps_ours, tps_hf, ours_bytes=130_000_000, hf_bytes=250_000_000):
+    rows = [{**_row("gpt2hub (eager)", tps_ours, batch=1, prompt=16), "weight_bytes": ours_bytes},
+            {**_row("transformers", tps_hf, batch=1, prompt=16), "weight_bytes": hf_bytes}]
+    res = _results(rows, weight_bytes=ours_bytes, bandwidth=20e9)
+    res["runs"][0].update(dtype="int8", reference_dtype="bfloat16")
+    return res
+
+
+def test_markdown_of_a_quantized_run_names_the_references_dtype_and_each_rows_own_bytes():
+    from gpt2hub.bench import markdown, stats
+
+    res = _quantized_results([100.0] * 3, [40.0] * 3)
+    res["runs"][0]["load"] = {"ours": {"total_s": stats([0.5])}, "transformers": {"total_s": stats([1.0])}}
+    table = markdown([res])
+    # 130 MB x 100 steps/s of 20 GB/s is 65%; transformers' 250 MB x 40 steps/s is 50%
+    assert "| cpu | int8 | gpt2hub (eager) | 1 | 16 | 100.0 (100.0-100.0) |" in table and "| 2.50x | 65% |" in table
+    assert "| cpu | int8 | transformers at bfloat16 | 1 | 16 | 40.0 (40.0-40.0) |" in table and "|  | 50% |" in table
+    assert "| 0.500 s | 1.000 s at bfloat16 | 2.00x | - |" in table
+    assert "int8: transformers and the notebook path have no such weights, so beside them they ran at bfloat16" in table
+    plain = _results([_row("transformers", [40.0] * 3, batch=1, prompt=16)], weight_bytes=250_000_000, bandwidth=20e9)
+    assert "at bfloat16" not in markdown([plain]) and "no such weights" not in markdown([plain])
+
+
+def test_each_generation_row_is_held_to_the_floor_of_its_own_weights():
+    from gpt2hub.bench import GENEROUS, MeasurementError, markdown
+
+    # a step of 2.5 ms: possible for 130 MB of int8 weights at 4x 20 GB/s (1.6 ms), not for 250 MB of bfloat16 (3.1 ms)
+    assert 130e6 / (GENEROUS * 20e9) < 1 / 400 < 250e6 / (GENEROUS * 20e9)
+    markdown([_quantized_results([400.0] * 3, [40.0] * 3)])
+    with pytest.raises(MeasurementError, match=r"cpu int8, transformers, batch 1, prompt 16, run 1 of 3: a decoding "
+                                               r"step took 0.0025 s, below the physical floor of 0.00313 s.*238 MiB"):
+        markdown([_quantized_results([40.0] * 3, [400.0] * 3)])
+
+
+def test_model_bytes_counts_what_a_model_holds_once():
+    from conftest import TINY64
+
+    from gpt2hub import GPTModel, quant
+    from gpt2hub.bench import model_bytes
+    from gpt2hub.convert import config_from_hparams
+
+    cfg = config_from_hparams(TINY64.hparams())
+    plain = GPTModel(cfg).eval()
+    assert model_bytes(plain) == (TINY64.n_params + cfg["vocab_size"] * cfg["emb_dim"]) * 4  # the book's own head
+    plain.out_head.weight = plain.tok_emb.weight
+    assert model_bytes(plain) == TINY64.n_params * 4  # a tied head is the embedding: once
+    sd = {k: v.detach() for k, v in plain.state_dict().items()}
+    for scheme, head in (("int8", None), ("int4", None), ("int8", "tied")):
+        stored = quant.quantize_state_dict(sd, scheme, head=head)
+        model = quant.quantized_model(cfg, stored, scheme, head=head)
+        assert model_bytes(model) == sum(t.numel() * t.element_size() for t in stored.values()), (scheme, head)
+    assert model_bytes(model) < model_bytes(quant.quantized_model(cfg, quant.quantize_state_dict(sd, "int8"), "int8"))
+
+
+def test_the_plan_of_int8_and_int4_counts_quantizing_and_says_the_references_dtype():
+    from gpt2hub.bench import plan, quick_config
+    from gpt2hub.registry import resolve
+
+    small = resolve("gpt2-small")
+    p = plan(quick_config(dtypes=["float32", "int8", "q4"]), small, have_hf=True, have_tf=False, synthetic=True)
+    models = {d: p.steps[f"models cpu {d}"][2] for d in ("float32", "int8", "q4")}
+    assert models["float32"] < models["int8"] < models["q4"]  # quantizing once into the fresh cache
+    gen = {d: p.steps[f"gen cpu {d} gpt2hub (eager) 1 16"][2] for d in ("float32", "int8", "q4")}
+    assert gen["q4"] < gen["int8"] < gen["float32"]
+    assert p.steps["gen cpu int8 transformers 1 16"][2] == p.steps["gen cpu float32 transformers 1 16"][2]
+    lines = "\n".join(p.lines())
+    assert "warm load by transformers (at bfloat16: it has no int4) in a fresh process, cpu q4" in lines
+    assert "warm load by transformers in a fresh process, cpu float32" in lines
+
+
+def test_cold_load_benchmark_takes_every_dtype_of_the_registry(capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import cold_load
+
+    from gpt2hub.registry import dtype_choices
+
+    assert cold_load.parser().parse_args(["--dtype", "int8", "int4"]).dtype == ["int8", "int4"]
+    assert cold_load.parser().parse_args(["--dtype", *dtype_choices()]).dtype == dtype_choices()
+    with pytest.raises(SystemExit):
+        cold_load.parser().parse_args(["--dtype", "int3"])
+    assert "invalid choice: 'int3'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cold_load_benchmark_quantizes_int8_cold_and_loads_it_warm(hub_env, tmp_path):
+    import sys
+    from pathlib import Path
+
+    from conftest import TINY64
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import cold_load
+
+    result = cold_load.measure(TINY64.name, "int8", {"this": cold_load.HERE}, 1, tmp_path)
+    this = result["this"]
+    assert this["convert_s"] > 0 and this["load_s"] > 0 and result["copy_s"] > 0  # "convert": the quantizing
+    assert this["warm"]["total_s"]["median"] > 0
+    lines = cold_load.report([result], {"this": cold_load.HERE}, {"cpu": "x", "cores": 2, "native_bf16": True}, 1)
+    assert any(line.startswith(f"| {TINY64.name} | int8 | this |") for line in lines)

@@ -91,3 +91,31 @@ def test_float32_from_the_mapped_checkpoint_to_cuda(synthetic_hub):
     x = torch.arange(10)[None]
     with torch.no_grad():
         torch.testing.assert_close(gpu(x.cuda()).cpu(), cpu(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_weights_decode_the_same_tokens_with_and_without_a_cuda_graph(scheme):
+    from gpt2hub import quant
+
+    cfg = config_from_hparams(HP)
+    tensors = {k: torch.from_numpy(v) for k, v in hf_tensors(random_weights(HP, seed=5, scale=0.3)).items()}
+    sd = GPTModel.from_state_dict(cfg, state_dict_from_hf(tensors, cfg)).state_dict()
+    model = quant.quantized_model(cfg, {k: v.cuda() for k, v in quant.quantize_state_dict(sd, scheme).items()}, scheme)
+    assert model.attention_dtype == torch.float32
+    idx = torch.randint(0, HP["n_vocab"], (4, 9), generator=torch.Generator().manual_seed(9)).cuda()
+    assert torch.equal(generate(model, idx, 30, decode="cuda_graph"), generate(model, idx, 30, decode="eager"))
+
+
+def test_bench_times_int8_on_cuda_with_its_graph_capture(hub_env, tmp_path):
+    import json
+
+    from conftest import TINY64
+
+    from gpt2hub.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "--quick", "--model", TINY64.name, "--device", "cuda", "--dtype", "int8", "--repeats", "1",
+                 "--new-tokens", "4", "--no-transformers", "--out", str(out)]) == 0
+    (run,) = json.loads((out / "results.json").read_text())["runs"]
+    graph = [g for g in run["generation"] if g["impl"] == "gpt2hub (cuda_graph)"]
+    assert graph and graph[0]["graph_capture_s"]["median"] > 0 and graph[0]["produced"] == [4]

@@ -181,3 +181,34 @@ def test_the_pins_refuse_random_weights_for_quantized_storage_too(hub_env, serve
     with pytest.raises(IntegrityError, match="model.ckpt.data.*GPT2HUB_IGNORE_PINS"):
         from_pretrained(pinned.name, dtype="int8")
     assert not list(hub_env.rglob("int8.*"))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "q4"])
+def test_torch_hub_loads_quantized_weights_from_the_cache(hub_env, server, pinless, scheme):
+    from pathlib import Path
+
+    local = str(Path(__file__).parents[1])  # hubconf.py, as torch.hub.load(..., source="local") reads it
+    model = torch.hub.load(local, "from_pretrained", TINY64.name, source="local", dtype=scheme)
+    assert isinstance(model.trf_blocks[0].ff.layers[0], quant.Int8Linear if scheme == "int8" else quant.Int4Linear)
+    stored = model_entry(hub_env, TINY64.name).dir / "converted"
+    assert [p.name for p in stored.glob("int*.safetensors")] == [("int8" if scheme == "int8" else "int4") + ".safetensors"]
+    requests = len(server.served.log)
+    assert torch.equal(_logits(model), _logits(from_pretrained(TINY64.name, dtype=scheme)))
+    assert len(server.served.log) == requests  # the same stored file, mapped again
+
+
+def test_cli_generates_with_int4_the_text_of_the_api_and_removes_int4_alone(hub_env, server, pinless, capsys):
+    from gpt2hub import load_tokenizer, stream_text
+
+    assert main(["generate", "--model", TINY64.name, "--dtype", "int4", "--max-new-tokens", "6", "Every effort"]) == 0
+    model = from_pretrained(TINY64.name, dtype="int4")
+    expected = "Every effort" + "".join(stream_text(model, load_tokenizer(TINY64.name), "Every effort", 6)) + "\n"
+    assert capsys.readouterr().out == expected
+    from_pretrained(TINY64.name, dtype="int8")
+    converted = model_entry(hub_env, TINY64.name).dir / "converted"
+    assert main(["cache", "rm", TINY64.name, "--dtype", "int4", "-y"]) == 0
+    assert "converted/int4.* (" in capsys.readouterr().out
+    assert not list(converted.glob("int4.*")) and (converted / "int8.safetensors").exists()
+    assert (model_entry(hub_env, TINY64.name).raw / "model.ckpt.data-00000-of-00001").exists()  # the published stay
+    assert main(["cache", "rm", TINY64.name, "--dtype", "int4", "-y"]) == 0
+    assert "no int4 weights of it are stored" in capsys.readouterr().out
