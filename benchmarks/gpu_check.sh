@@ -23,7 +23,10 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py 
 timeout 200 python3 -m gpt2hub bench --model gpt2-small --device cuda --dtype float32 bfloat16 \
     --batch-sizes 1 2 4 8 16 32 64 --prompt-lengths 16 --new-tokens 128 --repeats 3 --no-notebook --no-plots \
     --out "$OUT/small" 2>&1 | tail -40 | tee "$OUT/bench-small.log" || status=1
-timeout 240 python3 -m gpt2hub bench --model gpt2-xl --device cuda --dtype bfloat16 \
+timeout 200 python3 -m gpt2hub bench --model gpt2-xl --device cuda --dtype bfloat16 \
     --batch-sizes 1 8 64 --prompt-lengths 16 --new-tokens 64 --repeats 3 --no-notebook --no-plots \
     --out "$OUT/xl" 2>&1 | tail -20 | tee "$OUT/bench-xl.log" || status=1
+# int8/int4 on CUDA run their plain path (dequantize + F.linear per call): correct, not fast; this measures how slow
+timeout 90 python3 -m gpt2hub bench --model gpt2-small --device cuda --dtype int8 int4 --quick \
+    --out "$OUT/quant" 2>&1 | tail -20 | tee "$OUT/bench-quant.log" || status=1
 exit $status
