@@ -244,6 +244,7 @@ class Quantized(Storage):
                 progress: Progress = None) -> Manifest:
         entry.secure()
         out = entry.stored_path(self.dtype)
+        unlink_entry(out)  # the file or link there failed its check; a folder there is refused before any work
         stored = self.quantize(fmt, paths, cfg, progress)
         with atomic_path(out, CACHE_MODE) as tmp:
             crc = save_state_dict(stored, tmp)
