@@ -7,6 +7,10 @@ segfault, a traceback, or logits other than the true quantized model's.
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -224,3 +228,189 @@ def test_an_int4_file_renamed_to_int8_with_its_manifest_edited_to_match(hub_env,
     os.replace(int4, int8)
     _vouch(int8, manifest)
     assert _outcome("int8", first, str(int8)) == "loaded"
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_file_written_by_safetensors_itself_is_read_right_though_its_codes_are_not_aligned(hub_env, server, scheme):
+    """safetensors' save_file pads its header to 8 bytes, not 64: the codes land off PyTorch's kernels' alignment."""
+    from safetensors.torch import load_file, save_file
+
+    from gpt2hub import quant
+
+    first = _logits(from_pretrained(TINY64.name, dtype=scheme))
+    stored, manifest = _paths(hub_env, scheme)
+    tensors = load_file(stored)
+    os.chmod(stored, 0o644)
+    for pad in range(0, 64, 8):  # metadata of another length moves the data off 64 bytes
+        save_file(tensors, stored, metadata={"format": "pt", "pad": "x" * pad})
+        header, _ = _header(stored)
+        n = int.from_bytes(stored.read_bytes()[:8], "little")
+        if all((8 + n + header[k]["data_offsets"][0]) % 64 for k in _tensors(header) if k.endswith("qweight")):
+            break
+    else:
+        pytest.fail("safetensors aligned every layout tried")
+    _vouch(stored, manifest)
+    model = from_pretrained(TINY64.name, dtype=scheme)
+    assert torch.equal(_logits(model), first)
+    assert quant.KERNELS or pytest.skip("no int8/int4 kernel on this CPU: nothing to misalign")
+
+
+# processes killed or racing -------------------------------------------------------------------------------------------
+WORKER = str(Path(__file__).parent / "quant_worker.py")
+
+
+def _worker(scheme: str, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, WORKER, scheme], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **env})
+
+
+def _temporaries(converted: Path) -> list[Path]:
+    return sorted(p for p in converted.iterdir() if p.name.endswith(".tmp")) if converted.is_dir() else []
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_kill_9_while_quantizing_leaves_no_stored_file_and_prune_removes_the_temporary(hub_env, server, scheme,
+                                                                                      capsys):
+    from gpt2hub.checks import verify
+    from gpt2hub.cli import main
+
+    converted = model_entry(hub_env, TINY64.name).converted
+    proc = _worker(scheme, GPT2HUB_TEST_SLOW_WRITE="0.5")
+    end = time.monotonic() + 120
+    while not any(p.stat().st_size > 4096 for p in _temporaries(converted)):
+        if proc.poll() is not None or time.monotonic() > end:
+            proc.kill()
+            pytest.fail(f"the worker never began writing (rc {proc.poll()}): {proc.communicate()[1][-500:]}")
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    left = _temporaries(converted)
+    assert left and not (converted / f"{scheme}.safetensors").exists() and not (converted / f"{scheme}.json").exists()
+    assert left == [p for p in model_entry(hub_env, TINY64.name).partials() if p.parent == converted]
+    model = from_pretrained(TINY64.name, dtype=scheme)
+    assert main(["cache", "prune"]) == 0
+    assert _temporaries(converted) == [] and verify(model_entry(hub_env, TINY64.name)) == []
+    assert torch.equal(_logits(model), _logits(from_pretrained(TINY64.name, dtype=scheme)))
+    capsys.readouterr()
+
+
+def test_two_processes_on_a_cold_cache_quantize_once_and_get_the_same_logits(hub_env, server, tmp_path):
+    counter = tmp_path / "prepared"
+    counter.touch()
+    procs = [_worker("int8", GPT2HUB_TEST_PREPARED=str(counter)) for _ in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-500:] for _, err in outs]
+    digests = {out.strip() for out, _ in outs}
+    assert len(digests) == 1 and len(counter.read_text().split()) == 1
+    import hashlib
+
+    mine = hashlib.sha256(_logits(from_pretrained(TINY64.name, dtype="int8")).numpy().tobytes()).hexdigest()
+    assert digests == {mine} and len(counter.read_text().split()) == 1
+
+
+# read-only caches, full disks -----------------------------------------------------------------------------------------
+@pytest.fixture
+def read_only(hub_env):
+    """Make the cache read-only with a bind mount (root ignores permission bits): `read_only()`; undone after."""
+    mounted = []
+
+    def make() -> None:
+        proc = subprocess.run(["mount", "--bind", "-o", "ro", str(hub_env), str(hub_env)], capture_output=True)
+        if proc.returncode:
+            pytest.skip(f"cannot bind-mount read-only here: {proc.stderr.decode()[:100]}")
+        mounted.append(hub_env)
+
+    yield make
+    for path in mounted:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+def test_a_read_only_cache_of_float32_refuses_int8_in_one_line_and_changes_nothing(hub_env, server, read_only):
+    from_pretrained(TINY64.name)
+    read_only()
+    before = _snapshot(hub_env)
+    with pytest.raises(GPT2HubError) as e:
+        from_pretrained(TINY64.name, dtype="int8")
+    _typed(e.value, str(hub_env), "GPT2HUB_CACHE")
+    assert _snapshot(hub_env) == before
+
+
+def test_a_read_only_cache_loads_the_int8_it_holds(hub_env, server, read_only):
+    first = _logits(from_pretrained(TINY64.name, dtype="int8"))
+    read_only()
+    before = _snapshot(hub_env)
+    assert torch.equal(_logits(from_pretrained(TINY64.name, dtype="int8")), first)
+    assert _snapshot(hub_env) == before
+
+
+@pytest.mark.parametrize("damage", ["manifest naming another head", "file truncated"])
+def test_a_read_only_cache_with_damaged_int8_refuses_in_one_line(hub_env, server, read_only, damage):
+    from_pretrained(TINY64.name, dtype="int8")
+    stored, manifest = _paths(hub_env, "int8")
+    if damage == "manifest naming another head":
+        _edit_manifest(manifest, head="tied")
+    else:
+        _replace(stored, "truncated", hub_env)
+    read_only()
+    before = _snapshot(hub_env)
+    with pytest.raises(GPT2HubError) as e:
+        from_pretrained(TINY64.name, dtype="int8")
+    _typed(e.value, str(hub_env), "GPT2HUB_CACHE")
+    assert _snapshot(hub_env) == before
+
+
+def _flip_a_byte(stored: Path) -> None:
+    """One byte of the codes changed, size and timestamps kept: only a full check sees it."""
+    st = stored.stat()
+    os.chmod(stored, 0o644)
+    with open(stored, "r+b") as f:
+        f.seek(st.st_size - 100)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x5A]))
+    os.chmod(stored, 0o444)
+    os.utime(stored, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.fixture
+def small_disk(hub_env):
+    """A tmpfs mounted on the entry's converted/ folder: `small_disk(options)` (size=4m fills up mid-write,
+    nr_inodes=2 refuses to create a file); unmounted after. Skipped, saying why, where mounting is not allowed."""
+    mounted = []
+
+    def make(options: str) -> None:
+        folder = model_entry(hub_env, TINY64.name).converted
+        folder.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+        if proc.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode()[:100]}")
+        mounted.append(folder)
+
+    def unmount() -> None:
+        while mounted:
+            subprocess.run(["umount", str(mounted.pop())], check=True)
+
+    make.unmount = unmount  # type: ignore[attr-defined]
+    yield make
+    unmount()
+
+
+@pytest.mark.parametrize("options", ["size=4m", "nr_inodes=2"], ids=["full mid-write", "no file can be made"])
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_full_disk_while_quantizing_is_one_line_and_leaves_nothing_half_written(hub_env, server, small_disk,
+                                                                                  scheme, options):
+    small_disk(options)
+    converted = model_entry(hub_env, TINY64.name).converted
+    with pytest.raises(GPT2HubError) as e:
+        from_pretrained(TINY64.name, dtype=scheme)
+    _typed(e.value, "no space left", str(converted), "free some space")
+    assert sorted(p.name for p in converted.iterdir()) in ([], ["float32.json"])
+    gets = len(server.served.log)
+    small_disk.unmount()
+    model = from_pretrained(TINY64.name, dtype=scheme)  # space freed: quantized, nothing downloaded again
+    assert len(server.served.log) == gets
+    assert torch.equal(_logits(model), _logits(from_pretrained(TINY64.name, dtype=scheme)))
