@@ -414,3 +414,34 @@ def test_a_full_disk_while_quantizing_is_one_line_and_leaves_nothing_half_writte
     model = from_pretrained(TINY64.name, dtype=scheme)  # space freed: quantized, nothing downloaded again
     assert len(server.served.log) == gets
     assert torch.equal(_logits(model), _logits(from_pretrained(TINY64.name, dtype=scheme)))
+
+
+# the CLI's cache commands, mirror and export with quantized files present -------------------------------------------
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    from gpt2hub.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+DAMAGES = {"a byte flipped in place": lambda stored, manifest: _flip_a_byte(stored),
+           "truncated": lambda stored, manifest: _replace(stored, "truncated", stored.parent),
+           "a link": lambda stored, manifest: _replace(stored, "a link to a copy outside", stored.parent.parent),
+           "the manifest naming another head": lambda stored, manifest: _edit_manifest(manifest, head="tied")}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_cache_verify_reports_damaged_int4_and_repair_quantizes_it_again(hub_env, server, capsys, damage):
+    first = _logits(from_pretrained(TINY64.name, dtype="int4"))
+    from_pretrained(TINY64.name, dtype="int8")
+    stored, manifest = _paths(hub_env, "int4")
+    DAMAGES[damage](stored, manifest)
+    code, out, err = _cli(capsys, "cache", "verify")
+    assert code == 1 and "int4" in out + err, out + err
+    code, out, err = _cli(capsys, "cache", "verify", "--repair")
+    assert code == 0 and "repaired" in out, out + err
+    assert _cli(capsys, "cache", "verify")[0] == 0
+    requests = len(server.served.log)
+    assert torch.equal(_logits(from_pretrained(TINY64.name, dtype="int4")), first)
+    assert len(server.served.log) == requests and _paths(hub_env, "int8")[0].is_file()
