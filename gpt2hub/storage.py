@@ -246,7 +246,10 @@ class Quantized(Storage):
         head = fmt.head(paths, cfg)
         if head is not None:
             sd["out_head.weight"] = head.float()
-        return quant.quantize_state_dict(sd, self.dtype, self.group_size, self.head)
+        try:
+            return quant.quantize_state_dict(sd, self.dtype, self.group_size, self.head)
+        except ValueError as e:  # weights that are not numbers (a diverged fine-tune's NaNs): nothing to quantize
+            raise ConversionError(f"{paths[fmt.weights_file]} cannot be quantized to {self.dtype}: {e}") from None
 
     def prepare(self, entry: Entry, fmt: Format, paths: Paths, cfg: ModelConfig, arrived: Arrived,
                 progress: Progress = None) -> Manifest:

@@ -445,3 +445,95 @@ def test_cache_verify_reports_damaged_int4_and_repair_quantizes_it_again(hub_env
     requests = len(server.served.log)
     assert torch.equal(_logits(from_pretrained(TINY64.name, dtype="int4")), first)
     assert len(server.served.log) == requests and _paths(hub_env, "int8")[0].is_file()
+
+
+# folders read in place, and weights that are not ordinary numbers ---------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny64_float(tiny64_folder):
+    return from_pretrained(tiny64_folder[0])
+
+
+@pytest.mark.parametrize("layout", ["openai", "hf", "safetensors"])
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_every_kind_of_folder_loads_as_the_cache_quantizes_it(hub_env, server, tiny64_folder, tiny64_float, tmp_path,
+                                                              layout, scheme):
+    from gpt2hub import save_pretrained
+
+    folder = tiny64_folder[0] if layout == "openai" else save_pretrained(tiny64_float, tmp_path / layout, layout)
+    before = _snapshot(Path(folder))
+    model = from_pretrained(folder, dtype=scheme)
+    assert torch.equal(_logits(model), _logits(from_pretrained(TINY64.name, dtype=scheme)))
+    assert _snapshot(Path(folder)) == before  # read in place: nothing written there
+
+
+def test_int4_of_a_hugging_face_folder_too_narrow_for_its_groups_is_refused_in_one_line(hf_folder):
+    from gpt2hub import ConversionError
+
+    with pytest.raises(ConversionError) as e:
+        from_pretrained(hf_folder, dtype="int4")
+    _typed(e.value, str(hf_folder), "emb_dim=32", "dtype='int8'")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_folder_with_non_finite_weights_is_refused_naming_the_file(tiny64_float, tmp_path, value):
+    from gpt2hub import ConversionError, save_pretrained
+
+    sd = {k: v.clone() for k, v in tiny64_float.state_dict().items()}
+    sd["trf_blocks.1.ff.layers.0.weight"][5, 7] = value
+    broken = type(tiny64_float).from_state_dict(tiny64_float.cfg, sd)
+    folder = save_pretrained(broken, tmp_path / "diverged")
+    for scheme in ("int8", "int4"):
+        with pytest.raises(ConversionError) as e:
+            from_pretrained(folder, dtype=scheme)
+        _typed(e.value, str(folder / "model.safetensors"), scheme, "NaN or infinite", "trf_blocks.1.ff.layers.0.weight")
+
+
+
+CFG = {"vocab_size": 8, "context_length": 4, "emb_dim": 64, "n_heads": 1, "n_layers": 1, "qkv_bias": True,
+       "drop_rate": 0.0}
+FF = "trf_blocks.0.ff.layers.0"
+
+
+def _with_ff_weight(edit) -> dict[str, torch.Tensor]:
+    """A random GPTModel state_dict whose first feed-forward weight [256, 64] is `edit`ed in place."""
+    from gpt2hub.model import GPTModel
+
+    torch.manual_seed(0)
+    sd = {k: v.detach().clone() for k, v in GPTModel(CFG).state_dict().items()}
+    edit(sd[f"{FF}.weight"])
+    return sd
+
+
+def _dequantized(sd: dict[str, torch.Tensor], scheme: str) -> torch.Tensor:
+    from gpt2hub import quant
+
+    stored = quant.quantize_state_dict(sd, scheme, head="tied")
+    return quant.quantized_model(CFG, stored, scheme, head="tied").get_submodule(FF).dequantize(torch.float32)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantize_state_dict_refuses_non_finite_weights_naming_the_tensor(scheme, value):
+    from gpt2hub import quant
+
+    sd = _with_ff_weight(lambda w: w[3, 5].fill_(value))
+    with pytest.raises(ValueError, match=rf"sd\['{FF}.weight'\] holds NaN or infinite values") as e:
+        quant.quantize_state_dict(sd, scheme)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_huge_and_zero_rows_quantize_to_finite_weights_within_their_step(scheme):
+    """Rows of +-3e38 (bfloat16's and float32's edge: a group's range overflows float32), rows of 1e-30, zero rows."""
+    def edit(w: torch.Tensor) -> None:
+        w[0].uniform_(-1, 1).mul_(3e38)
+        w[1, ::2], w[1, 1::2] = 3e38, -3e38
+        w[2].mul_(1e-30)
+        w[3].zero_()
+
+    sd = _with_ff_weight(edit)
+    w, got = sd[f"{FF}.weight"].double(), _dequantized(sd, scheme).double()
+    assert torch.isfinite(got).all()
+    assert torch.equal(got[3], torch.zeros(64, dtype=torch.float64))
+    step = (w.amax(1) - w.amin(1)) / (15 if scheme == "int4" else 254)  # one code's width over a whole row
+    assert ((got - w).abs() <= step[:, None] * 1.01).all()
