@@ -69,6 +69,8 @@ def check_weights(entry: Entry, dtype: str, quick: bool = False, manifest: Manif
         return Problem(path, what, NEXT_LOAD["weights"], dtype=dtype)
     if entry.config is not None and not entry.config.same_model(m.config):
         return Problem(path, "describes another model", NEXT_LOAD["weights"], dtype=dtype)
+    if m.kind == "quantized" and (stale := _stale(m)) is not None:
+        return Problem(path, stale, NEXT_LOAD["weights"], dtype=dtype)
     if m.kind == "mapped":
         return None  # the mapped file is a published file: check_file covers it
     weights = entry.stored_path(dtype)
@@ -83,6 +85,13 @@ def check_weights(entry: Entry, dtype: str, quick: bool = False, manifest: Manif
         with contextlib.suppress(CacheError):  # a read-only cache: checked in full again next time
             entry.write_manifest(dataclasses.replace(m, mtime_ns=st.st_mtime_ns))
     return None
+
+
+def _stale(m: Manifest) -> str | None:
+    """What makes stored weights another gpt2hub's (quantized otherwise), or None."""
+    from .storage import storage_for  # imports torch: only for a manifest of quantized weights
+
+    return storage_for(m.dtype).stale(m)
 
 
 def verify(entry: Entry, names: tuple[str, ...] | None = None, dtypes: tuple[str, ...] | None = None,

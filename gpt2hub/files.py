@@ -44,6 +44,8 @@ def disk_error(path: Path, e: OSError) -> CacheError:
                           "at a larger disk, then run the command again")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return CacheError(f"cannot write to {path} ({e.strerror}): set GPT2HUB_CACHE or cache_dir to a writable folder")
+    if e.errno in (errno.EISDIR, errno.ENOTEMPTY):  # a folder where the file goes (os.replace onto it)
+        return CacheError(f"{path} is a folder where gpt2hub keeps a file: remove it by hand, then run again")
     return CacheError(f"cannot write {path}: {e.strerror or e}")
 
 

@@ -10,6 +10,7 @@ the work meanwhile.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -109,11 +110,22 @@ class Hub:
                       total=len(names.openai_names(self.spec.n_layers)),
                       disable=arrived.streamed(paths[self.fmt.weights_file]) or not self.progress) as bar:
                 manifest = store.prepare(self.entry, self.fmt, paths, self.spec.arch, arrived, bar.update)
-            self.entry.write_manifest(manifest)
+            self._write_manifest(manifest)
         self.stages["prepare"] = time.perf_counter() - start
         log.info("%s (%s): fetched in %.3f s, prepared in %.3f s (%s)", self.spec.name, store.dtype, self.stages["fetch"],
                  self.stages["prepare"], manifest.extra.get("prepared", store.kind))
         return manifest
+
+    def _write_manifest(self, manifest: Manifest) -> None:
+        """Write the manifest of weights just prepared; where that fails (a full disk), their file goes too: unvouched,
+        it would only hold the space the next load needs to prepare them again."""
+        try:
+            self.entry.write_manifest(manifest)
+        except CacheError:
+            if manifest.kind != "mapped":
+                with contextlib.suppress(CacheError):
+                    self.entry.discard_weights(manifest.dtype)
+            raise
 
     def _blame(self, e: CheckpointError, refetched: set[str]) -> None:
         """Discard the one file a checkpoint error names, to be fetched again once; a second failure is final."""

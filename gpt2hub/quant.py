@@ -76,6 +76,9 @@ HEADS_DEFAULT = {"int8": "int8", "int4": "int4"}
 # memory is not 64-byte aligned, which a mapped file's tensors seldom are (the head's 50,257 rows)
 TILE = 64
 BF16 = torch.bfloat16
+# the least scale quantizing gives (bfloat16's least normal number): a row or group of zeros divides by it; any smaller
+# floor would turn rows of tiny weights (1e-30) into zeros
+_TINY = torch.finfo(BF16).tiny
 # whether ATen runs its AVX512 kernels here and bfloat16 is native: the int8/int4 kernels' fast path
 FAST_CPU = (native_bf16() and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
             and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
@@ -94,7 +97,7 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 codes [out, in], bfloat16 scales [out]) of a weight [out, in]: symmetric, per output channel."""
     def rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scale = (x.abs().amax(dim=1) / 127).to(BF16)
-        q = (x / scale.float().clamp(min=1e-30)[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        q = (x / scale.float().clamp(min=_TINY)[:, None]).round_().clamp_(-127, 127).to(torch.int8)
         return q, scale
     q, scale = _by_rows(rows, w)
     return q, scale
@@ -105,6 +108,7 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # with 2 refits took 4.7x the CPU time for 0.2% less squared error (gpt2-small's int4 took 42 s to quantize)
 _INWARD = (0.0, 0.03, 0.06, 0.09)
 _REFITS = 3
+_FLOAT32_FITS = 1e30  # the largest weight _fit_int4 fits in float32 (its sums reach 64 * 15 * 15 times the weights)
 
 
 def _fit_int4(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +119,7 @@ def _fit_int4(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     for a in _INWARD:
         for b in _INWARD:
-            scale = ((1 - a - b) * width / 15).clamp(min=1e-8)
+            scale = ((1 - a - b) * width / 15).clamp(min=_TINY)
             base = low + a * width
             err = ((g - base).div_(scale).round_().clamp_(0, 15).mul_(scale).add_(base) - g).square_().sum(-1, keepdim=True)
             if best is None:
@@ -131,7 +135,7 @@ def _fit_int4(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sq, sqq, sg, sqg = q.sum(-1, True), q.square().sum(-1, True), g.sum(-1, True), (q * g).sum(-1, True)
         det = n * sqq - sq * sq
         new_scale = (n * sqg - sq * sg) / det.clamp(min=1e-30)
-        ok = (det > 0) & (new_scale > 1e-8)
+        ok = (det > 0) & (new_scale > _TINY)
         scale = torch.where(ok, new_scale, scale)
         base = torch.where(ok, (sg - new_scale * sq) / n, base)
     return scale, base
@@ -141,11 +145,13 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     """(uint8 codes [out, in] in [0, 15], bfloat16 scale_zero [in / group_size, out, 2]) of a weight [out, in]."""
     def rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         g = x.view(x.shape[0], -1, group_size)
+        # a group's range, or the sums of its least-squares fit, overflow float32 past about 1e33: float64 then
+        g = g.double() if x.abs().amax() > _FLOAT32_FITS else g
         scale, base = _fit_int4(g)
         scale = scale.to(BF16)
-        zero = (base + 8 * scale.float()).to(BF16)  # the kernel's form: w = (q - 8) * scale + zero
-        base = zero.float() - 8 * scale.float()  # the value of code 0, as the kernel computes it
-        q = (g - base).div_(scale.float()).round_().clamp_(0, 15).to(torch.uint8)
+        zero = (base + 8 * scale.to(g.dtype)).to(BF16)  # the kernel's form: w = (q - 8) * scale + zero
+        base = zero.to(g.dtype) - 8 * scale.to(g.dtype)  # the value of code 0, as the kernel computes it
+        q = (g - base).div_(scale.to(g.dtype)).round_().clamp_(0, 15).to(torch.uint8)
         return q.view(x.shape), torch.stack([scale, zero], dim=-1).squeeze(-2)
     q, sz = _by_rows(rows, w, rows=1024)
     return q, sz.transpose(0, 1).contiguous()
@@ -398,6 +404,9 @@ def quantize_state_dict(sd: Mapping[str, torch.Tensor], scheme: str, group_size:
         if got is None or tuple(got.shape) != tuple(t.shape) or not got.is_floating_point():
             shown = "missing" if got is None else f"{got.dtype} {tuple(got.shape)}"
             raise ValueError(f"sd[{name!r}] is {shown}, expected a floating-point tensor {tuple(t.shape)}")
+        if not torch.isfinite(got).all():  # one NaN or inf would take its whole row's (or group's) scale with it
+            raise ValueError(f"sd[{name!r}] holds NaN or infinite values, which cannot be quantized; load these "
+                             "weights as float32 to inspect them")
     layers = _linears(cfg, scheme, head)
     out: dict[str, torch.Tensor] = {}
     for name in stored_layout(cfg, scheme, group, head):

@@ -85,6 +85,10 @@ class Storage(abc.ABC):
             sd["out_head.weight"] = head.to(self.torch_dtype)
         return {k: v.to(device) for k, v in sd.items()}
 
+    def stale(self, manifest: Manifest) -> str | None:
+        """What makes weights stored as `manifest` records not this gpt2hub's (made again on the next load), or None."""
+        return None
+
     def manifest(self, entry: Entry, weights: Path, cfg: ModelConfig, crc32c: str | None, **extra: Any) -> Manifest:
         st = weights.stat()
         return Manifest(self.kind, self.dtype, weights.name, cfg.book(), st.st_size, st.st_mtime_ns, crc32c, {
@@ -230,6 +234,10 @@ class Quantized(Storage):
         """What the manifest records about the scheme; a stored file made otherwise is made again."""
         return {"scheme": self.dtype, "group_size": self.group_size, "head": self.head}
 
+    def stale(self, manifest: Manifest) -> str | None:
+        recorded = {k: manifest.extra.get(k) for k in self.how()}
+        return None if recorded == self.how() else f"quantized with {recorded}, this gpt2hub uses {self.how()}"
+
     def quantize(self, fmt: Format, paths: Paths, cfg: ModelConfig, progress: Progress = None) -> dict[str, torch.Tensor]:
         """The stored tensors, from the published float32 weights (each tensor's checksum checked as it is read)."""
         from . import quant
@@ -238,12 +246,16 @@ class Quantized(Storage):
         head = fmt.head(paths, cfg)
         if head is not None:
             sd["out_head.weight"] = head.float()
-        return quant.quantize_state_dict(sd, self.dtype, self.group_size, self.head)
+        try:
+            return quant.quantize_state_dict(sd, self.dtype, self.group_size, self.head)
+        except ValueError as e:  # weights that are not numbers (a diverged fine-tune's NaNs): nothing to quantize
+            raise ConversionError(f"{paths[fmt.weights_file]} cannot be quantized to {self.dtype}: {e}") from None
 
     def prepare(self, entry: Entry, fmt: Format, paths: Paths, cfg: ModelConfig, arrived: Arrived,
                 progress: Progress = None) -> Manifest:
         entry.secure()
         out = entry.stored_path(self.dtype)
+        unlink_entry(out)  # the file or link there failed its check; a folder there is refused before any work
         stored = self.quantize(fmt, paths, cfg, progress)
         with atomic_path(out, CACHE_MODE) as tmp:
             crc = save_state_dict(stored, tmp)
@@ -254,9 +266,8 @@ class Quantized(Storage):
         from . import quant
 
         path = entry.stored_path(manifest.dtype)
-        recorded = {k: manifest.extra.get(k) for k in self.how()}
-        if recorded != self.how():
-            raise CheckpointError(f"{path} was quantized with {recorded}, this gpt2hub uses {self.how()}", file=path)
+        if (stale := self.stale(manifest)) is not None:  # (checks.check_weights saw it unless it changed since)
+            raise CheckpointError(f"{path} was {stale}", file=path)
         stored = load_safetensors(path, device)
         layout = quant.stored_layout(manifest.config, self.dtype, self.group_size, self.head)
         if {k: (t.dtype, tuple(t.shape)) for k, t in stored.items()} != layout:
