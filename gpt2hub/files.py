@@ -214,6 +214,8 @@ def hold_lock(lock_path: Path, why: str, timeout: float | None = None) -> Iterat
     GPT2HUB_LOCK_TIMEOUT (seconds, default 600; 0 gives up at once) bounds the wait. The lock only avoids duplicated
     work: cache correctness does not depend on it.
     """
+    # what lengthens the wait: the setting, or (a timeout the caller was given, as `cache rm --timeout`) the caller's
+    longer = "raise GPT2HUB_LOCK_TIMEOUT" if timeout is None else f"wait longer than {timeout:g} s (`gpt2hub cache rm --timeout`)"
     if timeout is None:
         timeout = lock_timeout()
     real_folder(lock_path.parent)
@@ -222,7 +224,7 @@ def hold_lock(lock_path: Path, why: str, timeout: float | None = None) -> Iterat
     lock = filelock.FileLock(str(lock_path))
     owner = lock_path.with_suffix(".owner")
     try:
-        _acquire(lock, lock_path, owner, why, timeout)
+        _acquire(lock, lock_path, owner, why, timeout, longer)
     except OSError as e:
         raise disk_error(lock_path, e) from e
     try:
@@ -244,7 +246,7 @@ def _write_owner(owner: Path, text: str) -> None:
             f.write(text)
 
 
-def _acquire(lock: filelock.FileLock, lock_path: Path, owner: Path, why: str, timeout: float) -> None:
+def _acquire(lock: filelock.FileLock, lock_path: Path, owner: Path, why: str, timeout: float, longer: str) -> None:
     try:
         lock.acquire(timeout=0)
         return
@@ -260,7 +262,7 @@ def _acquire(lock: filelock.FileLock, lock_path: Path, owner: Path, why: str, ti
     except filelock.Timeout:
         raise LockTimeoutError(
             f"gave up after {timeout:.0f} s waiting for {lock_path}, held by {holder}; if no other "
-            "gpt2hub process is running, run `gpt2hub cache prune`, or raise GPT2HUB_LOCK_TIMEOUT") from None
+            f"gpt2hub process is running, run `gpt2hub cache prune`, or {longer}") from None
     log.info("got %s after %.1f s", lock_path, time.monotonic() - start)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -239,6 +239,27 @@ class TransformerBlock(nn.Module):
             return x + self.drop_shortcut(self.ff(self.norm2(x)))
         x = x + self.att(self.norm1(x), cache, start, mask)  # (dropout is the identity in eval mode)
         return x + self.ff(self.norm2(x))
+
+
+def state_dict_shapes(cfg: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """GPTModel(cfg, tie_weights=True).state_dict()'s names and shapes, in its order, the head included: what storage
+    and gpt2hub.quant check tensors against without building a model (even on the meta device, building one costs a
+    warm load 15-100 ms; test_model checks that the two agree)."""
+    d, wide, bias = cfg["emb_dim"], 4 * cfg["emb_dim"], bool(cfg.get("qkv_bias"))
+    shapes: dict[str, tuple[int, ...]] = {"tok_emb.weight": (cfg["vocab_size"], d),
+                                          "pos_emb.weight": (cfg["context_length"], d)}
+    for i in range(cfg["n_layers"]):
+        p = f"trf_blocks.{i}."
+        for n in ("W_query", "W_key", "W_value"):
+            shapes[f"{p}att.{n}.weight"] = (d, d)
+            if bias:
+                shapes[f"{p}att.{n}.bias"] = (d,)
+        shapes.update({f"{p}att.out_proj.weight": (d, d), f"{p}att.out_proj.bias": (d,),
+                       f"{p}ff.layers.0.weight": (wide, d), f"{p}ff.layers.0.bias": (wide,),
+                       f"{p}ff.layers.2.weight": (d, wide), f"{p}ff.layers.2.bias": (d,)})
+        shapes.update({f"{p}{norm}.{k}": (d,) for norm in ("norm1", "norm2") for k in ("scale", "shift")})
+    shapes.update({"final_norm.scale": (d,), "final_norm.shift": (d,), "out_head.weight": (cfg["vocab_size"], d)})
+    return shapes
 
 
 class GPTModel(nn.Module):

@@ -46,7 +46,6 @@ multiplied with F.linear. Each layer kind logs once (logger "gpt2hub", INFO) whi
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from collections.abc import Callable, Mapping
 
@@ -55,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .kernels import compiling, native_bf16
-from .model import GPTModel
+from .model import GPTModel, state_dict_shapes
 
 __all__ = ["DEFAULT_GROUP_SIZE", "FAST_CPU", "GROUP_SIZES", "HEADS", "HEADS_DEFAULT", "INT4_TILES", "KERNELS",
            "SCHEMES", "Int4Linear", "Int8Linear", "QuantLinear", "pack_int4", "quantize_state_dict", "quantized_model",
@@ -349,12 +348,13 @@ def stored_layout(cfg: Mapping, scheme: str, group_size: int | None = None,
     layers = _linears(cfg, scheme, head)
     owners = {source: owner for owner, (_, _, sources, _) in layers.items() for source in sources}
     layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-    for name, t in _plain_shapes(cfg).items():
+    plain = state_dict_shapes(cfg)
+    for name, shape in plain.items():
         module = name.rpartition(".")[0]
         owner = owners.get(module)
         if owner is None:
             if module != "out_head":  # the tied head is the embedding
-                layout[name] = (BF16, tuple(t.shape))
+                layout[name] = (BF16, shape)
         elif f"{owner}.qweight" not in layout:  # W_key and W_value come with W_query
             n_in, n_out, _, kind = layers[owner]
             rows = _round_up(n_out, TILE)
@@ -363,21 +363,9 @@ def stored_layout(cfg: Mapping, scheme: str, group_size: int | None = None,
             else:
                 layout.update({f"{owner}.qweight": (torch.uint8, (rows, n_in // 2)),
                                f"{owner}.scale_zero": (BF16, (n_in // group, rows, 2))})
-            if f"{module}.bias" in _plain_shapes(cfg):
+            if f"{module}.bias" in plain:
                 layout[f"{owner}.bias"] = (BF16, (n_out,))
     return layout
-
-
-def _plain_shapes(cfg: Mapping) -> dict[str, torch.Tensor]:
-    """GPTModel's state_dict for `cfg` on the meta device (shapes only), the head included."""
-    key = tuple(sorted((k, v) for k, v in cfg.items() if isinstance(v, (int, float, bool))))
-    return _meta_state_dict(key)
-
-
-@functools.lru_cache(maxsize=8)
-def _meta_state_dict(key: tuple) -> dict[str, torch.Tensor]:
-    with torch.device("meta"):
-        return GPTModel(dict(key), tie_weights=True).state_dict()
 
 
 def _config_of(sd: Mapping[str, torch.Tensor]) -> dict:
@@ -399,11 +387,11 @@ def quantize_state_dict(sd: Mapping[str, torch.Tensor], scheme: str, group_size:
     """
     cfg = _config_of(sd)
     group, head = _check(scheme, group_size, head, cfg)
-    for name, t in _plain_shapes(cfg).items():
+    for name, shape in state_dict_shapes(cfg).items():
         got = sd.get(name, sd.get("tok_emb.weight") if name == "out_head.weight" else None)
-        if got is None or tuple(got.shape) != tuple(t.shape) or not got.is_floating_point():
+        if got is None or tuple(got.shape) != shape or not got.is_floating_point():
             shown = "missing" if got is None else f"{got.dtype} {tuple(got.shape)}"
-            raise ValueError(f"sd[{name!r}] is {shown}, expected a floating-point tensor {tuple(t.shape)}")
+            raise ValueError(f"sd[{name!r}] is {shown}, expected a floating-point tensor {shape}")
         if not torch.isfinite(got).all():  # one NaN or inf would take its whole row's (or group's) scale with it
             raise ValueError(f"sd[{name!r}] holds NaN or infinite values, which cannot be quantized; load these "
                              "weights as float32 to inspect them")

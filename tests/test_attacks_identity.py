@@ -501,6 +501,7 @@ def test_cache_rm_while_a_download_runs_waits_then_gives_up_in_one_line(hub_env,
         code, _, err = _cli(capsys, "cache", "rm", "gpt2-tiny", "-y", "--timeout", "1")
         last = err.strip().splitlines()[-1]  # (after the line saying who it waits for)
         assert code == 1 and last.startswith("gpt2hub: error: gave up") and "pid" in last, err
+        assert "wait longer than 1 s (`gpt2hub cache rm --timeout`)" in last and "GPT2HUB_LOCK_TIMEOUT" not in last
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err[-500:]
     finally:

@@ -121,3 +121,16 @@ def test_fusion_follows_the_weights_it_sees():
         with torch.enable_grad():  # training takes the three separate products
             plain = att2(x)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False])
+@pytest.mark.parametrize("layers", [1, 3])
+def test_state_dict_shapes_are_gptmodels_own_in_its_order(qkv_bias, layers):
+    """Storage and gpt2hub.quant check tensors against this table instead of building a model: it must stay GPTModel's."""
+    from gpt2hub.model import state_dict_shapes
+
+    cfg = {"vocab_size": 97, "context_length": 16, "emb_dim": 24, "n_heads": 2, "n_layers": layers, "drop_rate": 0.0,
+           "qkv_bias": qkv_bias}
+    with torch.device("meta"):
+        real = GPTModel(cfg, tie_weights=True).state_dict()
+    assert list(state_dict_shapes(cfg).items()) == [(k, tuple(v.shape)) for k, v in real.items()]

@@ -263,3 +263,4 @@ def test_layers_read_codes_at_any_address_as_a_mapped_file_gives_them(path, sche
         for rows in (1, 3, 40):  # a decoding step, a short and a long prompt: the kernel's paths differ
             x = torch.randn(rows, 128, generator=g).to(BF16)
             _assert_product(layer(x), x, ref, layer.bias)
+
