@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -72,6 +73,22 @@ def server(tiny_folder, tiny64_folder, hf_folder):
         srv.served.files[f"/hf/{TINY.hf_repo}/{f.name}"] = f.read_bytes()
     yield srv
     srv.close()
+
+
+@pytest.fixture
+def read_only(hub_env):
+    """Make the cache read-only with a bind mount (root ignores permission bits): `read_only()`; undone after."""
+    mounted = []
+
+    def make() -> None:
+        proc = subprocess.run(["mount", "--bind", "-o", "ro", str(hub_env), str(hub_env)], capture_output=True)
+        if proc.returncode:
+            pytest.skip(f"cannot bind-mount read-only here: {proc.stderr.decode()[:100]}")
+        mounted.append(hub_env)
+
+    yield make
+    for path in mounted:
+        subprocess.run(["umount", str(path)], check=True)
 
 
 @pytest.fixture

@@ -552,22 +552,6 @@ def test_lock_file_deleted_mid_download(hub_env, server, reference):
     assert torch.equal(_logits(from_pretrained("gpt2-tiny")), reference)
 
 
-@pytest.fixture
-def read_only(hub_env):
-    """Make the cache read-only with a bind mount (root ignores permission bits): `read_only()`; undone after."""
-    mounted = []
-
-    def make() -> None:
-        proc = subprocess.run(["mount", "--bind", "-o", "ro", str(hub_env), str(hub_env)], capture_output=True)
-        if proc.returncode:
-            pytest.skip(f"cannot bind-mount read-only here: {proc.stderr.decode()[:100]}")
-        mounted.append(hub_env)
-
-    yield make
-    for path in mounted:
-        subprocess.run(["umount", str(path)], check=True)
-
-
 def test_a_read_only_cache_loads_what_it_holds_and_names_itself_for_the_rest(hub_env, server, read_only, reference):
     from_pretrained("gpt2-tiny")
     read_only()

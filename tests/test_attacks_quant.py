@@ -301,22 +301,6 @@ def test_two_processes_on_a_cold_cache_quantize_once_and_get_the_same_logits(hub
 
 
 # read-only caches, full disks -----------------------------------------------------------------------------------------
-@pytest.fixture
-def read_only(hub_env):
-    """Make the cache read-only with a bind mount (root ignores permission bits): `read_only()`; undone after."""
-    mounted = []
-
-    def make() -> None:
-        proc = subprocess.run(["mount", "--bind", "-o", "ro", str(hub_env), str(hub_env)], capture_output=True)
-        if proc.returncode:
-            pytest.skip(f"cannot bind-mount read-only here: {proc.stderr.decode()[:100]}")
-        mounted.append(hub_env)
-
-    yield make
-    for path in mounted:
-        subprocess.run(["umount", str(path)], check=True)
-
-
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
 
