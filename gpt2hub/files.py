@@ -135,12 +135,23 @@ def regular_file(path: Path, follow: bool = False) -> os.stat_result | None:
     return st if st is not None and stat.S_ISREG(st.st_mode) else None
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
+def _hexdigest(h: Any, path: Path) -> str:
+    """`h` (a hashlib object) updated with the file's bytes, as hex."""
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
-    return h.hexdigest()
+    return str(h.hexdigest())
+
+
+def sha256_file(path: Path) -> str:
+    return _hexdigest(hashlib.sha256(), path)
+
+
+def git_blob_sha1(path: Path) -> str:
+    """The id git gives the file's bytes as a blob (the sha1 of "blob SIZE", a NUL byte, then the bytes): Hugging
+    Face names the blobs of files kept in git (not LFS) so."""
+    head = f"blob {os.stat(path).st_size}\0".encode()
+    return _hexdigest(hashlib.sha1(head, usedforsecurity=False), path)
 
 
 def crc32c_file(path: Path) -> str:

@@ -33,7 +33,7 @@ from .arrival import Accepted, Gate
 from .cache import COMMIT, Cache, Entry, EntryKey
 from .download import MirrorDown, download
 from .errors import CacheError, DownloadError, IntegrityError, OfflineError
-from .files import CACHE_MODE, atomic_path, clone_file, disk_error, regular_file
+from .files import CACHE_MODE, HEX, atomic_path, clone_file, disk_error, git_blob_sha1, regular_file, sha256_file
 from .formats import FORMATS, Format, for_folder
 from .published import Published
 from .registry import ModelSpec, check_source
@@ -266,7 +266,8 @@ class HFHub:
         is deleted with its blob (else Hugging Face's cache would hand it back) and the error names it."""
         path = self._hf_download(gate.name, self.commit, force)
         try:
-            return gate(path).at(path=str(path), revision=self.ref, commit=self.commit)
+            digest = self._check_blob(path, gate.digest_kind)
+            return gate(path, digest).at(path=str(path), revision=self.ref, commit=self.commit)
         except IntegrityError as e:
             real = os.path.realpath(path)
             gone = entry.discard_external(path)  # only inside this repo's folder of Hugging Face's cache
@@ -274,6 +275,23 @@ class HFHub:
                 f"its bytes at {real} lie outside this repo's folders in Hugging Face's cache (a linked folder?) and "
                 "were left alone: delete that file by hand, then run again")
             raise IntegrityError(f"{gate.name} of {self.spec.hf_repo} ({path}) {e}; {then}") from None
+
+    @staticmethod
+    def _check_blob(path: Path, kind: str) -> str | None:
+        """Check the bytes Hugging Face's cache hands over against the name of their blob, which is their sha256 (LFS
+        files) or git blob id (others): a blob changed after its download (in place, by anyone) is refused, not
+        adopted. Returns the file's `kind` digest when it was taken on the way (sha256), else None."""
+        blob = os.path.basename(os.path.realpath(path))
+        if HEX["sha256"].fullmatch(blob):
+            got = sha256_file(path)
+            if got != blob:
+                raise IntegrityError(f"does not hash to the name of its blob in Hugging Face's cache (sha256 {got}): "
+                                     "it changed after it was downloaded")
+            return got if kind == "sha256" else None
+        if re.fullmatch(r"[0-9a-f]{40}", blob) and git_blob_sha1(path) != blob:
+            raise IntegrityError("does not hash to the name of its blob in Hugging Face's cache (git blob id): it "
+                                 "changed after it was downloaded")
+        return None
 
     def done(self) -> None:
         """Nothing to close: huggingface_hub draws its own bars (HF_HUB_DISABLE_PROGRESS_BARS turns them off)."""

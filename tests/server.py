@@ -46,6 +46,9 @@ class Served:
     # the Hub's branches and tags -> commits; a commit's files are files["/hf/{org}/{repo}/{file}"] for COMMIT, else
     # files["/hf/{commit}/{org}/{repo}/{file}"]; any other revision is answered 404 RevisionNotFound
     revisions: dict[str, str] = field(default_factory=lambda: {"main": COMMIT})
+    # Hub files kept in git rather than LFS: path -> their git blob id, sent as the ETag (no X-Linked-Etag), which
+    # huggingface_hub names their blob by; every other file is served as LFS, named by its sha256
+    git_ids: dict[str, str] = field(default_factory=dict)
 
     def commit_of(self, revision: str) -> str | None:
         return self.revisions.get(revision) or (revision if revision in self.revisions.values() else None)
@@ -134,7 +137,10 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Accept-Ranges", "bytes")
         if partial:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        if key.startswith("/hf/"):
+        if key.startswith("/hf/") and key in self.served.git_ids:
+            self.send_header("ETag", f'"{self.served.git_ids[key]}"')
+            self.send_header("X-Repo-Commit", self.commit or COMMIT)
+        elif key.startswith("/hf/"):
             etag = hashlib.sha256(data).hexdigest()
             self.send_header("ETag", f'"{etag}"')
             self.send_header("X-Repo-Commit", self.commit or COMMIT)

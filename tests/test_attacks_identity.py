@@ -739,3 +739,30 @@ def test_verify_on_a_read_only_cache_still_reports_what_is_damaged(hub_env, serv
     with _read_only(hub_env):
         code, out, err = _cli(capsys, "cache", "verify")
     assert code == 1 and "vocab.bpe" in out and "damaged" in out, (out, err)
+
+
+@pytest.mark.parametrize("kind", ["LFS blob (sha256 name)", "git blob (git blob id name)"])
+def test_a_blob_changed_in_hugging_faces_cache_is_refused_not_adopted(hub_env, server, hf_cache, reference, kind,
+                                                                      capsys):
+    """Bytes Hugging Face's cache hands over are checked against their blob's name (sha256 for LFS files, the git
+    blob id for others) before gpt2hub adopts them: an edit in place after the download is refused, that blob
+    deleted, and the next run downloads it afresh."""
+    import hashlib
+
+    name = "model.safetensors" if kind.startswith("LFS") else "config.json"
+    path = f"/hf/{TINY.hf_repo}/{name}"
+    if not kind.startswith("LFS"):  # serve it as the Hub serves files kept in git: named by their git blob id
+        body = server.served.files[path]
+        git_id = hashlib.sha1(f"blob {len(body)}\0".encode() + body).hexdigest()
+        server.served.git_ids[path] = git_id
+    assert torch.equal(_logits(from_pretrained("gpt2-tiny", source="hf")), reference)
+    assert _cli(capsys, "cache", "rm", "gpt2-tiny", "--source", "hf", "-y")[0] == 0  # HF's blobs stay
+    blob = next(p for p in (hf_cache / REPO / "snapshots").rglob(name)).resolve()
+    os.chmod(blob, 0o644)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    blob.write_bytes(bytes(data))  # an edit in place: same size, the blob's name no longer its hash
+    with pytest.raises(gpt2hub.IntegrityError, match=f"{name}.*does not hash to the name of its blob.*deleted"):
+        from_pretrained("gpt2-tiny", source="hf")
+    assert not blob.exists()
+    assert torch.equal(_logits(from_pretrained("gpt2-tiny", source="hf")), reference)
