@@ -191,9 +191,16 @@ def test_bench_refuses_a_single_new_token(capsys):
 
 
 def test_every_dtype_option_offers_the_same_dtypes():
+    """Every --dtype offers the registry's dtypes; export those it writes (not int8/int4)."""
     parser = build_parser()
     found = []
-    for argv in (["generate", "x"], ["export", "n", "f"], ["cache", "rm"], ["bench"]):
+    for argv in (["generate", "x"], ["cache", "rm"], ["bench"]):
         for dtype in DTYPES:
             found.append(parser.parse_args(argv + ["--dtype", dtype]).dtype)
-    assert len(found) == 4 * len(DTYPES) and set(DTYPES) == {"float32", "bfloat16", "float16"}
+    assert len(found) == 3 * len(DTYPES) and set(DTYPES) == {"float32", "bfloat16", "float16", "int8", "int4"}
+    for dtype in DTYPES:
+        if dtype in ("int8", "int4"):
+            with pytest.raises(SystemExit):
+                parser.parse_args(["export", "n", "f", "--dtype", dtype])
+        else:
+            assert parser.parse_args(["export", "n", "f", "--dtype", dtype]).dtype == dtype
