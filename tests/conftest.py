@@ -144,6 +144,15 @@ SLOW = {
 }
 
 
+# Whole files left out of the quick subset: hundreds of cheap cases that add up (`pytest --durations=0`, 2-core EPYC):
+# the attack suites (hostile servers, links, kill -9, read-only caches, full disks, the load path: 121 s together),
+# the fuzzed indexes and vocabularies (8 s), the tables of bad command-line arguments (19 s), whole mypy runs (17 s),
+# multi-rank process groups (7 s), ggml_compare's fakes (7 s).
+SLOW_FILES = {"test_attacks.py", "test_attacks_identity.py", "test_attacks_quant.py", "test_load_path.py",
+              "test_bad_index.py", "test_bad_vocab.py", "test_cli_errors.py", "test_typing.py", "test_distributed.py",
+              "test_ggml_compare.py"}
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
     """Marks the SLOW tests; and CUDA tests, deselected by default (pyproject's addopts) but selected again by a `-m`
@@ -151,7 +160,7 @@ def pytest_collection_modifyitems(config, items):
     import torch
 
     for item in items:
-        if item.originalname in SLOW.get(item.path.name, ()):
+        if item.path.name in SLOW_FILES or item.originalname in SLOW.get(item.path.name, ()):
             item.add_marker(pytest.mark.slow)
         if item.get_closest_marker("cuda") and not torch.cuda.is_available():
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU, and PyTorch sees none here"))
