@@ -46,6 +46,17 @@ TORCH_DTYPES = {name: getattr(torch, d.tensors) for name, d in DTYPES.items()}
 Progress = Callable[[], Any] | None
 
 
+def published_tensors(fmt: Format, paths: Paths, cfg: ModelConfig, dtype: torch.dtype,
+                      progress: Progress = None) -> dict[str, torch.Tensor]:
+    """GPTModel's tensors in `dtype` from the published files (each tensor's checksum checked as it is read), the
+    head too where the format keeps one of its own."""
+    sd = openai_state_dict(fmt.tensors(paths, cfg, verify=True), cfg.book(), dtype, progress)
+    head = fmt.head(paths, cfg)
+    if head is not None:
+        sd["out_head.weight"] = head.to(dtype)
+    return sd
+
+
 class Storage(abc.ABC):
     """One way of keeping a dtype's weights in the cache."""
 
@@ -79,11 +90,7 @@ class Storage(abc.ABC):
 
     def in_memory(self, fmt: Format, paths: Paths, cfg: ModelConfig, device: torch.device) -> dict[str, torch.Tensor]:
         """GPTModel's tensors straight from a folder's files (each tensor's checksum checked), nothing cached."""
-        sd = openai_state_dict(fmt.tensors(paths, cfg, verify=True), cfg.book(), self.torch_dtype)
-        head = fmt.head(paths, cfg)
-        if head is not None:
-            sd["out_head.weight"] = head.to(self.torch_dtype)
-        return {k: v.to(device) for k, v in sd.items()}
+        return {k: v.to(device) for k, v in published_tensors(fmt, paths, cfg, self.torch_dtype).items()}
 
     def stale(self, manifest: Manifest) -> str | None:
         """What makes weights stored as `manifest` records not this gpt2hub's (made again on the next load), or None."""
@@ -242,10 +249,7 @@ class Quantized(Storage):
         """The stored tensors, from the published float32 weights (each tensor's checksum checked as it is read)."""
         from . import quant
 
-        sd = openai_state_dict(fmt.tensors(paths, cfg, verify=True), cfg.book(), torch.float32, progress)
-        head = fmt.head(paths, cfg)
-        if head is not None:
-            sd["out_head.weight"] = head.float()
+        sd = published_tensors(fmt, paths, cfg, torch.float32, progress)
         try:
             return quant.quantize_state_dict(sd, self.dtype, self.group_size, self.head)
         except ValueError as e:  # weights that are not numbers (a diverged fine-tune's NaNs): nothing to quantize
