@@ -8,8 +8,9 @@ has no `out_head.weight`.
 
 Matrices can be laid out in memory two ways with the same meaning: "out_in" (contiguous, as nn.Linear stores them)
 or "in_out" (each weight a transposed view of its [in, out] source, as OpenAI stores them: W_query/W_key/W_value are
-then the three column blocks of c_attn, which GPTModel multiplies as one matrix). On CPUs a float32 matrix-vector
-product reads [in, out] faster (see benchmarks/), so float32 uses "in_out" and is a set of views of the checkpoint.
+then the three column blocks of c_attn, which GPTModel multiplies as one matrix). float32 uses "in_out": it is a set
+of views of the checkpoint, mapped without a copy (decoding on CPU multiplies [out, in] copies, which oneDNN reads
+faster: gpt2hub.kernels).
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ LAYOUTS = ("out_in", "in_out")
 
 
 def default_layout(dtype: torch.dtype) -> str:
-    """The faster layout for batch-1 decoding: [in, out] for float32, nn.Linear's own for 16-bit types."""
+    """The layout each dtype is stored in: [in, out] for float32 (views of the checkpoint), nn.Linear's own for 16-bit
+    types."""
     return "in_out" if dtype == torch.float32 else "out_in"
 
 

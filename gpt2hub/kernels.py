@@ -2,7 +2,14 @@
 
 Batch-1 decoding reads every weight once per token, so its speed is how fast the linear layers read their weights.
 
-- float32 inference on CPU runs on oneDNN (`torch.ops.mkldnn._linear_pointwise`) straight from the dense weight.
+- float32 inference on CPU runs on oneDNN (`torch.ops.mkldnn._linear_pointwise`) straight from the dense weight,
+  except decoding from a weight stored transposed ([in, out]: OpenAI's checkpoint, mapped as it is, stores every
+  block matrix so): oneDNN reads that layout at two thirds of the speed it reads [out, in] (gpt2-small's 48 block
+  matrices: 16 against 23 GB/s on a 2-core EPYC), so up to PACKED_MAX_ROWS rows read a copy in [out, in] order,
+  made as packs are made (below). Products of 2 or more rows are bit for bit those of the transposed weight; one
+  row may differ in the last bit (oneDNN sums a single row of a transposed weight in another order). The copies cost
+  the memory of the block matrices (gpt2-small 324 MiB, -medium 1.1 GiB, -large 2.6 GiB, -xl 5.5 GiB; the mapped
+  checkpoint's pages they were read from stay reclaimable): `COPY_FLOAT32 = False` decodes from the mapped weights.
 - bfloat16 inference of up to PACKED_MAX_ROWS rows (decoding) on a CPU that multiplies bfloat16 in hardware
   (AVX512-BF16 or AMX-BF16) runs on oneDNN with the weight reordered once into the blocked layout its kernels read
   (`torch.ops.mkldnn._reorder_linear_weight`): the pair of ops `torch.compile` emits for CPU bfloat16 linears with
@@ -27,8 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["NATIVE_BF16", "ONEDNN", "PACKED_MAX_ROWS", "PACKING", "compiling", "forget_packs", "linear", "native_bf16",
-           "packed_bytes", "packs_made"]
+__all__ = ["COPY_FLOAT32", "NATIVE_BF16", "ONEDNN", "PACKED_MAX_ROWS", "PACKING", "compiling", "forget_packs", "linear",
+           "native_bf16", "packed_bytes", "packs_made"]
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 PACKING = ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
@@ -60,6 +67,8 @@ NATIVE_BF16 = native_bf16()
 # stored [out, in] (the same blocking; on an AMX Xeon with oneDNN 3.12, for every gpt2-small, -medium and -large
 # matrix; gpt2-xl's 6400-wide c_proj can differ in the last bit), so switching between them changes no token.
 PACKED_MAX_ROWS = 32
+# float32 weights stored transposed decode from an [out, in] copy (see the module's docstring); False: from the weight
+COPY_FLOAT32 = True
 # under torch.compile, F.linear: inductor picks (and with freezing, packs) the kernel itself; it cannot lower
 # _linear_pointwise on a weight that is not a frozen constant
 compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)  # whether torch.compile is tracing
@@ -76,8 +85,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if not (ONEDNN and x.is_cpu and dtype == weight.dtype and not torch.is_grad_enabled() and weight.dim() == 2
             and torch.backends.mkldnn.enabled) or compiling():
         return F.linear(x, weight, bias)
-    if dtype == torch.float32 and (weight.is_contiguous() or weight.t().is_contiguous()):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    if dtype == torch.float32:
+        if weight.is_contiguous():
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        if weight.t().is_contiguous():
+            pack = _packed(weight) if COPY_FLOAT32 and x.numel() <= PACKED_MAX_ROWS * x.shape[-1] else None
+            return torch.ops.mkldnn._linear_pointwise(x, weight if pack is None else pack, bias, "none", [], "")
     if (dtype == torch.bfloat16 and NATIVE_BF16 and (bias is None or bias.dtype == dtype)
             and x.numel() <= PACKED_MAX_ROWS * x.shape[-1]):
         pack = _packed(weight)
@@ -87,7 +100,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def _packed(weight: torch.Tensor) -> torch.Tensor | None:
-    """`weight` [out, in] in oneDNN's blocked layout, made on its second use and reused until the weight changes.
+    """`weight` [out, in] as decoding reads it fastest (bfloat16: oneDNN's blocked layout; float32: a contiguous copy),
+    made on its second use and reused until the weight changes.
 
     None on the first use: a model that runs once (one forward, one score) pays neither the pack's memory nor the
     time to make it, which costs about one product with the dense weight.
@@ -109,7 +123,9 @@ def _packed(weight: torch.Tensor) -> torch.Tensor | None:
         # oneDNN's layout for no particular batch size (AB16b32a2b for AMX): inside the model on an AMX Xeon, batch-1
         # steps read it faster than the layout it picks for batch size 1 (AB16b64a2b; see
         # benchmarks/results/cpu-xeon-amx-2core), and prompts of any length read it without a reorder
-        entries[key] = seen = (stamp, torch.ops.mkldnn._reorder_linear_weight(weight.contiguous()))
+        dense = weight.contiguous()
+        entries[key] = seen = (stamp, dense if weight.dtype == torch.float32
+                               else torch.ops.mkldnn._reorder_linear_weight(dense))
         _made += 1
     return seen[1]
 

@@ -1,4 +1,5 @@
-"""bfloat16 linears on pre-packed oneDNN weights against F.linear: values, which kernel ran, and when a pack is remade."""
+"""bfloat16 linears on pre-packed oneDNN weights, and float32 decoding from [out, in] copies of transposed weights,
+against F.linear: values, which kernel ran, and when a pack or copy is remade."""
 
 import copy
 import gc
@@ -297,3 +298,98 @@ def test_inductor_compiles_linear_on_cpu():
     compiled = torch.compile(lin, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), F.linear(x, lin.weight, lin.bias))
+
+
+# -- float32: weights stored transposed ([in, out], OpenAI's layout, mapped as it is) decode from an [out, in] copy --
+F32 = torch.float32
+
+
+@pytest.fixture
+def onednn():
+    if not kernels.ONEDNN:
+        pytest.skip("this PyTorch has no oneDNN linear: float32 takes F.linear and makes no copies")
+
+
+def _transposed(out_f: int = 80, in_f: int = 48, seed: int = 0) -> torch.Tensor:
+    """A float32 [out, in] weight stored [in, out]: a view of a Conv1D matrix."""
+    return torch.randn(in_f, out_f, generator=torch.Generator().manual_seed(seed)).t()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_float32_decoding_reads_a_copy_of_a_transposed_weight(onednn, bias):
+    w = _transposed()
+    b = torch.randn(80) if bias else None
+    x = torch.randn(1, 1, 48)
+    made, start = packs_made(), packed_bytes()
+    with torch.no_grad():
+        ys = [linear(x, w, b) for _ in range(3)]  # the first reads the view, the second copies it, the third reuses
+    assert packs_made() == made + 1 and packed_bytes() - start == 80 * 48 * 4  # one copy, the weight's size
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    for y in ys:
+        assert y.dtype == F32
+        torch.testing.assert_close(y.double(), exact, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ys[1], ys[2])
+    with torch.no_grad():  # two rows or more: bit for bit the product with the transposed weight itself
+        for rows in (2, 7, kernels.PACKED_MAX_ROWS):
+            xr = torch.randn(rows, 48)
+            view = torch.ops.mkldnn._linear_pointwise(xr, w, b, "none", [], "")
+            assert torch.equal(linear(xr, w, b), view), rows
+    assert packs_made() == made + 1
+
+
+def test_float32_weights_stored_out_in_long_inputs_and_other_views_make_no_copy(onednn):
+    # [out, in] already; a prompt (more rows than decoding) over a transposed weight; a slice of a wider matrix
+    w, t, middle = torch.randn(80, 48), _transposed(), torch.randn(48, 240)[:, 80:160].t()
+    x, long = torch.randn(1, 48), torch.randn(kernels.PACKED_MAX_ROWS + 1, 48)
+    made = packs_made()
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(linear(x, w), F.linear(x, w))
+            torch.testing.assert_close(linear(long, t), F.linear(long, t))
+            assert torch.equal(linear(x, middle), F.linear(x, middle))
+    assert packs_made() == made
+
+
+def test_float32_copy_follows_writes_to_its_source(onednn):
+    conv1d = torch.randn(48, 80)  # [in, out]
+    w = conv1d.t()
+    x = torch.randn(1, 48)
+    with torch.no_grad():
+        for _ in range(3):
+            linear(x, w)
+        made = packs_made()
+        conv1d[:, 20].fill_(1)  # written through the source matrix: same storage, same version counter
+        for _ in range(2):
+            torch.testing.assert_close(linear(x, w), F.linear(x, w))
+        torch.testing.assert_close(linear(x, w)[0, 20], x.sum())
+    assert packs_made() == made + 1
+
+
+@pytest.mark.parametrize("b,t", [(1, 1), (1, 13), (3, 6)])
+def test_float32_greedy_generation_with_copies_matches_f_linear(onednn, b, t):
+    model = GPTModel.from_state_dict(config_from_hparams(HP), _f32_state_dict(seed=b + t))
+    assert model.trf_blocks[0].att.out_proj.weight.t().is_contiguous()  # mapped in OpenAI's layout
+    idx = torch.randint(0, HP["n_vocab"], (b, t), generator=torch.Generator().manual_seed(t))
+    made = packs_made()
+    fast = generate(model, idx, 25)
+    assert packs_made() - made == 2 * 4  # per block: the fused QKV, out_proj and the two feed-forward matrices
+    with plain():
+        slow = generate(model, idx, 25)
+    assert torch.equal(fast, slow)
+
+
+def test_float32_copies_can_be_turned_off(onednn, monkeypatch):
+    monkeypatch.setattr(kernels, "COPY_FLOAT32", False)
+    w, x = _transposed(), torch.randn(1, 48)
+    made, start = packs_made(), packed_bytes()
+    with torch.no_grad():
+        for _ in range(3):
+            names, y = ops(lambda: linear(x, w))
+            assert ONEDNN_OP in names
+            torch.testing.assert_close(y, F.linear(x, w))
+    assert packs_made() == made and packed_bytes() == start
+
+
+def _f32_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    weights = random_weights(HP, seed=seed, scale=0.3)
+    return openai_state_dict(lambda n: weights[f"model/{n}"], config_from_hparams(HP), F32)
