@@ -228,7 +228,7 @@ class QuantLinear(nn.Module):
         out of bounds (SIGSEGV) on codes that are not (a mapped file's tensors need not be; gpt2hub's files align
         them, so this copies only codes from elsewhere, once)."""
         t = getattr(self, name)
-        if t.data_ptr() % 64 and not compiling():
+        if not compiling() and t.data_ptr() % 64:  # (torch.compile cannot trace data_ptr)
             t = t.clone()  # (PyTorch's CPU allocator aligns to 64 bytes)
             setattr(self, name, t)
         return t

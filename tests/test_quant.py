@@ -285,3 +285,13 @@ def test_the_plain_path_keeps_its_weight_until_the_codes_change(path, scheme, gr
         _assert_product(doubled, x, layer.dequantize(torch.float64), layer.bias)
         layer.qweight = torch.zeros_like(layer.qweight)  # new codes
         _assert_product(layer(x), x, layer.dequantize(torch.float64), layer.bias)
+
+
+@pytest.mark.parametrize("scheme,group", [("int8", 0), ("int4", 64)])
+def test_torch_compile_traces_a_quantized_layer_whole(path, scheme, group):
+    layer, w, _ = _layer(scheme, group, 128, 80)
+    x = torch.randn(1, 3, 128).to(BF16)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)  # fails on any graph break
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(compiled(x), layer(x))
