@@ -143,9 +143,12 @@ def main() -> None:
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"],
                         choices=["float32", "bfloat16", "int8", "int4"])
     parser.add_argument("--groups", nargs="+", type=int, default=[32], help="int4 group sizes")
+    parser.add_argument("--threads", type=int, default=None, help="torch's threads (default: torch's own choice)")
     parser.add_argument("--name", default="linear_kernels", help="the results' file name (without extension)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = measure([d if d.startswith("int") else getattr(torch, d) for d in args.dtype], args.repeats,
                    tuple(args.groups))
     info = machine()
