@@ -19,8 +19,11 @@ Batch-1 decoding reads every weight once per token, so its speed is how fast the
 
 A pack is made on a weight's second use and kept beside it (`packed_bytes()` says how much memory that takes): it
 is dropped with the weight's storage, and made again when the weight is changed in place (PyTorch's version
-counter), replaced, moved or converted. Writes through `.data` bypass the version counter, and so do writes to
-weights made under `torch.inference_mode()` (inference tensors have none): after those, call `forget_packs()`.
+counter; the fused QKV view also follows W_key's and W_value's, which torch.load gives counters of their own),
+replaced, moved or converted, or stepped by a fused optimizer (`fused=True`, whose kernels leave the counter
+as it was: a hook drops its parameters' packs after each step). Writes through `.data`, to weights made under
+`torch.inference_mode()` (inference tensors have no counter), or to their memory from outside PyTorch (a numpy
+array they view, the mapped file rewritten in place) bypass the version counter: after those, call `forget_packs()`.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 __all__ = ["COPY_FLOAT32", "NATIVE_BF16", "ONEDNN", "PACKED_MAX_ROWS", "PACKING", "compiling", "forget_packs", "linear",
            "native_bf16", "packed_bytes", "packs_made"]
@@ -73,14 +77,20 @@ COPY_FLOAT32 = True
 # _linear_pointwise on a weight that is not a frozen constant
 compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)  # whether torch.compile is tracing
 
-# id(storage) -> (weak reference to the storage, {(offset, shape, stride, dtype): ((version, data_ptr), pack or None)}):
+# id(storage) -> (weak reference to the storage, {(offset, shape, stride, dtype): ((version(s), data_ptr), pack or None)}):
 # the packs of a weight live as long as its memory (a plain dict: torch.utils.weak's costs microseconds per lookup)
-_packs: dict[int, tuple[weakref.ref, dict[tuple, tuple[tuple[int, int], torch.Tensor | None]]]] = {}
+_packs: dict[int, tuple[weakref.ref, dict[tuple, tuple[tuple[object, int], torch.Tensor | None]]]] = {}
 _made = 0
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, run on the fastest kernel this CPU has for inference (see the module's docstring); same results."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           sources: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+    """F.linear, run on the fastest kernel this CPU has for inference (see the module's docstring); same results.
+
+    `sources`: tensors whose memory `weight` also views, with version counters of their own (W_key and W_value under
+    the fused QKV view of W_query, when torch.load made them separate tensors): a write to any of them also remakes
+    `weight`'s copy or pack.
+    """
     dtype = x.dtype  # (checks ordered and written for speed: this runs about 75 times per generated token)
     if not (ONEDNN and x.is_cpu and dtype == weight.dtype and not torch.is_grad_enabled() and weight.dim() == 2
             and torch.backends.mkldnn.enabled) or compiling():
@@ -89,17 +99,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if weight.is_contiguous():
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         if weight.t().is_contiguous():
-            pack = _packed(weight) if COPY_FLOAT32 and x.numel() <= PACKED_MAX_ROWS * x.shape[-1] else None
+            pack = _packed(weight, sources) if COPY_FLOAT32 and x.numel() <= PACKED_MAX_ROWS * x.shape[-1] else None
             return torch.ops.mkldnn._linear_pointwise(x, weight if pack is None else pack, bias, "none", [], "")
     if (dtype == torch.bfloat16 and NATIVE_BF16 and (bias is None or bias.dtype == dtype)
             and x.numel() <= PACKED_MAX_ROWS * x.shape[-1]):
-        pack = _packed(weight)
+        pack = _packed(weight, sources)
         if pack is not None:
             return torch.ops.mkldnn._linear_pointwise(x, pack, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 
-def _packed(weight: torch.Tensor) -> torch.Tensor | None:
+def _packed(weight: torch.Tensor, sources: tuple[torch.Tensor, ...] = ()) -> torch.Tensor | None:
     """`weight` [out, in] as decoding reads it fastest (bfloat16: oneDNN's blocked layout; float32: a contiguous copy),
     made on its second use and reused until the weight changes.
 
@@ -110,9 +120,10 @@ def _packed(weight: torch.Tensor) -> torch.Tensor | None:
     entries = _entries(weight.untyped_storage())
     key = (weight.storage_offset(), weight.shape, weight.stride(), weight.dtype)
     try:
-        stamp = (weight._version, weight.data_ptr())
+        version = weight._version if not sources else (weight._version, *[t._version for t in sources])
     except RuntimeError:  # an inference tensor: no version counter, and no writes outside inference mode
-        stamp = (-1, weight.data_ptr())
+        version = -1
+    stamp = (version, weight.data_ptr())
     seen = entries.get(key)
     if seen is None or seen[0] != stamp:
         entries[key] = (stamp, None)
@@ -144,17 +155,31 @@ def _drop(storage_id: int, ref: weakref.ref) -> None:
         del _packs[storage_id]
 
 
+def _after_fused_step(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+    """Drop the packs made from the parameters a fused optimizer (`fused=True`) has stepped: its kernels write them
+    without moving their version counters."""
+    for group in optimizer.param_groups:
+        if group.get("fused"):
+            for p in group["params"]:
+                _packs.pop(id(p.untyped_storage()), None)
+
+
+register_optimizer_step_post_hook(_after_fused_step)
+
+
 def packs_made() -> int:
     """How many weights have been packed in this process (a pack made again after a change counts again)."""
     return _made
 
 
 def packed_bytes() -> int:
-    """Memory held by the packs now alive: about the size of the bfloat16 weights that linear layers have read."""
-    return sum(p.numel() * p.element_size() for _, entries in list(_packs.values()) for _, p in entries.values()
+    """Memory held by the packs now alive: about the size of the weights decoding has read (bfloat16, or float32
+    stored transposed)."""
+    return sum(p.numel() * p.element_size() for _, entries in list(_packs.values()) for _, p in list(entries.values())
                if p is not None)
 
 
 def forget_packs() -> None:
-    """Drop every pack (they are made again on next use): after weights were changed through `.data`."""
+    """Drop every pack (they are made again on next use): after weights were changed through `.data`, in inference
+    mode (weights made there) or outside PyTorch."""
     _packs.clear()

@@ -159,7 +159,8 @@ class MultiHeadAttention(nn.Module):
         if self.W_qkv is not None:
             qkv = self.W_qkv(x)
         elif not torch.is_grad_enabled() and (fused := self._fused_qkv()) is not None:
-            qkv = linear(x, *fused)  # one product reads the three matrices once
+            # one product reads the three matrices once; its copy or pack follows writes to W_key and W_value too
+            qkv = linear(x, *fused, (self.W_key.weight, self.W_value.weight))
         else:
             q, k, v = (w(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
                        for w in (self.W_query, self.W_key, self.W_value))

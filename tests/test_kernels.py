@@ -4,14 +4,19 @@ against F.linear: values, which kernel ran, and when a pack or copy is remade.""
 import copy
 import gc
 import io
+import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from factory import random_weights
+from factory import random_weights, write_openai_folder
 from kernel_probe import ONEDNN_OP, PACK_OP, ops, plain
 
+import gpt2hub
 from gpt2hub import GPTModel, generate, kernels
 from gpt2hub.convert import config_from_hparams, openai_state_dict
 from gpt2hub.kernels import forget_packs, linear, native_bf16, packed_bytes, packs_made
@@ -393,3 +398,232 @@ def test_float32_copies_can_be_turned_off(onednn, monkeypatch):
 def _f32_state_dict(seed: int) -> dict[str, torch.Tensor]:
     weights = random_weights(HP, seed=seed, scale=0.3)
     return openai_state_dict(lambda n: weights[f"model/{n}"], config_from_hparams(HP), F32)
+
+
+# -- float32 copies under attack: every way a weight changes, whole mapped models, threads --
+def _f32_model(seed: int = 0) -> GPTModel:
+    return GPTModel.from_state_dict(config_from_hparams(HP), _f32_state_dict(seed))
+
+
+def _reloaded(model: GPTModel) -> GPTModel:
+    """`model` saved with torch.save and built again from torch.load: W_query, W_key and W_value still lie side by
+    side in one storage (multiplied as one matrix), but each has a version counter of its own."""
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    return GPTModel.from_state_dict(model.cfg, torch.load(buf))
+
+
+def _optimizer_step(model: GPTModel, optimizer: type, **kwargs) -> None:
+    model.train()
+    opt = optimizer([p for p in model.parameters() if p.requires_grad], lr=0.1, **kwargs)
+    with torch.enable_grad():
+        model(torch.randint(0, HP["n_vocab"], (2, 5), generator=torch.Generator().manual_seed(5))).logsumexp(-1).mean().backward()
+    opt.step()
+    model.eval()
+
+
+def _train_w_value_only(model: GPTModel) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad_(".att.W_value." in name)
+    _optimizer_step(model, torch.optim.SGD)
+
+
+def _assign(model: GPTModel) -> None:
+    model.load_state_dict({k: v.clone() for k, v in _f32_model(seed=9).state_dict().items()}, assign=True)
+
+
+def _swap_data(model: GPTModel) -> None:
+    w = model.trf_blocks[1].ff.layers[2].weight
+    w.data = (w.data * 2).t().contiguous().t()  # new storage, still stored transposed
+
+
+CHANGES = {
+    "in place": lambda m: m.trf_blocks[0].ff.layers[0].weight.mul_(2),
+    "W_value, under the fused view": lambda m: m.trf_blocks[0].att.W_value.weight.add_(1),
+    "through the fused view": lambda m: m.trf_blocks[0].att.fused_qkv()[0][100:].mul_(2),
+    "load_state_dict": lambda m: m.load_state_dict(_f32_model(seed=9).state_dict()),
+    "load_state_dict(assign=True)": _assign,
+    "a new Parameter": lambda m: setattr(m.trf_blocks[0].att.out_proj, "weight",
+                                         torch.nn.Parameter(m.trf_blocks[0].att.out_proj.weight * 2)),
+    ".data = swap": _swap_data,
+    "double, written, float": lambda m: (m.double(), m.trf_blocks[0].att.out_proj.weight.mul_(2), m.float()),
+    "SGD step": lambda m: _optimizer_step(m, torch.optim.SGD),
+    "AdamW step": lambda m: _optimizer_step(m, torch.optim.AdamW),
+    "fused AdamW step": lambda m: _optimizer_step(m, torch.optim.AdamW, fused=True),  # writes without a version bump
+    "fused SGD step": lambda m: _optimizer_step(m, torch.optim.SGD, fused=True),
+    "torch.load, W_key": lambda m: m.trf_blocks[0].att.W_key.weight.mul_(2),
+    "torch.load, W_value": lambda m: m.trf_blocks[1].att.W_value.weight.add_(1),
+    "torch.load, training W_value alone": _train_w_value_only,
+}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_float32_copies_follow_every_change_to_a_model(onednn, change):
+    model = _f32_model()
+    if change.startswith("torch.load"):
+        model = _reloaded(model)
+        assert model.trf_blocks[0].att.fused_qkv() is not None  # still one product over the three matrices
+    _decoding_follows(model, CHANGES[change], rtol=1e-4, atol=1e-4)
+
+
+def test_a_torch_loaded_bfloat16_models_fused_pack_follows_w_key(packing):
+    model = _reloaded(_model())  # nn.Linear's layout: the fused view spans three row blocks of one storage
+    assert model.trf_blocks[0].att.fused_qkv() is not None
+    _decoding_follows(model, lambda m: m.trf_blocks[0].att.W_key.weight.mul_(2), rtol=2 ** -7, atol=2e-2)
+
+
+def _decoding_follows(model: GPTModel, change: Callable[[GPTModel], Any], rtol: float, atol: float) -> None:
+    """Logits of 3 rows (decoding's path: copies or packs) after `change` are those the plain path computes."""
+    idx = torch.randint(0, HP["n_vocab"], (1, 3), generator=torch.Generator().manual_seed(2))  # (keys matter)
+    with torch.no_grad():
+        for _ in range(3):
+            before = model(idx)  # the copies are made
+        change(model)
+        for _ in range(3):
+            fast = model(idx)
+        with plain():
+            slow = model(idx)
+    assert (before.float() - slow.float()).abs().max() > 0.1  # the change changed the model
+    torch.testing.assert_close(fast, slow, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("how", [".data", "inference mode"])
+def test_float32_writes_that_escape_the_version_counter_need_forget_packs(onednn, how):
+    # as documented (gpt2hub.kernels): a stale copy until forget_packs(); F.linear sees the write at once
+    if how == "inference mode":
+        with torch.inference_mode():
+            model = _f32_model()
+    else:
+        model = _f32_model()
+    w = model.trf_blocks[0].ff.layers[0].weight
+    idx = torch.randint(0, HP["n_vocab"], (1, 1), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        for _ in range(3):
+            model(idx)
+        if how == "inference mode":
+            w.mul_(2)
+        else:
+            w.data.mul_(2)
+        stale = model(idx)
+        with plain():
+            slow = model(idx)
+        forget_packs()
+        fresh = [model(idx) for _ in range(3)]
+    assert not torch.allclose(stale, slow, atol=1e-2)
+    for y in fresh:
+        torch.testing.assert_close(y, slow, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def mapped_f32(onednn, tmp_path):
+    """A folder of OpenAI's files for a small float32 model, and packed_bytes() before any model was loaded."""
+    write_openai_folder(tmp_path / "tiny", {**HP, "n_ctx": 96}, seed=4)
+    gc.collect()
+    return tmp_path / "tiny", packed_bytes()
+
+
+def _load_mapped(folder: Path) -> GPTModel:
+    """The model as gpt2hub loads float32: transposed views of the mapped checkpoint."""
+    model = gpt2hub.from_pretrained(str(folder))
+    assert model.trf_blocks[0].att.out_proj.weight.t().is_contiguous() and model.trf_blocks[0].att.fused_qkv()
+    return model
+
+
+@pytest.mark.parametrize("b,t", [(1, 1), (1, 5), (2, 7), (1, 33), (3, 40), (8, 2)])
+def test_float32_mapped_model_decodes_the_same_tokens_three_ways(mapped_f32, monkeypatch, b, t):
+    folder, start = mapped_f32
+    model = _load_mapped(folder)
+    idx = torch.randint(0, HP["n_vocab"], (b, t), generator=torch.Generator().manual_seed(b * 100 + t))
+    made = packs_made()
+    copies = generate(model, idx, 20)
+    assert packs_made() - made == 4 * HP["n_layer"] and packed_bytes() > start
+    with plain():
+        onednn_off = generate(model, idx, 20)
+    monkeypatch.setattr(kernels, "COPY_FLOAT32", False)
+    mapped = generate(model, idx, 20)
+    assert torch.equal(copies, mapped) and torch.equal(copies, onednn_off)
+
+
+def test_float32_copies_stay_out_of_state_dicts_copies_and_pickles_and_die_with_the_model(mapped_f32):
+    folder, start = mapped_f32
+    model = _load_mapped(folder)
+    idx = torch.randint(0, HP["n_vocab"], (1, 3), generator=torch.Generator().manual_seed(1))
+    out = generate(model, idx, 6)
+    copies = packed_bytes() - start
+    head = HP["n_vocab"] * HP["n_embd"] * 4  # (stored [out, in]: read as it is)
+    assert copies == sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, Linear)) - head
+    saved, whole = io.BytesIO(), io.BytesIO()
+    torch.save(model.state_dict(), saved)
+    torch.save(model, whole)
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    assert saved.tell() < weights + copies / 2 and whole.tell() < weights + copies / 2  # the weights, not their copies
+    whole.seek(0)
+    twin, loaded, again = copy.deepcopy(model), torch.load(whole, weights_only=False), _load_mapped(folder)
+    for other in (twin, loaded, again):  # (a second model mapped from the same file included)
+        assert torch.equal(generate(other, idx, 6), out)
+    del model, twin, loaded, again, other
+    gc.collect()
+    assert packed_bytes() == start
+
+
+def _views_used_twice(done: threading.Event) -> None:
+    """400 transposed matrices in one storage (a mapped safetensors file is one), each used twice: copies made."""
+    flat, x = torch.randn(400 * 16), torch.randn(1, 4)
+    with torch.no_grad():
+        for j in range(400):
+            w = flat[j * 16:(j + 1) * 16].view(4, 4).t()
+            linear(x, w)
+            linear(x, w)
+    done.set()
+
+
+def _packed_bytes_until(done: threading.Event, errors: list[BaseException]) -> None:
+    try:
+        while not done.is_set():
+            packed_bytes()
+    except RuntimeError as e:  # "dictionary changed size during iteration"
+        errors.append(e)
+        done.set()
+
+
+def test_packed_bytes_while_another_thread_makes_copies(onednn):
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible (before the fix: failed in every round)
+    errors: list[BaseException] = []
+    try:
+        for _ in range(5):
+            done = threading.Event()
+            threads = [threading.Thread(target=_views_used_twice, args=(done,)),
+                       threading.Thread(target=_packed_bytes_until, args=(done, errors))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert errors == []
+
+
+def test_float32_threads_decoding_one_model_give_its_tokens(onednn):
+    model = _f32_model()
+    idx = torch.randint(0, HP["n_vocab"], (2, 4), generator=torch.Generator().manual_seed(3))
+    with plain():
+        expected = generate(model, idx, 12)
+    results: list[torch.Tensor] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            for _ in range(3):
+                forget_packs()  # copies made and dropped while the other thread decodes
+                results.append(generate(model, idx, 12))
+        except BaseException as e:  # noqa: BLE001  (reported by the assertion below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(results) == 9 and all(torch.equal(r, expected) for r in results)
