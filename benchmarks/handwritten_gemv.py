@@ -76,7 +76,7 @@ def measure(lib: ctypes.CDLL, repeats: int) -> list[dict]:
         ys = [torch.empty(o) for o, _ in SHAPES]
         packs = [torch.ops.mkldnn._reorder_linear_weight(w) if dtype == torch.bfloat16 else w for w in ws]
 
-        def ours(ws: list[torch.Tensor] = ws, xs: dict = xs, kernel: Callable = kernel) -> None:
+        def ours(ws: list[torch.Tensor] = ws, xs: dict = xs, ys: list[torch.Tensor] = ys, kernel: Callable = kernel) -> None:
             for w, y in zip(ws, ys, strict=True):
                 kernel(ctypes.c_void_p(w.data_ptr()), ctypes.c_void_p(xs[w.shape[1]].data_ptr()),
                        ctypes.c_void_p(y.data_ptr()), ctypes.c_int64(w.shape[0]), ctypes.c_int64(w.shape[1]))
