@@ -3,13 +3,14 @@
 Batch-1 decoding reads every weight once per token, so its speed is how fast the linear layers read their weights.
 
 - float32 inference on CPU runs on oneDNN (`torch.ops.mkldnn._linear_pointwise`) straight from the dense weight,
-  except decoding from a weight stored transposed ([in, out]: OpenAI's checkpoint, mapped as it is, stores every
-  block matrix so): oneDNN reads that layout at two thirds of the speed it reads [out, in] (gpt2-small's 48 block
-  matrices: 16 against 23 GB/s on a 2-core EPYC), so up to PACKED_MAX_ROWS rows read a copy in [out, in] order,
-  made as packs are made (below). Products of 2 or more rows are bit for bit those of the transposed weight; one
-  row may differ in the last bit (oneDNN sums a single row of a transposed weight in another order). The copies cost
-  the memory of the block matrices (gpt2-small 324 MiB, -medium 1.1 GiB, -large 2.6 GiB, -xl 5.5 GiB; the mapped
-  checkpoint's pages they were read from stay reclaimable): `COPY_FLOAT32 = False` decodes from the mapped weights.
+  except decoding from a weight stored transposed ([in, out]: OpenAI's checkpoint, mapped as it is, stores every block
+  matrix so): oneDNN reads that layout at two thirds of the speed it reads [out, in] (gpt2-small's 48 block matrices:
+  16 against 23 GB/s on a 2-core EPYC), so up to PACKED_MAX_ROWS rows read a copy in [out, in] order, made once
+  decoding has used the matrix 16 times (below). Products of 2 or more rows are bit for bit those of the transposed
+  weight; one row may differ in the last bit (oneDNN sums a single row of a transposed weight in another order). The
+  copies cost the memory of the block matrices (gpt2-small 324 MiB, -medium 1.1 GiB, -large 2.6 GiB, -xl 5.5 GiB; the
+  mapped checkpoint's pages they were read from stay reclaimable): `COPY_FLOAT32 = False` decodes from the mapped
+  weights.
 - bfloat16 inference of up to PACKED_MAX_ROWS rows (decoding) on a CPU that multiplies bfloat16 in hardware
   (AVX512-BF16 or AMX-BF16) runs on oneDNN with the weight reordered once into the blocked layout its kernels read
   (`torch.ops.mkldnn._reorder_linear_weight`): the pair of ops `torch.compile` emits for CPU bfloat16 linears with
@@ -17,13 +18,14 @@ Batch-1 decoding reads every weight once per token, so its speed is how fast the
 - everything else (training, other dtypes and devices, CPUs without native bfloat16, code being traced by
   `torch.compile`, and `torch.backends.mkldnn.enabled = False`) takes F.linear.
 
-A pack is made on a weight's second use and kept beside it (`packed_bytes()` says how much memory that takes): it
-is dropped with the weight's storage, and made again when the weight is changed in place (PyTorch's version
-counter; the fused QKV view also follows W_key's and W_value's, which torch.load gives counters of their own),
-replaced, moved or converted, or stepped by a fused optimizer (`fused=True`, whose kernels leave the counter
-as it was: a hook drops its parameters' packs after each step). Writes through `.data`, to weights made under
-`torch.inference_mode()` (inference tensors have no counter), or to their memory from outside PyTorch (a numpy
-array they view, the mapped file rewritten in place) bypass the version counter: after those, call `forget_packs()`.
+A pack is made on a weight's second use (a float32 copy on its 16th: USES_BEFORE_PACK) and kept beside it
+(`packed_bytes()` says how much memory that takes): it is dropped with the weight's storage, and made again when the
+weight is changed in place (PyTorch's version counter; the fused QKV view also follows W_key's and W_value's, which
+torch.load gives counters of their own), replaced, moved or converted, or stepped by a fused optimizer (`fused=True`,
+whose kernels leave the counter as it was: a hook drops its parameters' packs after each step). Writes through
+`.data`, to weights made under `torch.inference_mode()` (inference tensors have no counter), or to their memory from
+outside PyTorch (a numpy array they view, the mapped file rewritten in place) bypass the version counter: after those,
+call `forget_packs()`.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["COPY_FLOAT32", "NATIVE_BF16", "ONEDNN", "PACKED_MAX_ROWS", "PACKING", "compiling", "forget_packs", "linear",
-           "native_bf16", "packed_bytes", "packs_made"]
+__all__ = ["COPY_FLOAT32", "NATIVE_BF16", "ONEDNN", "PACKED_MAX_ROWS", "PACKING", "USES_BEFORE_PACK", "compiling",
+           "forget_packs", "linear", "native_bf16", "packed_bytes", "packs_made"]
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 PACKING = ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
@@ -73,13 +75,17 @@ NATIVE_BF16 = native_bf16()
 PACKED_MAX_ROWS = 32
 # float32 weights stored transposed decode from an [out, in] copy (see the module's docstring); False: from the weight
 COPY_FLOAT32 = True
+# the use of a weight (at up to PACKED_MAX_ROWS rows, since it last changed) on which its pack or copy is made (see
+# _packed): making the float32 copies costs as much time as 12 (gpt2-medium) to 28 (gpt2-small) decoding steps save
+# on the 2-core EPYC (benchmarks/results/cpu-epyc-2core/float32_copies.md; 9 to 19 at decode_step_f32copy.md's rates)
+USES_BEFORE_PACK = {torch.bfloat16: 2, torch.float32: 16}
 # under torch.compile, F.linear: inductor picks (and with freezing, packs) the kernel itself; it cannot lower
 # _linear_pointwise on a weight that is not a frozen constant
 compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)  # whether torch.compile is tracing
 
-# id(storage) -> (weak reference to the storage, {(offset, shape, stride, dtype): ((version(s), data_ptr), pack or None)}):
+# id(storage) -> (weak reference to the storage, {(offset, shape, stride, dtype): ((version(s), data_ptr), pack or uses)}):
 # the packs of a weight live as long as its memory (a plain dict: torch.utils.weak's costs microseconds per lookup)
-_packs: dict[int, tuple[weakref.ref, dict[tuple, tuple[tuple[object, int], torch.Tensor | None]]]] = {}
+_packs: dict[int, tuple[weakref.ref, dict[tuple, tuple[tuple[object, int], torch.Tensor | int]]]] = {}
 _made = 0
 
 
@@ -111,10 +117,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def _packed(weight: torch.Tensor, sources: tuple[torch.Tensor, ...] = ()) -> torch.Tensor | None:
     """`weight` [out, in] as decoding reads it fastest (bfloat16: oneDNN's blocked layout; float32: a contiguous copy),
-    made on its second use and reused until the weight changes.
+    made on its USES_BEFORE_PACK[dtype]-th use (since it last changed) and reused until the weight changes.
 
-    None on the first use: a model that runs once (one forward, one score) pays neither the pack's memory nor the
-    time to make it, which costs about one product with the dense weight.
+    None before that: a model that runs once (one forward, one score) pays neither the pack's memory nor the time to
+    make it. A bfloat16 pack costs about one product with the dense weight and saves F.linear's reorder at every
+    call: it is made on the second use. A float32 copy transposes the matrix (about 1.5 GB/s) and saves a third of
+    a product's time per use: it is made once that many uses have shown that decoding goes on long enough to repay
+    it, so a short generation never pays its time or its memory.
     """
     global _made
     entries = _entries(weight.untyped_storage())
@@ -126,19 +135,21 @@ def _packed(weight: torch.Tensor, sources: tuple[torch.Tensor, ...] = ()) -> tor
     stamp = (version, weight.data_ptr())
     seen = entries.get(key)
     if seen is None or seen[0] != stamp:
-        entries[key] = (stamp, None)
+        entries[key] = (stamp, 1)
         return None
-    if seen[1] is None:
-        if weight.numel() == 0:  # oneDNN has no product over zero inputs
+    made = seen[1]
+    if isinstance(made, int):  # uses so far
+        if made + 1 < USES_BEFORE_PACK.get(weight.dtype, 2) or weight.numel() == 0:  # (oneDNN: no empty products)
+            entries[key] = (stamp, made + 1)
             return None
         # oneDNN's layout for no particular batch size (AB16b32a2b for AMX): inside the model on an AMX Xeon, batch-1
         # steps read it faster than the layout it picks for batch size 1 (AB16b64a2b; see
         # benchmarks/results/cpu-xeon-amx-2core), and prompts of any length read it without a reorder
         dense = weight.contiguous()
-        entries[key] = seen = (stamp, dense if weight.dtype == torch.float32
-                               else torch.ops.mkldnn._reorder_linear_weight(dense))
+        made = dense if weight.dtype == torch.float32 else torch.ops.mkldnn._reorder_linear_weight(dense)
+        entries[key] = (stamp, made)
         _made += 1
-    return seen[1]
+    return made
 
 
 def _entries(storage: torch.UntypedStorage) -> dict:
@@ -176,7 +187,7 @@ def packed_bytes() -> int:
     """Memory held by the packs now alive: about the size of the weights decoding has read (bfloat16, or float32
     stored transposed)."""
     return sum(p.numel() * p.element_size() for _, entries in list(_packs.values()) for _, p in list(entries.values())
-               if p is not None)
+               if isinstance(p, torch.Tensor))
 
 
 def forget_packs() -> None:

@@ -310,9 +310,12 @@ F32 = torch.float32
 
 
 @pytest.fixture
-def onednn():
+def onednn(monkeypatch):
+    """float32 copies made on a matrix's second use, as bfloat16 packs are, so that small tests exercise them (the
+    default use count is tested on its own below)."""
     if not kernels.ONEDNN:
         pytest.skip("this PyTorch has no oneDNN linear: float32 takes F.linear and makes no copies")
+    monkeypatch.setitem(kernels.USES_BEFORE_PACK, F32, 2)
 
 
 def _transposed(out_f: int = 80, in_f: int = 48, seed: int = 0) -> torch.Tensor:
@@ -381,6 +384,23 @@ def test_float32_greedy_generation_with_copies_matches_f_linear(onednn, b, t):
     with plain():
         slow = generate(model, idx, 25)
     assert torch.equal(fast, slow)
+
+
+def test_float32_copies_wait_until_decoding_has_run_long_enough_to_repay_them():
+    if not kernels.ONEDNN:
+        pytest.skip("this PyTorch has no oneDNN linear: float32 takes F.linear and makes no copies")
+    uses = kernels.USES_BEFORE_PACK[F32]
+    assert uses > 2
+    model = GPTModel.from_state_dict(config_from_hparams(HP), _f32_state_dict(seed=11))  # 48 positions: enough
+    idx = torch.randint(0, HP["n_vocab"], (1, 5), generator=torch.Generator().manual_seed(2))
+    made, start = packs_made(), packed_bytes()
+    short = generate(model, idx, uses - 1)  # the prompt and uses - 2 decoding steps: every matrix used uses - 1 times
+    assert packs_made() == made and packed_bytes() == start  # no copy: neither its time nor its memory
+    long = generate(model, idx, uses + 10)  # uses carry over between calls: its prompt's product makes the copies
+    assert packs_made() - made == 2 * 4 and packed_bytes() - start == 2 * 12 * HP["n_embd"] ** 2 * 4  # 12 d^2 a block
+    with plain():
+        assert torch.equal(long, generate(model, idx, uses + 10))
+    assert torch.equal(short, long[:, :short.shape[1]])
 
 
 def test_float32_copies_can_be_turned_off(onednn, monkeypatch):
