@@ -12,8 +12,10 @@ What each number is (a decoding step: one new token through the whole model, wit
   every `gpt2_eval` call (graph, compute, copying out the last logits; not sampling) and it divides that by all the
   tokens evaluated, prompt included. To leave the prompt out, each ggml measurement is two processes: `-n N` and
   `-n 1` (which evaluates the prompt alone); the time per step is their predict-time difference over N - 1.
-- gpt2hub: a fresh process, `torch.set_num_threads`, `gpt2hub.from_pretrained(folder, dtype=...)`, a 2-token warm-up
-  generation (oneDNN primitives, bfloat16 packs), then `generate_stream` (greedy) timed at each new token: the time
+- gpt2hub: a fresh process, `torch.set_num_threads`, `gpt2hub.from_pretrained(folder, dtype=...)`, a warm-up
+  generation that pays every one-time cost (oneDNN primitives, bfloat16 packs made on a weight's 2nd use, float32
+  copies on its 16th: gpt2hub.kernels.USES_BEFORE_PACK; their cost is in float32_copies.md, as ggml's loading is
+  outside its figure), then `generate_stream` (greedy) timed at each new token: the time
   per step is (time of token N - time of token 1) / (N - 1), i.e. the N - 1 steps that evaluate tokens 1 .. N - 1,
   argmax and Python included: the same N - 1 forward passes as ggml's.
 - tokens/s is 1 / time per step. Loading, the prompt and the first token are outside both.
@@ -275,7 +277,9 @@ def child(args: dict[str, Any]) -> dict[str, Any]:
         return {"unsupported": str(error)}
     load_s = time.perf_counter() - t0
     idx = torch.tensor([args["ids"]])
-    gpt2hub.generate(model, idx, 2)  # warm-up: oneDNN primitives, bfloat16 packs (made on a weight's second use)
+    from gpt2hub.kernels import USES_BEFORE_PACK
+
+    gpt2hub.generate(model, idx, max(USES_BEFORE_PACK.values()) + 1)  # warm-up: oneDNN primitives, packs, copies
     stamps, ids = [], []
     for column in gpt2hub.generate_stream(model, idx, args["new_tokens"]):
         ids.append(int(column[0]))
@@ -446,7 +450,8 @@ def report(data: dict[str, Any]) -> list[str]:
                if sampling else "")
     lines += ["", "- Neither figure includes loading, the prompt or the first new token. ggml: predict time (its "
               "`gpt2_eval` calls) of a `-n N` run less that of a `-n 1` run, over N - 1" + sampled + "; gpt2hub: a "
-              "fresh process, a 2-token warm-up, then `generate_stream` (greedy: argmax inside) timed from the first "
+              "fresh process, a warm-up that makes every pack and copy (17 tokens), then `generate_stream` (greedy: argmax "
+              "inside) timed from the first "
               "new token to the last, over N - 1.",
               "- same first tokens: how many of gpt2hub's greedy tokens ggml also chose, in order (fewest over the "
               "rounds); 16-bit and 8-/4-bit formats round differently, and random weights leave close logits.",
