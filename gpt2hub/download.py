@@ -25,6 +25,7 @@ import os
 import queue
 import re
 import socket
+import stat
 import threading
 import time
 import urllib.error
@@ -37,7 +38,7 @@ from typing import Any, Protocol
 import google_crc32c
 from tqdm.auto import tqdm
 
-from .errors import DownloadError, IntegrityError, quoted
+from .errors import CacheError, DownloadError, IntegrityError, quoted
 from .files import CACHE_MODE, disk_errors, fsync_dir, regular_file, unlink_entry
 from .settings import min_rate, read_timeout
 from .settings import progress_disabled as progress_disabled  # re-exported: where the bars are drawn
@@ -260,8 +261,10 @@ def _span(resp: http.client.HTTPResponse, url: str, offset: int, part: Path) -> 
     return 0, int(length) if length is not None and length.isdigit() else -1
 
 
-def _attempt(url: str, part: Path, timeout: float, bar: _Bar, taps: _Taps, limit: int) -> int:
-    """Fetch what `part` still lacks; returns the file's size. Reading errors are network errors, writing ones disk's."""
+def _attempt(url: str, part: Path, timeout: float, bar: _Bar, taps: _Taps, limit: int,
+             where: tuple[Path, tuple[int, int] | None]) -> int:
+    """Fetch what `part` still lacks; returns the file's size. Reading errors are network errors, writing ones disk's.
+    `where`: the file's destination and its folder's identity (see _same_folder), checked before `part` is opened."""
     offset = part.stat().st_size if part.exists() else 0
     pace = min_rate()
     try:
@@ -276,6 +279,7 @@ def _attempt(url: str, part: Path, timeout: float, bar: _Bar, taps: _Taps, limit
         offset, total = _span(resp, url, offset, part)
         bar.start(offset, total)
         taps.catch_up(part, offset)
+        _same_folder(*where)  # (a retry opens the partial file again by its path)
         with disk_errors(part):
             f = open(part, "r+b" if offset else "wb")
         with f:
@@ -315,6 +319,23 @@ def _read(resp: http.client.HTTPResponse) -> bytes:
         raise _Transient(f"{type(e).__name__}: {e}") from None
 
 
+def _folder_id(folder: Path) -> tuple[int, int] | None:
+    """(device, inode) of `folder` if it is a real folder (not a link to one), else None."""
+    try:
+        st = os.lstat(folder)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+
+def _same_folder(dest: Path, folder_id: tuple[int, int] | None) -> None:
+    """Refuse to touch `dest`'s partial file by its path once its folder is not the one the download began in (another
+    process replaced it with a link, or moved it): a path through a link could write outside the cache."""
+    if folder_id is None or _folder_id(dest.parent) != folder_id:
+        raise CacheError(f"{dest.parent} changed while {dest.name} was downloading into it (moved, or replaced by a "
+                         f"link); nothing was written through it: run the command again")
+
+
 def claim_partial(dest: Path) -> Path:
     """This process's partial file for `dest`, taking over the largest one an earlier process left (by an atomic
     rename, so two processes never write the same partial file). Anything but a regular file under this process's
@@ -350,6 +371,8 @@ def download(url: str, dest: Path, accept: Acceptor | None = None, *, digest_kin
     timeout = read_timeout() if timeout is None else timeout
     with disk_errors(dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
+    folder = _folder_id(dest.parent)  # every later write by path checks that the folder is still this one
+    _same_folder(dest, folder)
     part = claim_partial(dest)
     running = _Digest(digest_kind)
     limit = expected_size if expected_size is not None else max_size
@@ -357,12 +380,12 @@ def download(url: str, dest: Path, accept: Acceptor | None = None, *, digest_kin
         tap.catch_up(part, 0)  # a tap that saw an earlier download (another mirror, another partial) starts afresh
     with _Taps([running] if tap is None else [running, tap]) as taps:
         try:
-            size = _fetch(url, part, timeout, _Bar(bar), taps, retries, backoff, limit)
+            size = _fetch(url, part, timeout, _Bar(bar), taps, retries, backoff, limit, (dest, folder))
         except IntegrityError as e:
             part.unlink(missing_ok=True)
             raise IntegrityError(f"{dest.name} from {url} {e}") from None
         taps.catch_up(part, size)  # waits for the taps; reads the file only if it was whole already (416)
-    return _finish(url, part, dest, size, running, expected_size, accept or _record(digest_kind), mode)
+    return _finish(url, part, (dest, folder), size, running, expected_size, accept or _record(digest_kind), mode)
 
 
 def _record(kind: str) -> Acceptor:
@@ -370,10 +393,10 @@ def _record(kind: str) -> Acceptor:
 
 
 def _fetch(url: str, part: Path, timeout: float, bar: _Bar, taps: _Taps, retries: int, backoff: float,
-           limit: int) -> int:
+           limit: int, where: tuple[Path, tuple[int, int] | None]) -> int:
     for attempt in range(retries + 1):
         try:
-            return _attempt(url, part, timeout, bar, taps, limit)
+            return _attempt(url, part, timeout, bar, taps, limit, where)
         except _Fatal as e:
             raise DownloadError(str(e)) from None
         except _Transient as e:
@@ -386,8 +409,9 @@ def _fetch(url: str, part: Path, timeout: float, bar: _Bar, taps: _Taps, retries
     raise AssertionError("unreachable")
 
 
-def _finish(url: str, part: Path, dest: Path, size: int, digest: _Digest, expected_size: int | None,
-            accept: Acceptor, mode: int) -> Any:
+def _finish(url: str, part: Path, where: tuple[Path, tuple[int, int] | None], size: int, digest: _Digest,
+            expected_size: int | None, accept: Acceptor, mode: int) -> Any:
+    dest = where[0]
     try:
         if expected_size is not None and size != expected_size:
             raise IntegrityError(f"is {size} bytes, expected {expected_size}")
@@ -395,6 +419,7 @@ def _finish(url: str, part: Path, dest: Path, size: int, digest: _Digest, expect
     except IntegrityError as e:
         part.unlink(missing_ok=True)
         raise IntegrityError(f"{dest.name} from {url} {e}") from None
+    _same_folder(*where)
     with disk_errors(dest):
         os.chmod(part, mode)
         os.replace(part, dest)

@@ -647,6 +647,28 @@ def test_raw_swapped_for_a_link_mid_download_writes_nothing_outside(hub_env, ser
         assert torch.equal(out["value"], reference)
 
 
+def test_raw_swapped_for_a_link_then_a_broken_connection_writes_nothing_outside(hub_env, server, victim, reference):
+    """As above, and the connection then breaks: the retry opened the partial file again by its path, through the
+    link, and the finished file replaced the user's file of the same name (seen on a slow CI run, where a read timed
+    out after the swap)."""
+    raw, moved = hub_env / "openai/tiny/raw", hub_env / "openai/tiny/raw-moved"
+    (victim.parent / DATA).write_bytes(VICTIM)
+
+    def swap_and_break():
+        os.rename(raw, moved)
+        raw.symlink_to(victim.parent)
+        raise ConnectionAbortedError("the test breaks the connection after the swap")
+
+    server.served.fault(f"/{TINY.size}/{DATA}", Fault("hook", after=1000, hook=swap_and_break))
+    before = _tree(victim.parent)
+    out = _bounded(lambda: _logits(from_pretrained("gpt2-tiny")))
+    assert _tree(victim.parent) == before
+    if "error" in out:
+        _typed(out["error"], DATA)
+    else:
+        assert torch.equal(out["value"], reference)
+
+
 def test_rm_include_hf_keeps_a_blob_that_a_link_in_a_subfolder_still_needs(hub_env, server, hf_cache, capsys):
     """openai-community/gpt2 also publishes onnx/vocab.json, byte for byte the root's vocab.json: one blob, two links.
     A user who fetched the ONNX files too keeps a working onnx/vocab.json after `cache rm --include-hf`."""
