@@ -39,7 +39,7 @@ import google_crc32c
 from tqdm.auto import tqdm
 
 from .errors import CacheError, DownloadError, IntegrityError, quoted
-from .files import CACHE_MODE, disk_errors, fsync_dir, regular_file, unlink_entry
+from .files import CACHE_MODE, disk_errors, fsync_dir, regular_file, stat_entry, unlink_entry
 from .settings import min_rate, read_timeout
 from .settings import progress_disabled as progress_disabled  # re-exported: where the bars are drawn
 
@@ -321,11 +321,8 @@ def _read(resp: http.client.HTTPResponse) -> bytes:
 
 def _folder_id(folder: Path) -> tuple[int, int] | None:
     """(device, inode) of `folder` if it is a real folder (not a link to one), else None."""
-    try:
-        st = os.lstat(folder)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+    st = stat_entry(folder)
+    return (st.st_dev, st.st_ino) if st is not None and stat.S_ISDIR(st.st_mode) else None
 
 
 def _same_folder(dest: Path, folder_id: tuple[int, int] | None) -> None:

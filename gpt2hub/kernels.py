@@ -142,9 +142,9 @@ def _packed(weight: torch.Tensor, sources: tuple[torch.Tensor, ...] = ()) -> tor
         if made + 1 < USES_BEFORE_PACK.get(weight.dtype, 2) or weight.numel() == 0:  # (oneDNN: no empty products)
             entries[key] = (stamp, made + 1)
             return None
-        # oneDNN's layout for no particular batch size (AB16b32a2b for AMX): inside the model on an AMX Xeon, batch-1
-        # steps read it faster than the layout it picks for batch size 1 (AB16b64a2b; see
-        # benchmarks/results/cpu-xeon-amx-2core), and prompts of any length read it without a reorder
+        # float32: the contiguous copy itself; bfloat16: oneDNN's layout for no particular batch size (AB16b32a2b for
+        # AMX): inside the model on an AMX Xeon, batch-1 steps read it faster than the layout it picks for batch size 1
+        # (AB16b64a2b; see benchmarks/results/cpu-xeon-amx-2core), and prompts of any length read it without a reorder
         dense = weight.contiguous()
         made = dense if weight.dtype == torch.float32 else torch.ops.mkldnn._reorder_linear_weight(dense)
         entries[key] = (stamp, made)

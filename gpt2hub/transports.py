@@ -288,7 +288,7 @@ class HFHub:
                 raise IntegrityError(f"does not hash to the name of its blob in Hugging Face's cache (sha256 {got}): "
                                      "it changed after it was downloaded")
             return got if kind == "sha256" else None
-        if re.fullmatch(r"[0-9a-f]{40}", blob) and git_blob_sha1(path) != blob:
+        if COMMIT.fullmatch(blob) and git_blob_sha1(path) != blob:  # (a git object id, shaped as a commit's)
             raise IntegrityError("does not hash to the name of its blob in Hugging Face's cache (git blob id): it "
                                  "changed after it was downloaded")
         return None

@@ -310,11 +310,15 @@ F32 = torch.float32
 
 
 @pytest.fixture
-def onednn(monkeypatch):
-    """float32 copies made on a matrix's second use, as bfloat16 packs are, so that small tests exercise them (the
-    default use count is tested on its own below)."""
+def onednn_linear():
     if not kernels.ONEDNN:
         pytest.skip("this PyTorch has no oneDNN linear: float32 takes F.linear and makes no copies")
+
+
+@pytest.fixture
+def onednn(onednn_linear, monkeypatch):
+    """float32 copies made on a matrix's second use, as bfloat16 packs are, so that small tests exercise them (the
+    default use count is tested on its own below)."""
     monkeypatch.setitem(kernels.USES_BEFORE_PACK, F32, 2)
 
 
@@ -386,9 +390,7 @@ def test_float32_greedy_generation_with_copies_matches_f_linear(onednn, b, t):
     assert torch.equal(fast, slow)
 
 
-def test_float32_copies_wait_until_decoding_has_run_long_enough_to_repay_them():
-    if not kernels.ONEDNN:
-        pytest.skip("this PyTorch has no oneDNN linear: float32 takes F.linear and makes no copies")
+def test_float32_copies_wait_until_decoding_has_run_long_enough_to_repay_them(onednn_linear):
     uses = kernels.USES_BEFORE_PACK[F32]
     assert uses > 2
     model = GPTModel.from_state_dict(config_from_hparams(HP), _f32_state_dict(seed=11))  # 48 positions: enough
