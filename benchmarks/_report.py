@@ -21,7 +21,8 @@ def machine(**extra: Any) -> dict[str, Any]:
 
 
 def describe(info: dict[str, Any]) -> str:
-    """The machine as a table's heading names it: "<CPU or GPU>, torch <version>, <n> threads, native bfloat16: <bool>".
+    """The machine as a table's heading names it: "<CPU or GPU> (<vector flags>), torch <version>, <n> threads, native
+    bfloat16: <bool>".
 
     `info` is what `machine()` returned; the threads are torch's now.
     """
@@ -29,7 +30,8 @@ def describe(info: dict[str, Any]) -> str:
 
     from gpt2hub.bench import machine_label
 
-    return (f"{machine_label(info)}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    flags = f" ({' '.join(info['cpu_flags'])})" if info.get("cpu_flags") else ""
+    return (f"{machine_label(info)}{flags}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
             f"native bfloat16: {info['native_bf16']}")
 
 

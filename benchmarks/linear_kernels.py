@@ -8,11 +8,12 @@ table gives the median and the fastest pass.
 Kernels: F.linear (BLAS for float32, oneDNN's matmul for bfloat16, which reorders the weight on every call); oneDNN
 on the dense weight (`torch.ops.mkldnn._linear_pointwise`); oneDNN on a weight packed once
 (`torch.ops.mkldnn._reorder_linear_weight`, in the layout for batch size 1 and in the one for any size); and
-gpt2hub.kernels.linear, the packed kernel behind its per-call lookup of the pack. int8 and int4 (gpt2hub.quant's
-storage: int8 per output channel, int4 per group of --groups inputs, bfloat16 activations): PyTorch's kernels called
-directly (`torch.ops.aten._weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) and through gpt2hub.quant's layers
-(bias included, as in the model; for int4 the head's rows padded to 50304); "weights read" counts the codes and
-their scales.
+gpt2hub.kernels.linear, the packed kernel behind its per-call lookup of the pack; float32 and int8 also on
+gpt2hub.native's own one-row kernels (where they run). int8 and int4 (gpt2hub.quant's storage: int8 per output
+channel, int4 per group of --groups inputs, bfloat16 activations): PyTorch's kernels called directly
+(`torch.ops.aten._weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) and through gpt2hub.quant's layers (bias
+included, as in the model; for int4 the head's rows padded to 50304; one-row int8 products there run on
+gpt2hub.native where it runs); "weights read" counts the codes and their scales.
 
     python benchmarks/linear_kernels.py --out benchmarks/results/cpu-xeon-amx-2core
 """
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from _report import describe, machine, save, table
 
-from gpt2hub import kernels, quant
+from gpt2hub import kernels, native, quant
 from gpt2hub.bench import stats
 
 D, LAYERS, VOCAB = 768, 12, 50257
@@ -60,6 +61,8 @@ def _cases(part: str, dims: list[tuple[int, int]], dtype: torch.dtype,
         layers = [(xs[w.shape[1]], w, b) for w, b in zip(weights, biases, strict=True)]
         cases[(layout, "F.linear")] = (F.linear, layers)
         cases[(layout, "oneDNN")] = (onednn, layers)
+        if dtype == torch.float32 and native.AVAILABLE:
+            cases[(layout, "gpt2hub.native")] = (native.linear_row, layers)
     if dtype == torch.bfloat16 and kernels.PACKING:
         dense = cases[("out_in", "oneDNN")][1]
         for hint in (1, None):  # the layout oneDNN picks for batch size 1, and for no particular size (gpt2hub's)
@@ -102,7 +105,11 @@ def _quantized(part: str, dims: list[tuple[int, int]], scheme: str, group: int,
         def op(x: torch.Tensor, args: tuple, b: None) -> torch.Tensor:
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, args[1], args[0], args[2])
     label = scheme if scheme == "int8" else f"int4, groups of {group}"
-    return {(label, "aten kernel"): (op, layers), (label, "gpt2hub.quant layer"): (lambda x, m, b: m(x), modules)}, nbytes
+    cases = {(label, "aten kernel"): (op, layers), (label, "gpt2hub.quant layer"): (lambda x, m, b: m(x), modules)}
+    if scheme == "int8" and native.AVAILABLE:
+        cases[(label, "gpt2hub.native")] = (
+            lambda x, m, b: native.int8_row(x, m.qweight, m.scale, m.bias, m.out_features), modules)
+    return cases, nbytes
 
 
 def measure(dtypes: list[torch.dtype | str], repeats: int, groups: tuple[int, ...] = (32,)) -> list[dict]:

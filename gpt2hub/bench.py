@@ -89,7 +89,12 @@ def quick_config(**changes: Any) -> BenchConfig:
 
 
 # -- the machine ------------------------------------------------------------------------------------------------------
+VECTOR_FLAGS = frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "amx_bf16",
+                          "amx_int8", "amx_tile"})
+
+
 def machine_info() -> dict[str, Any]:
+    """The machine a run measured: CPU (model, cores, vector flags), memory, GPU, versions, and which kernels run."""
     import torch
 
     info: dict[str, Any] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -101,6 +106,11 @@ def machine_info() -> dict[str, Any]:
             if line.startswith("model name"):
                 info["cpu"] = line.split(":", 1)[1].strip()
                 break
+    from . import native
+
+    # the vector units the kernels use: the same CPU model name comes with and without some of them (AMX, AVX512-BF16)
+    info["cpu_flags"] = sorted(native.cpu_flags() & VECTOR_FLAGS)
+    info["kernels"] = native.status()
     with contextlib.suppress(OSError, ValueError):
         info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     with contextlib.suppress(importlib.metadata.PackageNotFoundError):  # its version, without its import's seconds

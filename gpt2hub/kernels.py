@@ -1,22 +1,26 @@
-"""The CPU kernels behind `gpt2hub.model.linear`: oneDNN for float32, pre-packed oneDNN for bfloat16.
+"""The CPU kernels behind `gpt2hub.model.linear`: gpt2hub's own for one row, oneDNN for float32, pre-packed oneDNN
+for bfloat16.
 
 Batch-1 decoding reads every weight once per token, so its speed is how fast the linear layers read their weights.
 
-- float32 inference on CPU runs on oneDNN (`torch.ops.mkldnn._linear_pointwise`) straight from the dense weight,
-  except decoding from a weight stored transposed ([in, out]: OpenAI's checkpoint, mapped as it is, stores every block
-  matrix so): oneDNN reads that layout at two thirds of the speed it reads [out, in] (gpt2-small's 48 block matrices:
-  16 against 23 GB/s on a 2-core EPYC), so up to PACKED_MAX_ROWS rows read a copy in [out, in] order, made once
-  decoding has used the matrix 16 times (below). Products of 2 or more rows are bit for bit those of the transposed
-  weight; one row may differ in the last bit (oneDNN sums a single row of a transposed weight in another order). The
-  copies cost the memory of the block matrices (gpt2-small 324 MiB, -medium 1.1 GiB, -large 2.6 GiB, -xl 5.5 GiB; the
-  mapped checkpoint's pages they were read from stay reclaimable): `COPY_FLOAT32 = False` decodes from the mapped
-  weights.
+- one row of float32 (batch-1 decoding) runs on gpt2hub.native's AVX512 kernels where they run (x86-64 Linux with
+  AVX512; `gpt2hub.native.status()`), from the weight as it is stored, [out, in] or OpenAI's [in, out]: as fast as
+  oneDNN on [out, in] copies (below), without the copies.
+- float32 inference on CPU otherwise runs on oneDNN (`torch.ops.mkldnn._linear_pointwise`) straight from the dense
+  weight, except decoding from a weight stored transposed ([in, out]: OpenAI's checkpoint, mapped as it is, stores
+  every block matrix so): oneDNN reads that layout at two thirds of the speed it reads [out, in] (gpt2-small's 48
+  block matrices: 16 against 23 GB/s on a 2-core EPYC), so up to PACKED_MAX_ROWS rows (batched decoding, or one row
+  where gpt2hub.native does not run) read a copy in [out, in] order, made once decoding has used the matrix 16
+  times (below). Products of 2 or more rows are bit for bit those of the transposed weight; one row may differ in
+  the last bit (oneDNN sums a single row of a transposed weight in another order). The copies cost the memory of
+  the block matrices (gpt2-small 324 MiB, -medium 1.1 GiB, -large 2.6 GiB, -xl 5.5 GiB; the mapped checkpoint's pages
+  they were read from stay reclaimable): `COPY_FLOAT32 = False` decodes from the mapped weights.
 - bfloat16 inference of up to PACKED_MAX_ROWS rows (decoding) on a CPU that multiplies bfloat16 in hardware
   (AVX512-BF16 or AMX-BF16) runs on oneDNN with the weight reordered once into the blocked layout its kernels read
   (`torch.ops.mkldnn._reorder_linear_weight`): the pair of ops `torch.compile` emits for CPU bfloat16 linears with
   frozen weights. Without the pack, oneDNN (which F.linear calls) reorders the whole weight on every call.
 - everything else (training, other dtypes and devices, CPUs without native bfloat16, code being traced by
-  `torch.compile`, and `torch.backends.mkldnn.enabled = False`) takes F.linear.
+  `torch.compile`, and `torch.backends.mkldnn.enabled = False`, which turns gpt2hub.native off too) takes F.linear.
 
 A pack is made on a weight's second use (a float32 copy on its 16th: USES_BEFORE_PACK) and kept beside it
 (`packed_bytes()` says how much memory that takes): it is dropped with the weight's storage, and made again when the
@@ -30,15 +34,15 @@ call `forget_packs()`.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import platform
 import weakref
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from . import native
 
 __all__ = ["COPY_FLOAT32", "NATIVE_BF16", "ONEDNN", "PACKED_MAX_ROWS", "PACKING", "USES_BEFORE_PACK", "compiling",
            "forget_packs", "linear", "native_bf16", "packed_bytes", "packs_made"]
@@ -56,11 +60,8 @@ def native_bf16(cpuinfo: str | None = None) -> bool:
         return False
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return False
-    if cpuinfo is None:
-        with contextlib.suppress(OSError):
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-    if cpuinfo is not None:
-        flags = {f for line in cpuinfo.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+    flags = native.cpu_flags(cpuinfo)
+    if flags:
         return bool(flags & {"avx512_bf16", "amx_bf16"})
     probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     return bool(probe and probe())
@@ -98,8 +99,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     `weight`'s copy or pack.
     """
     dtype = x.dtype  # (checks ordered and written for speed: this runs about 75 times per generated token)
-    if not (ONEDNN and x.is_cpu and dtype == weight.dtype and not torch.is_grad_enabled() and weight.dim() == 2
-            and torch.backends.mkldnn.enabled) or compiling():
+    if not (x.is_cpu and dtype == weight.dtype and not torch.is_grad_enabled() and weight.dim() == 2
+            and weight.shape[1] and torch.backends.mkldnn.enabled) or compiling():
+        return F.linear(x, weight, bias)  # (no inputs (in = 0): oneDNN has no such product, F.linear gives the bias)
+    if x.numel() == weight.shape[1]:  # one row: batch-1 decoding, on gpt2hub's own kernels where they run
+        y = native.linear_row(x, weight, bias)
+        if y is not None:
+            return y
+    if not ONEDNN:
         return F.linear(x, weight, bias)
     if dtype == torch.float32:
         if weight.is_contiguous():

@@ -54,6 +54,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import native
 from .kernels import compiling, native_bf16
 from .model import GPTModel, state_dict_shapes
 
@@ -223,6 +224,10 @@ class QuantLinear(nn.Module):
         """Whether this PyTorch and CPU run this layer's kernel."""
         return FAST_CPU
 
+    def _row(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x [1, in] -> x W^T + b [1, out] on gpt2hub.native's kernel, or None where it has none for this layer."""
+        return None
+
     def _aligned(self, name: str) -> torch.Tensor:
         """Buffer `name`, first moved to 64-byte aligned memory if it is not there: PyTorch 2.13's int8 kernel reads
         out of bounds (SIGSEGV) on codes that are not (a mapped file's tensors need not be; gpt2hub's files align
@@ -239,6 +244,10 @@ class QuantLinear(nn.Module):
         fast = KERNELS and x.is_cpu and x.dtype == BF16 and not x.requires_grad and self._usable()
         if (self.scheme, fast) not in _told and not compiling():  # (torch.compile cannot trace logging)
             self._tell(fast, x)
+        if fast and flat.shape[0] == 1:  # one row: batch-1 decoding, bias included, where gpt2hub's kernels run it
+            y = self._row(flat)
+            if y is not None:
+                return y.view(*x.shape[:-1], self.out_features)
         y = self._kernel(flat.contiguous()) if fast else F.linear(flat, self._plain_weight(x.dtype))
         if y.shape[1] != self.out_features:  # int4 rows padded to a whole tile
             y = y[:, :self.out_features] if self.bias is None else y[:, :self.out_features] + self.bias
@@ -267,7 +276,8 @@ class QuantLinear(nn.Module):
     def _tell(self, fast: bool, x: torch.Tensor) -> None:
         _told.add((self.scheme, fast))
         if fast:
-            log.info("gpt2hub.quant: %s layers multiply on PyTorch's %s kernel", self.scheme, self.scheme)
+            log.info("gpt2hub.quant: %s layers multiply on PyTorch's %s kernel%s", self.scheme, self.scheme,
+                     " (one row: gpt2hub.native's, where it runs)" if self.scheme == "int8" else "")
             return
         reason = ("gpt2hub.quant.KERNELS is False" if not KERNELS else
                   f"inputs are {x.dtype} on {x.device}" if not (x.is_cpu and x.dtype == BF16) else
@@ -295,6 +305,9 @@ class Int8Linear(QuantLinear):
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x, self._aligned("qweight"), self._aligned("scale"))
+
+    def _row(self, x: torch.Tensor) -> torch.Tensor | None:
+        return native.int8_row(x, self.qweight, self.scale, self.bias, self.out_features)
 
 
 class Int4Linear(QuantLinear):

@@ -1,5 +1,6 @@
 """bfloat16 linears on pre-packed oneDNN weights, and float32 decoding from [out, in] copies of transposed weights,
-against F.linear: values, which kernel ran, and when a pack or copy is remade."""
+against F.linear: values, which kernel ran, and when a pack or copy is remade. These are the paths one-row products
+take where gpt2hub.native does not run (its tests: tests/test_native.py), so the fixtures turn it off."""
 
 import copy
 import gc
@@ -17,7 +18,7 @@ from factory import random_weights, write_openai_folder
 from kernel_probe import ONEDNN_OP, PACK_OP, ops, plain
 
 import gpt2hub
-from gpt2hub import GPTModel, generate, kernels
+from gpt2hub import GPTModel, generate, kernels, native
 from gpt2hub.convert import config_from_hparams, openai_state_dict
 from gpt2hub.kernels import forget_packs, linear, native_bf16, packed_bytes, packs_made
 from gpt2hub.model import Linear
@@ -33,6 +34,7 @@ def packing(monkeypatch):
     if not CAN_PACK:
         pytest.skip("this PyTorch or CPU has no oneDNN bfloat16: the packed path cannot run here")
     monkeypatch.setattr(kernels, "NATIVE_BF16", True)
+    monkeypatch.setattr(native, "ENABLED", False)  # one row too (gpt2hub.native's own kernels: tests/test_native.py)
 
 
 def _weight(layout: str, out_f: int = 80, in_f: int = 48, seed: int = 0) -> torch.Tensor:
@@ -310,9 +312,10 @@ F32 = torch.float32
 
 
 @pytest.fixture
-def onednn_linear():
+def onednn_linear(monkeypatch):
     if not kernels.ONEDNN:
         pytest.skip("this PyTorch has no oneDNN linear: float32 takes F.linear and makes no copies")
+    monkeypatch.setattr(native, "ENABLED", False)  # one row too (gpt2hub.native's own kernels: tests/test_native.py)
 
 
 @pytest.fixture

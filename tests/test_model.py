@@ -10,7 +10,7 @@ from kernel_probe import ONEDNN_OP
 from kernel_probe import ops as _ops
 from kernel_probe import plain as _plain
 
-from gpt2hub import GPTModel, generate
+from gpt2hub import GPTModel, generate, native
 from gpt2hub.convert import config_from_hparams, openai_state_dict
 from gpt2hub.model import ONEDNN, Linear
 
@@ -33,11 +33,15 @@ def test_onednn_linear_matches_the_plain_path(layout, bias, shape):
     if bias:
         lin.bias = torch.nn.Parameter(torch.randn(80, generator=g), requires_grad=False)
     x = torch.randn(2, 18, 48, generator=g)[:, ::2] if shape == "strided" else torch.randn(shape, generator=g)
+    one_row = native.AVAILABLE and x.numel() == 48  # one row: gpt2hub.native's kernel, where it runs
     with torch.no_grad():
+        runs = native.runs()
         ops, fast = _ops(lambda: lin(x))
+        assert native.runs() - runs == one_row
         with _plain():
             plain_ops, plain = _ops(lambda: lin(x))
-    assert (ONEDNN_OP in ops) == ONEDNN and ONEDNN_OP not in plain_ops
+        assert native.runs() - runs == one_row
+    assert (ONEDNN_OP in ops) == (ONEDNN and not one_row) and ONEDNN_OP not in plain_ops
     assert torch.equal(plain, F.linear(x, lin.weight, lin.bias))
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
 
@@ -60,12 +64,16 @@ def test_greedy_generation_is_identical_with_and_without_onednn(b, t):
     weights = random_weights(HP, seed=b + t, scale=0.3)
     model = GPTModel.from_state_dict(cfg, openai_state_dict(lambda n: weights[f"model/{n}"], cfg))  # float32: [in, out]
     idx = torch.randint(0, HP["n_vocab"], (b, t), generator=torch.Generator().manual_seed(t))
+    runs = native.runs()
     ops, fast = _ops(lambda: generate(model, idx, 25))
+    ran_native = native.runs() - runs
     with _plain():
         plain = generate(model, idx, 25)
         with torch.no_grad():
             plain_logits = model(fast)
-    assert (ONEDNN_OP in ops) == ONEDNN
+    # one-row products (batch-1 decoding) on gpt2hub.native's kernels where they run, the rest on oneDNN
+    assert bool(ran_native) == (native.AVAILABLE and b == 1)
+    assert (ONEDNN_OP in ops) == (ONEDNN and (b > 1 or t > 1 or not native.AVAILABLE))
     assert torch.equal(fast, plain)
     with torch.no_grad():
         torch.testing.assert_close(model(fast), plain_logits, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,175 @@
+/* gpt2hub's matrix-vector kernels: y = W x + b for ONE input row (batch-1 decoding), float32 and int8 weights.
+
+   Decoding one token reads every weight once, so its speed is how fast the weights stream from memory. Here each
+   thread streams a contiguous part of the matrix, four rows at a time with two sums in flight per row, prefetching
+   the rows it reads next; float32 weights stored [in, out] are read as they are stored (no transposed copy). Against
+   what PyTorch runs otherwise, decoding gpt2-small and -medium on a 2-core EPYC: int8 1.19x / 1.28x tokens/s,
+   float32 1.07x / 0.98x of oneDNN on [out, in] copies, without the copies (native_decode.md in
+   benchmarks/results/cpu-epyc-2core). A bfloat16 kernel (AVX512-BF16's dot product) was written and measured too:
+   1.01x / 0.94x oneDNN's packed weights, so bfloat16 stays on oneDNN and that kernel is not here.
+
+   Loaded with ctypes by gpt2hub/native.py, which calls these functions only on a CPU with AVX512F/BW/VL and FMA,
+   with shapes, dtypes and contiguity checked. Threads: OpenMP, the runtime PyTorch has loaded (the same worker
+   threads as PyTorch's own operators), `nt` of them.
+
+   Layouts: W is [N, K] row-major ("out, in", nn.Linear's), except gemv_f32_t, whose W is [K, N] (OpenAI's Conv1D
+   layout, which gpt2hub maps as it is for float32). x has K elements, y and b (b may be NULL) N. bfloat16 values are
+   uint16_t bit patterns. int8: W holds codes, scale[n] the bfloat16 scale of row n, x and b are bfloat16:
+   y[n] = scale[n] * (codes[n] . x) + b[n], summed in float32 and rounded once to bfloat16 (to nearest, ties to even,
+   as PyTorch rounds). Each returns 0, or -1 when it could not allocate its buffer (nothing was written to y).
+*/
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+typedef uint16_t bf16;
+#define ROWS 4                /* rows per block: four accumulators in flight */
+#define AHEAD (2 * ROWS)      /* [out, in] kernels prefetch the rows two blocks ahead */
+#define AHEAD_T 256           /* gemv_f32_t prefetches 1 KiB ahead in each row it streams */
+
+static inline float from_bf16(bf16 h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline bf16 to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
+    return (bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* x as float32, zero-padded to a multiple of 64 elements, so the loops below read whole vectors of x; NULL: no memory */
+static float *padded(const void *x, int bf16_x, int64_t K) {
+    int64_t Kp = (K + 63) / 64 * 64;
+    float *p = aligned_alloc(64, (size_t)Kp * sizeof *p);
+    if (p) {
+        for (int64_t k = 0; k < Kp; k++) p[k] = k >= K ? 0.0f : bf16_x ? from_bf16(((const bf16 *)x)[k]) : ((const float *)x)[k];
+    }
+    return p;
+}
+
+/* the mask for the last, partial step of a row: the lanes of the K - k elements left */
+static inline __mmask16 mask16(int64_t left) { return left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1); }
+
+/* The dot products of R rows (row stride K, starting at w) with x, into acc[0..R): one template per weight type,
+   R a constant where it is inlined (4 for whole blocks, 1 for the rows left), so the sums stay in registers. Each
+   row has two sums in flight (even and odd steps), so the next step need not wait for the last one's result. */
+#define DOT_ROWS(NAME, T, XT, STEP, FULL, TAIL)                                                                   \
+    static inline __attribute__((always_inline)) void NAME(const T *w, const XT *x, int64_t K, int R,            \
+                                                           __m512 *acc) {                                         \
+        __m512 odd[ROWS];                                                                                         \
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) odd[r] = _mm512_setzero_ps();                        \
+        int64_t k = 0;                                                                                            \
+        for (; k + 2 * STEP <= K; k += 2 * STEP) {                                                                \
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                                                 \
+                const T *p = w + r * K + k;                                                                       \
+                _mm_prefetch((const char *)(p + AHEAD * K), _MM_HINT_T0);                                         \
+                _mm_prefetch((const char *)(p + AHEAD * K + STEP), _MM_HINT_T0);                                  \
+                acc[r] = FULL(acc[r], p, x + k);                                                                  \
+                odd[r] = FULL(odd[r], p + STEP, x + k + STEP);                                                    \
+            }                                                                                                     \
+        }                                                                                                         \
+        for (; k + STEP <= K; k += STEP) {                                                                        \
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) acc[r] = FULL(acc[r], w + r * K + k, x + k);     \
+        }                                                                                                         \
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                                                     \
+            if (k < K) acc[r] = TAIL(acc[r], w + r * K + k, x + k, K - k);                                        \
+            acc[r] = _mm512_add_ps(acc[r], odd[r]);                                                               \
+        }                                                                                                         \
+    }
+
+/* float32: 16 weights per step */
+#define F32_FULL(a, p, x) _mm512_fmadd_ps(_mm512_loadu_ps(p), _mm512_loadu_ps(x), a)
+#define F32_TAIL(a, p, x, left) _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask16(left), p), _mm512_loadu_ps(x), a)
+DOT_ROWS(dot_f32, float, float, 16, F32_FULL, F32_TAIL)
+
+/* int8: 32 codes per step (64 for a cache line, fetched by the two sums in flight), widened to float32 16 at a time */
+static inline __m512 i8x16(const int8_t *p, __mmask16 m) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+}
+static inline __m512 i8_step(__m512 a, const int8_t *p, const float *x, int64_t left) {
+    a = _mm512_fmadd_ps(i8x16(p, mask16(left)), _mm512_loadu_ps(x), a);
+    return _mm512_fmadd_ps(i8x16(p + 16, mask16(left - 16)), _mm512_loadu_ps(x + 16), a);
+}
+#define I8_FULL(a, p, x) i8_step(a, p, x, 32)
+DOT_ROWS(dot_i8, int8_t, float, 32, I8_FULL, i8_step)
+
+/* The loop every [out, in] kernel runs: blocks of ROWS rows shared among nt threads in contiguous runs, then
+   FINISH(n, sum) stores row n. */
+#define BY_BLOCKS(DOT, FINISH)                                                                                    \
+    _Pragma("omp parallel for num_threads(nt) schedule(static)")                                                  \
+    for (int64_t n = 0; n < N; n += ROWS) {                                                                       \
+        __m512 acc[ROWS];                                                                                         \
+        for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();                                              \
+        if (N - n >= ROWS) DOT(W + n * K, xs, K, ROWS, acc);                                                      \
+        else for (int64_t r = 0; r < N - n; r++) DOT(W + (n + r) * K, xs, K, 1, acc + r);                         \
+        for (int64_t r = 0; r < ROWS && n + r < N; r++) FINISH(n + r, _mm512_reduce_add_ps(acc[r]));             \
+    }
+
+int gemv_f32(const float *W, const float *x, const float *b, float *y, int64_t N, int64_t K, int nt) {
+    float *xs = padded(x, 0, K);
+    if (!xs) return -1;
+#define FINISH_F32(n, s) y[n] = (s) + (b ? b[n] : 0.0f)
+    BY_BLOCKS(dot_f32, FINISH_F32)
+    free(xs);
+    return 0;
+}
+
+int gemv_i8(const int8_t *W, const bf16 *scale, const bf16 *x, const bf16 *b, bf16 *y, int64_t N, int64_t K,
+            int nt) {
+    float *xs = padded(x, 1, K);
+    if (!xs) return -1;
+#define FINISH_I8(n, s) y[n] = to_bf16(from_bf16(scale[n]) * (s) + (b ? from_bf16(b[n]) : 0.0f))
+    BY_BLOCKS(dot_i8, FINISH_I8)
+    free(xs);
+    return 0;
+}
+
+/* acc[0..N) += x[r] * W[r, :] for R rows of a [K, N] matrix (R a constant where inlined) */
+static inline __attribute__((always_inline)) void axpy_rows(float *acc, const float *w, const float *x, int64_t N,
+                                                            int R) {
+    __m512 xk[ROWS];
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) xk[r] = _mm512_set1_ps(x[r]);
+    for (int64_t n = 0; n < N; n += 16) {
+        __mmask16 m = mask16(N - n);
+        __m512 a = _mm512_load_ps(acc + n);
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
+            _mm_prefetch((const char *)(w + r * N + n + AHEAD_T), _MM_HINT_T0);
+            a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + r * N + n), xk[r], a);
+        }
+        _mm512_store_ps(acc + n, a);
+    }
+}
+
+/* float32 W stored [K, N]: each thread sums x[k] * W[k, :] over a contiguous run of rows k into a partial y of its
+   own (streaming its part of the matrix front to back), then the partials are added: no transposed copy needed. */
+int gemv_f32_t(const float *W, const float *x, const float *b, float *y, int64_t N, int64_t K, int nt) {
+    int64_t Np = (N + 15) / 16 * 16;
+    float *parts = aligned_alloc(64, (size_t)Np * (size_t)(nt > 0 ? nt : 1) * sizeof *parts);
+    if (!parts) return -1;
+#pragma omp parallel num_threads(nt)
+    {
+        int t = omp_get_thread_num(), T = omp_get_num_threads();
+        int64_t k0 = K * t / T, k1 = K * (t + 1) / T;
+        float *acc = parts + Np * t;
+        memset(acc, 0, (size_t)Np * sizeof *acc);
+        for (int64_t k = k0; k < k1; k += ROWS) {
+            if (k1 - k >= ROWS) axpy_rows(acc, W + k * N, x + k, N, ROWS);
+            else for (int64_t r = k; r < k1; r++) axpy_rows(acc, W + r * N, x + r, N, 1);
+        }
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            float s = 0.0f;
+            for (int u = 0; u < T; u++) s += parts[Np * u + n];
+            y[n] = s + (b ? b[n] : 0.0f);
+        }
+    }
+    free(parts);
+    return 0;
+}

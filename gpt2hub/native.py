@@ -1,0 +1,171 @@
+"""gpt2hub's own CPU kernels for one input row: batch-1 decoding's float32 and int8 products, at the memory's speed.
+
+Decoding one token reads every weight once, so its speed is how fast the linear layers stream their weights. The
+loops in `_native.c` (each thread streams a contiguous part of the matrix, four rows at a time, prefetching the rows
+it reads next) decode gpt2-small and -medium int8 1.19x and 1.28x as fast as PyTorch's `_weight_int8pack_mm`, and
+float32 as fast as oneDNN on [out, in] copies of the weights (1.07x, 0.98x) without those copies, on a 2-core EPYC
+(benchmarks/results/cpu-epyc-2core/native_decode.md). They compute y = x W^T + b for one row x and
+
+- float32 weights [out, in], or stored [in, out] (OpenAI's layout, which gpt2hub maps as it is): read as stored, so
+  float32 decoding needs no [out, in] copy of the block matrices (gpt2hub.kernels makes those only where these
+  kernels do not run);
+- int8 codes [out, in] with a bfloat16 scale per row and bfloat16 inputs (gpt2hub.quant's int8 storage).
+
+bfloat16 stays on oneDNN's packed weights: a kernel of the same kind measured 1.01x (gpt2-small) and 0.94x (-medium)
+of it. Sums are float32 in another order than oneDNN's: results differ from F.linear's in the last bits, as any two
+kernels' do (tests/test_native.py holds them to float64); int8 results are rounded to bfloat16 once, after the bias.
+
+The library is compiled when gpt2hub is installed (setup.py; optional: without a C compiler the install goes on) and
+runs on x86-64 Linux CPUs with AVX512F/BW/VL. Its threads are OpenMP's, the same worker threads as PyTorch's own
+operators, as many as `torch.get_num_threads()`. Everywhere else, with `ENABLED = False`, and with
+`torch.backends.mkldnn.enabled = False` (which also turns oneDNN off: F.linear everywhere), PyTorch's kernels run as
+before (gpt2hub.kernels, gpt2hub.quant). `status()` says which run and why; `gpt2hub -v` logs it at the first product.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import logging
+import platform
+from pathlib import Path
+
+import torch
+
+__all__ = ["AVAILABLE", "ENABLED", "cpu_flags", "int8_row", "linear_row", "runs", "status"]
+
+log = logging.getLogger("gpt2hub")
+# the CPU features every kernel needs; the bfloat16 one also needs avx512_bf16
+NEEDS = frozenset({"avx512f", "avx512bw", "avx512vl", "fma"})
+ENABLED = True  # set False to run oneDNN (gpt2hub.kernels) for one-row products too
+_p = ctypes.c_void_p
+_ROW = [_p, _p, _p, _p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+_SIGNATURES = {"gemv_f32": _ROW, "gemv_f32_t": _ROW, "gemv_i8": [_p, *_ROW]}
+
+
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The feature flags of this CPU as /proc/cpuinfo lists them (`cpuinfo`: its text; read when None; empty where
+    there is none)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return frozenset()
+    return frozenset(f for line in cpuinfo.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split())
+
+
+def _library_path() -> Path | None:
+    """Where the install put the compiled `_native` library, if it did."""
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        if (here / f"_native{suffix}").is_file():
+            return here / f"_native{suffix}"
+    return None
+
+
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """(the library, "") where its kernels can run here, else (None, why not)."""
+    if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None, f"built for x86-64 Linux only (this is {platform.system()} {platform.machine()})"
+    missing = NEEDS - cpu_flags()
+    if missing:
+        return None, f"this CPU lacks {', '.join(sorted(missing))}"
+    path = _library_path()
+    if path is None:
+        return None, "gpt2hub/_native was not compiled at install (no C compiler with AVX512 and OpenMP then?)"
+    try:
+        lib = ctypes.CDLL(str(path))
+        for name, argtypes in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    except (OSError, AttributeError) as e:
+        return None, f"{path} does not load ({e}): reinstall gpt2hub"
+    return lib, ""
+
+
+_lib, _why_not = _load()
+AVAILABLE = _lib is not None
+_told = False
+_runs = 0
+
+
+def runs() -> int:
+    """How many products these kernels have computed in this process."""
+    return _runs
+
+
+def status() -> str:
+    """One line: which kernels run one-row products here, and why."""
+    if not ENABLED:
+        return "gpt2hub.native.ENABLED is False: one-row products run on oneDNN"
+    if not AVAILABLE:
+        return f"one-row products run on oneDNN: gpt2hub's kernels are off ({_why_not})"
+    return f"one-row float32 and int8 products run on gpt2hub's AVX512 kernels, {torch.get_num_threads()} threads"
+
+
+def _tell() -> None:
+    global _told
+    _told = True
+    log.info("gpt2hub.native: %s", status())
+
+
+def _ran(y: torch.Tensor) -> torch.Tensor:
+    global _runs
+    _runs += 1
+    return y
+
+
+def _out(x: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.empty(*x.shape[:-1], n, dtype=x.dtype)
+
+
+def _cpu(t: torch.Tensor) -> bool:
+    """Whether the kernels can read `t` as one block of CPU memory."""
+    return t.is_cpu and t.layout == torch.strided and t.is_contiguous()
+
+
+def _bias_ok(bias: torch.Tensor | None, n: int, dtype: torch.dtype) -> bool:
+    return bias is None or (bias.dtype == dtype and bias.shape == (n,) and _cpu(bias))
+
+
+def linear_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x W^T + b for ONE float32 row x [..., in], W [out, in] float32, contiguous or a transposed view of a contiguous
+    [in, out] matrix, b float32 or None; None where these kernels do not run it (the caller then runs its own). The
+    caller has checked that no gradient is wanted."""
+    lib = _lib
+    if (not ENABLED or lib is None or x.dtype != torch.float32 or weight.dim() != 2 or x.numel() != weight.shape[1]
+            or not x.numel() or not _cpu(x)):  # (no inputs: x.numel() says nothing of the rows)
+        return None
+    if not _told:
+        _tell()
+    n, k = weight.shape
+    if not (weight.dtype == torch.float32 and weight.is_cpu and weight.layout == torch.strided
+            and _bias_ok(bias, n, torch.float32)):
+        return None
+    fn = lib.gemv_f32 if weight.is_contiguous() else lib.gemv_f32_t if weight.t().is_contiguous() else None
+    if fn is None:
+        return None
+    y = _out(x, n)
+    if fn(weight.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), n, k,
+          torch.get_num_threads()):
+        return None  # (no memory for the kernel's buffer: the caller's kernel runs)
+    return _ran(y)
+
+
+def int8_row(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+             n: int) -> torch.Tensor | None:
+    """(x W^T + b) for ONE bfloat16 row x [..., in], W = codes[:n] * scale[:n, None] (int8 codes [>= n, in]
+    contiguous, bfloat16 scales [>= n]), in bfloat16; None where these kernels do not run it."""
+    lib = _lib
+    if (not ENABLED or lib is None or x.dtype != torch.bfloat16 or codes.dim() != 2 or x.numel() != codes.shape[1]
+            or not x.numel() or not _cpu(x)):
+        return None
+    if not _told:
+        _tell()
+    if not (_cpu(codes) and codes.dtype == torch.int8 and codes.shape[0] >= n and _cpu(scale)
+            and scale.dtype == torch.bfloat16 and scale.shape[0] >= n and _bias_ok(bias, n, torch.bfloat16)):
+        return None
+    y = _out(x, n)
+    failed = lib.gemv_i8(codes.data_ptr(), scale.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(),
+                         y.data_ptr(), n, codes.shape[1], torch.get_num_threads())
+    return None if failed else _ran(y)
