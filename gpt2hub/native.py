@@ -17,9 +17,11 @@ kernels' do (tests/test_native.py holds them to float64); int8 results are round
 
 The library is compiled when gpt2hub is installed (setup.py; optional: without a C compiler the install goes on) and
 runs on x86-64 Linux CPUs with AVX512F/BW/VL. Its threads are OpenMP's, the same worker threads as PyTorch's own
-operators, as many as `torch.get_num_threads()`. Everywhere else, with `ENABLED = False`, and with
-`torch.backends.mkldnn.enabled = False` (which also turns oneDNN off: F.linear everywhere), PyTorch's kernels run as
-before (gpt2hub.kernels, gpt2hub.quant). `status()` says which run and why; `gpt2hub -v` logs it at the first product.
+operators, as many as `torch.get_num_threads()`; so, like PyTorch's operators, they are not for a child process
+forked (without exec) from one that had run them: GNU OpenMP's threads do not survive the fork and the child waits
+forever, for PyTorch's own operators as for these (use the "spawn" start method). Everywhere else, with
+`ENABLED = False`, and with `torch.backends.mkldnn.enabled = False` (which also turns oneDNN off: F.linear
+everywhere), PyTorch's kernels run as before (gpt2hub.kernels, gpt2hub.quant). `status()` says which run and why; `gpt2hub -v` logs it at the first product.
 """
 
 from __future__ import annotations
