@@ -2,7 +2,7 @@
 
 Decoding one token reads every weight once, so its speed is how fast the linear layers stream their weights. The
 loops in `_native.c` (each thread streams a contiguous part of the matrix, four rows at a time, prefetching the rows
-it reads next) decode gpt2-small and -medium int8 1.19x and 1.28x as fast as PyTorch's `_weight_int8pack_mm`, and
+it reads next) decode gpt2-small and -medium int8 1.12-1.28x as fast as PyTorch's `_weight_int8pack_mm`, and
 float32 as fast as oneDNN on [out, in] copies of the weights (1.07x, 0.98x) without those copies, on a 2-core EPYC
 (benchmarks/results/cpu-epyc-2core/native_decode.md). They compute y = x W^T + b for one row x and
 
@@ -21,7 +21,8 @@ operators, as many as `torch.get_num_threads()`; so, like PyTorch's operators, t
 forked (without exec) from one that had run them: GNU OpenMP's threads do not survive the fork and the child waits
 forever, for PyTorch's own operators as for these (use the "spawn" start method). Everywhere else, with
 `ENABLED = False`, and with `torch.backends.mkldnn.enabled = False` (which also turns oneDNN off: F.linear
-everywhere), PyTorch's kernels run as before (gpt2hub.kernels, gpt2hub.quant). `status()` says which run and why; `gpt2hub -v` logs it at the first product.
+everywhere), PyTorch's kernels run as before (gpt2hub.kernels, gpt2hub.quant). `status()` says which run and why;
+`gpt2hub -v` logs it at the first product.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["AVAILABLE", "ENABLED", "cpu_flags", "int8_row", "linear_row", "runs", "status"]
+__all__ = ["AVAILABLE", "BF16", "ENABLED", "cpu_flags", "int8_row", "linear_row", "runs", "status"]
 
 log = logging.getLogger("gpt2hub")
 # the CPU features every kernel needs; the bfloat16 one also needs avx512_bf16
@@ -42,7 +43,7 @@ NEEDS = frozenset({"avx512f", "avx512bw", "avx512vl", "fma"})
 ENABLED = True  # set False to run oneDNN (gpt2hub.kernels) for one-row products too
 _p = ctypes.c_void_p
 _ROW = [_p, _p, _p, _p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-_SIGNATURES = {"gemv_f32": _ROW, "gemv_f32_t": _ROW, "gemv_i8": [_p, *_ROW]}
+_SIGNATURES = {"gemv_bf16": _ROW, "gemv_f32": _ROW, "gemv_f32_t": _ROW, "gemv_i8": [_p, *_ROW]}
 
 
 def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
@@ -87,6 +88,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
 
 _lib, _why_not = _load()
 AVAILABLE = _lib is not None
+BF16 = AVAILABLE and "avx512_bf16" in cpu_flags()  # whether the bfloat16 kernel runs here too
 _told = False
 _runs = 0
 
@@ -102,7 +104,8 @@ def status() -> str:
         return "gpt2hub.native.ENABLED is False: one-row products run on oneDNN"
     if not AVAILABLE:
         return f"one-row products run on oneDNN: gpt2hub's kernels are off ({_why_not})"
-    return f"one-row float32 and int8 products run on gpt2hub's AVX512 kernels, {torch.get_num_threads()} threads"
+    kinds = "float32, bfloat16 and int8" if BF16 else "float32 and int8 (no avx512_bf16: bfloat16 runs on oneDNN)"
+    return f"one-row {kinds} products run on gpt2hub's AVX512 kernels, {torch.get_num_threads()} threads"
 
 
 def _tell() -> None:
@@ -131,20 +134,24 @@ def _bias_ok(bias: torch.Tensor | None, n: int, dtype: torch.dtype) -> bool:
 
 
 def linear_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """x W^T + b for ONE float32 row x [..., in], W [out, in] float32, contiguous or a transposed view of a contiguous
-    [in, out] matrix, b float32 or None; None where these kernels do not run it (the caller then runs its own). The
-    caller has checked that no gradient is wanted."""
+    """x W^T + b for ONE row x [..., in]: float32, W [out, in] contiguous or a transposed view of a contiguous
+    [in, out] matrix; or bfloat16 (on a CPU with AVX512-BF16), W [out, in] contiguous; b of x's dtype or None. None
+    where these kernels do not run it (the caller then runs its own). The caller has checked that no gradient is
+    wanted."""
     lib = _lib
-    if (not ENABLED or lib is None or x.dtype != torch.float32 or weight.dim() != 2 or x.numel() != weight.shape[1]
-            or not x.numel() or not _cpu(x)):  # (no inputs: x.numel() says nothing of the rows)
+    dtype = x.dtype
+    if (not ENABLED or lib is None or weight.dim() != 2 or x.numel() != weight.shape[1] or not x.numel()
+            or not _cpu(x)):  # (no inputs: x.numel() says nothing of the rows)
         return None
     if not _told:
         _tell()
     n, k = weight.shape
-    if not (weight.dtype == torch.float32 and weight.is_cpu and weight.layout == torch.strided
-            and _bias_ok(bias, n, torch.float32)):
+    if not (weight.dtype == dtype and weight.is_cpu and weight.layout == torch.strided and _bias_ok(bias, n, dtype)):
         return None
-    fn = lib.gemv_f32 if weight.is_contiguous() else lib.gemv_f32_t if weight.t().is_contiguous() else None
+    if dtype == torch.float32:
+        fn = lib.gemv_f32 if weight.is_contiguous() else lib.gemv_f32_t if weight.t().is_contiguous() else None
+    else:
+        fn = lib.gemv_bf16 if dtype == torch.bfloat16 and BF16 and weight.is_contiguous() else None
     if fn is None:
         return None
     y = _out(x, n)

@@ -197,6 +197,7 @@ def test_training_takes_f_linear_and_its_updates_reach_the_pack(packing):
 
 def test_without_native_bfloat16_the_plain_path_stays(monkeypatch):
     monkeypatch.setattr(kernels, "NATIVE_BF16", False)
+    monkeypatch.setattr(native, "BF16", False)
     lin = _bf16_linear()
     x = torch.randn(1, 1, 48).to(BF16)
     made = packs_made()
