@@ -8,9 +8,9 @@ table gives the median and the fastest pass.
 Kernels: F.linear (BLAS for float32, oneDNN's matmul for bfloat16, which reorders the weight on every call); oneDNN
 on the dense weight (`torch.ops.mkldnn._linear_pointwise`); oneDNN on a weight packed once
 (`torch.ops.mkldnn._reorder_linear_weight`, in the layout for batch size 1 and in the one for any size); and
-gpt2hub.kernels.linear, the packed kernel behind its per-call lookup of the pack; float32 and int8 also on
-gpt2hub.native's own one-row kernels (where they run). int8 and int4 (gpt2hub.quant's storage: int8 per output
-channel, int4 per group of --groups inputs, bfloat16 activations): PyTorch's kernels called directly
+gpt2hub.kernels.linear, the packed kernel behind its per-call lookup of the pack; float32, bfloat16 ([out, in]) and
+int8 also on gpt2hub.native's own one-row kernels (where they run). int8 and int4 (gpt2hub.quant's storage: int8 per
+output channel, int4 per group of --groups inputs, bfloat16 activations): PyTorch's kernels called directly
 (`torch.ops.aten._weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) and through gpt2hub.quant's layers (bias
 included, as in the model; for int4 the head's rows padded to 50304; one-row int8 products there run on
 gpt2hub.native where it runs); "weights read" counts the codes and their scales.
@@ -61,7 +61,7 @@ def _cases(part: str, dims: list[tuple[int, int]], dtype: torch.dtype,
         layers = [(xs[w.shape[1]], w, b) for w, b in zip(weights, biases, strict=True)]
         cases[(layout, "F.linear")] = (F.linear, layers)
         cases[(layout, "oneDNN")] = (onednn, layers)
-        if dtype == torch.float32 and native.AVAILABLE:
+        if native.AVAILABLE and (dtype == torch.float32 or (native.BF16 and layout == "out_in")):
             cases[(layout, "gpt2hub.native")] = (native.linear_row, layers)
     if dtype == torch.bfloat16 and kernels.PACKING:
         dense = cases[("out_in", "oneDNN")][1]

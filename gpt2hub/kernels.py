@@ -3,9 +3,10 @@ for bfloat16.
 
 Batch-1 decoding reads every weight once per token, so its speed is how fast the linear layers read their weights.
 
-- one row of float32 (batch-1 decoding) runs on gpt2hub.native's AVX512 kernels where they run (x86-64 Linux with
-  AVX512; `gpt2hub.native.status()`), from the weight as it is stored, [out, in] or OpenAI's [in, out]: as fast as
-  oneDNN on [out, in] copies (below), without the copies.
+- one row (batch-1 decoding) of float32 or bfloat16 runs on gpt2hub.native's AVX512 kernels where they run (x86-64
+  Linux with AVX512; bfloat16 with AVX512-BF16; `gpt2hub.native.status()`), from the weight as it is stored
+  (float32: [out, in] or OpenAI's [in, out]; bfloat16: [out, in]): 1.14-1.33x the tokens/s of oneDNN on the [out, in]
+  copies and packs below, which batch-1 decoding then never makes.
 - float32 inference on CPU otherwise runs on oneDNN (`torch.ops.mkldnn._linear_pointwise`) straight from the dense
   weight, except decoding from a weight stored transposed ([in, out]: OpenAI's checkpoint, mapped as it is, stores
   every block matrix so): oneDNN reads that layout at two thirds of the speed it reads [out, in] (gpt2-small's 48

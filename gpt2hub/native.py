@@ -1,28 +1,30 @@
-"""gpt2hub's own CPU kernels for one input row: batch-1 decoding's float32 and int8 products, at the memory's speed.
+"""gpt2hub's own CPU kernels for one input row: batch-1 decoding's products, at the memory's speed.
 
 Decoding one token reads every weight once, so its speed is how fast the linear layers stream their weights. The
-loops in `_native.c` (each thread streams a contiguous part of the matrix, four rows at a time, prefetching the rows
-it reads next) decode gpt2-small and -medium int8 1.12-1.28x as fast as PyTorch's `_weight_int8pack_mm`, and
-float32 as fast as oneDNN on [out, in] copies of the weights (1.07x, 0.98x) without those copies, on a 2-core EPYC
-(benchmarks/results/cpu-epyc-2core/native_decode.md). They compute y = x W^T + b for one row x and
+loops in `_native.c` read each matrix as ggml does: each thread a contiguous run of rows, one row after another,
+four sums in flight along it, prefetching what comes next. Decoding gpt2-small and -medium on a 2-core EPYC, against
+what PyTorch runs otherwise (oneDNN on [out, in] copies or packed weights, `_weight_int8pack_mm`): float32 1.33x and
+1.14x the tokens/s, bfloat16 1.24x and 1.29x, int8 1.40x and 1.15x (benchmarks/results/cpu-epyc-2core/
+native_decode.md). They compute y = x W^T + b for one row x and
 
-- float32 weights [out, in], or stored [in, out] (OpenAI's layout, which gpt2hub maps as it is): read as stored, so
-  float32 decoding needs no [out, in] copy of the block matrices (gpt2hub.kernels makes those only where these
-  kernels do not run);
-- int8 codes [out, in] with a bfloat16 scale per row and bfloat16 inputs (gpt2hub.quant's int8 storage).
+- float32 weights [out, in], or stored [in, out] (OpenAI's layout, which gpt2hub maps as it is: read as stored, each
+  thread summing its run of input rows into a partial output);
+- bfloat16 weights [out, in] (AVX512-BF16's dot product);
+- int8 codes [out, in] with a bfloat16 scale per row and bfloat16 inputs (gpt2hub.quant's int8 storage),
 
-bfloat16 stays on oneDNN's packed weights: a kernel of the same kind measured 1.01x (gpt2-small) and 0.94x (-medium)
-of it. Sums are float32 in another order than oneDNN's: results differ from F.linear's in the last bits, as any two
-kernels' do (tests/test_native.py holds them to float64); int8 results are rounded to bfloat16 once, after the bias.
+so batch-1 decoding needs none of the [out, in] copies and packs gpt2hub.kernels makes for PyTorch's kernels. Sums
+are float32 in another order than PyTorch's: results differ from F.linear's in the last bits, as any two kernels'
+do (tests/test_native.py holds them to float64; benchmarks/native_accuracy.py compares both with float64);
+bfloat16 and int8 results are rounded to bfloat16 once, after the bias.
 
 The library is compiled when gpt2hub is installed (setup.py; optional: without a C compiler the install goes on) and
-runs on x86-64 Linux CPUs with AVX512F/BW/VL. Its threads are OpenMP's, the same worker threads as PyTorch's own
-operators, as many as `torch.get_num_threads()`; so, like PyTorch's operators, they are not for a child process
-forked (without exec) from one that had run them: GNU OpenMP's threads do not survive the fork and the child waits
-forever, for PyTorch's own operators as for these (use the "spawn" start method). Everywhere else, with
-`ENABLED = False`, and with `torch.backends.mkldnn.enabled = False` (which also turns oneDNN off: F.linear
-everywhere), PyTorch's kernels run as before (gpt2hub.kernels, gpt2hub.quant). `status()` says which run and why;
-`gpt2hub -v` logs it at the first product.
+runs on x86-64 Linux CPUs with AVX512F/BW/VL (bfloat16: and AVX512-BF16). Its threads are OpenMP's, the same worker
+threads as PyTorch's own operators, as many as `torch.get_num_threads()`; so, like PyTorch's operators, they are not
+for a child process forked (without exec) from one that had run them: GNU OpenMP's threads do not survive the fork
+and the child waits forever, for PyTorch's own operators as for these (use the "spawn" start method). Everywhere
+else, with `ENABLED = False`, and with `torch.backends.mkldnn.enabled = False` (which also turns oneDNN off:
+F.linear everywhere), PyTorch's kernels run as before (gpt2hub.kernels, gpt2hub.quant). `status()` says which run
+and why; `gpt2hub -v` logs it at the first product.
 """
 
 from __future__ import annotations

@@ -310,7 +310,10 @@ class Int8Linear(QuantLinear):
     def _row(self, x: torch.Tensor) -> torch.Tensor | None:
         # (buffers read from nn.Module's table: its __getattr__ took 2 of this call's 11 microseconds, 49 calls a token)
         buffers = self._buffers
-        return native.int8_row(x, buffers["qweight"], buffers["scale"], buffers["bias"], self.out_features)
+        codes, scale = buffers["qweight"], buffers["scale"]
+        if codes is None or scale is None:
+            return None
+        return native.int8_row(x, codes, scale, buffers["bias"], self.out_features)
 
 
 class Int4Linear(QuantLinear):
