@@ -123,12 +123,35 @@ def _ran(y: torch.Tensor) -> torch.Tensor:
 
 
 def _out(x: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.empty(*x.shape[:-1], n, dtype=x.dtype)
+    # (the device named: under `with torch.device("meta")` or set_default_device, torch.empty would not give CPU memory)
+    return torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+
+
+def _raw_keys(t: torch.Tensor) -> int:
+    return torch._C._dispatch_keys(t).raw_repr()
+
+
+def _plain_keys(inference: bool) -> int:
+    """The dispatch keys of a new CPU tensor, made in inference mode or not."""
+    with torch.inference_mode(inference):
+        return _raw_keys(torch.empty(0, device="cpu"))
+
+
+# the dispatch keys of a plain dense CPU tensor, made outside and inside torch.inference_mode: anything else (meta,
+# sparse, mkldnn, a negative or conjugate view, a fake or other Python tensor, a vmap, jvp or functionalize wrapper)
+# has other keys, and its data_ptr is not its values' memory, or its values are not what that memory holds
+_PLAIN = frozenset({_plain_keys(False), _plain_keys(True)})
 
 
 def _cpu(t: torch.Tensor) -> bool:
-    """Whether the kernels can read `t` as one block of CPU memory."""
-    return t.is_cpu and t.layout == torch.strided and t.is_contiguous()
+    """Whether the kernels can read `t`'s values as one block of CPU memory."""
+    return _raw_keys(t) in _PLAIN and t.is_contiguous()
+
+
+def _no_mode() -> bool:
+    """Whether no dispatch mode (FakeTensorMode, a flop counter, ...) intercepts PyTorch's operators now: the kernels
+    would write to the memory of a tensor such a mode makes up."""
+    return not torch._C._len_torch_dispatch_stack()
 
 
 def _bias_ok(bias: torch.Tensor | None, n: int, dtype: torch.dtype) -> bool:
@@ -143,12 +166,13 @@ def linear_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     lib = _lib
     dtype = x.dtype
     if (not ENABLED or lib is None or weight.dim() != 2 or x.numel() != weight.shape[1] or not x.numel()
-            or not _cpu(x)):  # (no inputs: x.numel() says nothing of the rows)
+            or not x.dim() or x.shape[-1] != weight.shape[1] or not _cpu(x) or not _no_mode()):
+        # (no inputs: x.numel() says nothing of the rows; x [2, in / 2] or [in, 1]: F.linear's error, not a product)
         return None
     if not _told:
         _tell()
     n, k = weight.shape
-    if not (weight.dtype == dtype and weight.is_cpu and weight.layout == torch.strided and _bias_ok(bias, n, dtype)):
+    if not (weight.dtype == dtype and _raw_keys(weight) in _PLAIN and _bias_ok(bias, n, dtype)):
         return None
     if dtype == torch.float32:
         fn = lib.gemv_f32 if weight.is_contiguous() else lib.gemv_f32_t if weight.t().is_contiguous() else None
@@ -169,12 +193,13 @@ def int8_row(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: to
     contiguous, bfloat16 scales [>= n]), in bfloat16; None where these kernels do not run it."""
     lib = _lib
     if (not ENABLED or lib is None or x.dtype != torch.bfloat16 or codes.dim() != 2 or x.numel() != codes.shape[1]
-            or not x.numel() or not _cpu(x)):
+            or not x.numel() or not x.dim() or x.shape[-1] != codes.shape[1] or not _cpu(x) or not _no_mode()):
         return None
     if not _told:
         _tell()
     if not (_cpu(codes) and codes.dtype == torch.int8 and codes.shape[0] >= n and _cpu(scale)
-            and scale.dtype == torch.bfloat16 and scale.shape[0] >= n and _bias_ok(bias, n, torch.bfloat16)):
+            and scale.dtype == torch.bfloat16 and scale.dim() == 1 and scale.shape[0] >= n
+            and _bias_ok(bias, n, torch.bfloat16)):
         return None
     y = _out(x, n)
     failed = lib.gemv_i8(codes.data_ptr(), scale.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(),
