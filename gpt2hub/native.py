@@ -15,7 +15,8 @@ native_decode.md). They compute y = x W^T + b for one row x and
 so batch-1 decoding needs none of the [out, in] copies and packs gpt2hub.kernels makes for PyTorch's kernels. Sums
 are float32 in another order than PyTorch's: results differ from F.linear's in the last bits, as any two kernels'
 do (tests/test_native.py holds them to float64; benchmarks/native_accuracy.py compares both with float64);
-bfloat16 and int8 results are rounded to bfloat16 once, after the bias.
+bfloat16 and int8 results are rounded to bfloat16 once, after the bias. The bfloat16 kernel's dot product (the
+hardware's) treats subnormal inputs (below 1.2e-38) as zero: only a result that is itself subnormal shows it.
 
 The library is compiled when gpt2hub is installed (setup.py; optional: without a C compiler the install goes on) and
 runs on x86-64 Linux CPUs with AVX512F/BW/VL (bfloat16: and AVX512-BF16). Its threads are OpenMP's, the same worker
