@@ -44,12 +44,24 @@ static inline bf16 to_bf16(float f) {
     return (bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-/* x as float32, zero-padded to a multiple of 64 elements, so the loops below read whole vectors of x; NULL: no memory */
-static float *padded(const void *x, int bf16_x, int64_t K) {
+/* A copy of x (K elements of `size` bytes), zero-padded to a multiple of 64 elements, so the loops below read whole
+   vectors of x; NULL: no memory. */
+static void *padded(const void *x, int64_t K, size_t size) {
+    int64_t Kp = (K + 63) / 64 * 64;
+    char *p = aligned_alloc(64, (size_t)Kp * size);
+    if (p) {
+        memcpy(p, x, (size_t)K * size);
+        memset(p + (size_t)K * size, 0, (size_t)(Kp - K) * size);
+    }
+    return p;
+}
+
+/* bfloat16 x as float32, zero-padded as padded() pads; NULL: no memory */
+static float *widened(const bf16 *x, int64_t K) {
     int64_t Kp = (K + 63) / 64 * 64;
     float *p = aligned_alloc(64, (size_t)Kp * sizeof *p);
     if (p) {
-        for (int64_t k = 0; k < Kp; k++) p[k] = k >= K ? 0.0f : bf16_x ? from_bf16(((const bf16 *)x)[k]) : ((const float *)x)[k];
+        for (int64_t k = 0; k < Kp; k++) p[k] = k < K ? from_bf16(x[k]) : 0.0f;
     }
     return p;
 }
@@ -107,11 +119,8 @@ DOT_ROW(dot_i8, int8_t, float, 32, I8_FULL, i8_step)
     for (int64_t n = 0; n < N; n++) FINISH(n, DOT(W + n * K, xs, K));
 
 int gemv_bf16(const bf16 *W, const bf16 *x, const bf16 *b, bf16 *y, int64_t N, int64_t K, int nt) {
-    int64_t Kp = (K + 63) / 64 * 64;
-    bf16 *xs = aligned_alloc(64, (size_t)Kp * sizeof *xs);
+    bf16 *xs = padded(x, K, sizeof *xs);
     if (!xs) return -1;
-    memcpy(xs, x, (size_t)K * sizeof *xs);
-    memset(xs + K, 0, (size_t)(Kp - K) * sizeof *xs);
 #define FINISH_BF16(n, s) y[n] = to_bf16((s) + (b ? from_bf16(b[n]) : 0.0f))
     BY_ROWS(dot_bf16, FINISH_BF16)
     free(xs);
@@ -119,7 +128,7 @@ int gemv_bf16(const bf16 *W, const bf16 *x, const bf16 *b, bf16 *y, int64_t N, i
 }
 
 int gemv_f32(const float *W, const float *x, const float *b, float *y, int64_t N, int64_t K, int nt) {
-    float *xs = padded(x, 0, K);
+    float *xs = padded(x, K, sizeof *xs);
     if (!xs) return -1;
 #define FINISH_F32(n, s) y[n] = (s) + (b ? b[n] : 0.0f)
     BY_ROWS(dot_f32, FINISH_F32)
@@ -129,7 +138,7 @@ int gemv_f32(const float *W, const float *x, const float *b, float *y, int64_t N
 
 int gemv_i8(const int8_t *W, const bf16 *scale, const bf16 *x, const bf16 *b, bf16 *y, int64_t N, int64_t K,
             int nt) {
-    float *xs = padded(x, 1, K);
+    float *xs = widened(x, K);
     if (!xs) return -1;
 #define FINISH_I8(n, s) y[n] = to_bf16(from_bf16(scale[n]) * (s) + (b ? from_bf16(b[n]) : 0.0f))
     BY_ROWS(dot_i8, FINISH_I8)
