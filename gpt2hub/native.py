@@ -31,6 +31,7 @@ and why; `gpt2hub -v` logs it at the first product.
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.machinery
 import logging
 import platform
@@ -50,14 +51,20 @@ _SIGNATURES = {"gemv_bf16": _ROW, "gemv_f32": _ROW, "gemv_f32_t": _ROW, "gemv_i8
 
 
 def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
-    """The feature flags of this CPU as /proc/cpuinfo lists them (`cpuinfo`: its text; read when None; empty where
-    there is none)."""
+    """The feature flags of this CPU as /proc/cpuinfo lists them (`cpuinfo`: its text; this machine's when None,
+    read once per process; empty where there is none)."""
     if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return frozenset()
+        return _this_cpu()
     return frozenset(f for line in cpuinfo.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split())
+
+
+@functools.cache
+def _this_cpu() -> frozenset[str]:
+    """This machine's flags (gpt2hub.native, gpt2hub.kernels and the bench's machine record all ask at import)."""
+    try:
+        return cpu_flags(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return frozenset()
 
 
 def _library_path() -> Path | None:
