@@ -12,6 +12,6 @@ from setuptools import Extension, setup
 
 FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
 native = Extension("gpt2hub._native", ["gpt2hub/_native.c"], extra_compile_args=FLAGS, extra_link_args=["-fopenmp"],
-                   optional=True)
+                   libraries=["m"], optional=True)
 x86_linux = sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")
 setup(ext_modules=[native] if x86_linux else [])

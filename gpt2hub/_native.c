@@ -22,6 +22,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 #include <omp.h>
 
@@ -113,37 +114,99 @@ static inline __m512 i8_step(__m512 a, const int8_t *p, const float *x, int64_t 
 #define I8_FULL(a, p, x) i8_step(a, p, x, 32)
 DOT_ROW(dot_i8, int8_t, float, 32, I8_FULL, i8_step)
 
-/* The loop every [out, in] kernel runs: rows shared among nt threads in contiguous runs, FINISH(n, sum) storing row n */
-#define BY_ROWS(DOT, FINISH)                                                                                      \
-    _Pragma("omp parallel for num_threads(nt) schedule(static)")                                                  \
-    for (int64_t n = 0; n < N; n++) FINISH(n, DOT(W + n * K, xs, K));
+/* -- one matrix-vector product, called by every thread of a parallel region ------------------------------------ */
 
-int gemv_bf16(const bf16 *W, const bf16 *x, const bf16 *b, bf16 *y, int64_t N, int64_t K, int nt) {
-    bf16 *xs = padded(x, K, sizeof *xs);
-    if (!xs) return -1;
-#define FINISH_BF16(n, s) y[n] = to_bf16((s) + (b ? from_bf16(b[n]) : 0.0f))
-    BY_ROWS(dot_bf16, FINISH_BF16)
-    free(xs);
-    return 0;
+enum { KIND_F32 = 0, KIND_F32_T = 1, KIND_BF16 = 2, KIND_I8 = 3, KIND_I4 = 4 };
+enum { OUT_SET = 0, OUT_ADD = 1, OUT_GELU = 2 };
+#define BLOCK 64              /* rows per block of work (int4: one stored tile) */
+
+/* One weight matrix W [n, k] as stored (see the top of this file; gpt2hub/native.py's Matrix mirrors it):
+   KIND_F32, KIND_BF16 [n, k]; KIND_F32_T [k, n]; KIND_I8 codes [rows, k] with scale[rows] (bfloat16);
+   KIND_I4 codes in gpt2hub.quant's tile order ([rows / 64, k, 32] bytes, rows 64t+j and 64t+32+j in byte j's low
+   and high nibble, rows 64t+16+j and 64t+48+j in byte 16+j's) with scale[(g * rows + r) * 2] and the zero after it
+   for group g (of `group` inputs) of row r: W[r, i] = (code - 8) * scale + zero. bias: n values (float32, or
+   bfloat16 where bias_bf16) or NULL. */
+typedef struct {
+    int64_t kind, group, bias_bf16, n, k, rows;
+    const void *w;
+    const bf16 *scale;
+    const void *bias;
+} matrix_t;
+
+/* Where a product's rows go: y[r] = v (OUT_SET), y[r] += v (OUT_ADD: a residual) or y[r] = gelu(v) (OUT_GELU), v
+   being the row's sum plus its bias; and, where yb is not NULL, yb[r] = y[r] rounded to bfloat16 (the input of a
+   bfloat16 product to come, or a bfloat16 result). y may be NULL for OUT_SET (bfloat16 results only). */
+typedef struct {
+    int mode;
+    float *y;
+    bf16 *yb;
+} out_t;
+
+static inline float gelu_tanh(float v) {   /* GPT-2's GELU, PyTorch's approximate="tanh" */
+    const float beta = 0.7978845608028654f, kappa = 0.044715f;
+    return 0.5f * v * (1.0f + tanhf(beta * (v + kappa * v * v * v)));
 }
 
-int gemv_f32(const float *W, const float *x, const float *b, float *y, int64_t N, int64_t K, int nt) {
-    float *xs = padded(x, K, sizeof *xs);
-    if (!xs) return -1;
-#define FINISH_F32(n, s) y[n] = (s) + (b ? b[n] : 0.0f)
-    BY_ROWS(dot_f32, FINISH_F32)
-    free(xs);
-    return 0;
+static inline void finish(const matrix_t *m, out_t o, int64_t r, float s) {
+    if (m->bias) s += m->bias_bf16 ? from_bf16(((const bf16 *)m->bias)[r]) : ((const float *)m->bias)[r];
+    if (o.mode == OUT_ADD) s += o.y[r];
+    else if (o.mode == OUT_GELU) s = gelu_tanh(s);
+    if (o.y) o.y[r] = s;
+    if (o.yb) o.yb[r] = to_bf16(s);
 }
 
-int gemv_i8(const int8_t *W, const bf16 *scale, const bf16 *x, const bf16 *b, bf16 *y, int64_t N, int64_t K,
-            int nt) {
-    float *xs = widened(x, K);
-    if (!xs) return -1;
-#define FINISH_I8(n, s) y[n] = to_bf16(from_bf16(scale[n]) * (s) + (b ? from_bf16(b[n]) : 0.0f))
-    BY_ROWS(dot_i8, FINISH_I8)
-    free(xs);
-    return 0;
+static inline __m512 nibbles(__m128i bytes) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)); }
+
+/* The 64 sums of int4 tile t (rows 64t..64t+63) with x: per group, four sums of codes * x (16 rows each), then
+   scale * sum + (zero - 8 * scale) * (the group's sum of x). */
+static void tile_i4(const matrix_t *m, const float *x, int64_t t, float *d) {
+    const uint8_t *w = (const uint8_t *)m->w + t * m->k * 32;
+    const __m128i low = _mm_set1_epi8(0x0f);
+    __m512 y[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t g0 = 0; g0 < m->k; g0 += m->group) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, xs = a0;
+        for (int64_t k = g0; k < g0 + m->group; k++) {
+            _mm_prefetch((const char *)(w + k * 32) + AHEAD_BYTES, _MM_HINT_T0);
+            __m256i b = _mm256_loadu_si256((const __m256i *)(w + k * 32));
+            __m128i lo = _mm256_castsi256_si128(b), hi = _mm256_extracti128_si256(b, 1);
+            __m512 xk = _mm512_set1_ps(x[k]);
+            a0 = _mm512_fmadd_ps(nibbles(_mm_and_si128(lo, low)), xk, a0);
+            a1 = _mm512_fmadd_ps(nibbles(_mm_and_si128(hi, low)), xk, a1);
+            a2 = _mm512_fmadd_ps(nibbles(_mm_and_si128(_mm_srli_epi16(lo, 4), low)), xk, a2);
+            a3 = _mm512_fmadd_ps(nibbles(_mm_and_si128(_mm_srli_epi16(hi, 4), low)), xk, a3);
+        }
+        for (int64_t k = g0; k < g0 + m->group; k += 16) xs = _mm512_add_ps(xs, _mm512_maskz_loadu_ps(mask16(g0 + m->group - k), x + k));
+        __m512 xsum = _mm512_set1_ps(_mm512_reduce_add_ps(xs));
+        const bf16 *sz = m->scale + ((g0 / m->group) * m->rows + t * BLOCK) * 2;
+        __m512 a[4] = {a0, a1, a2, a3};
+        for (int q = 0; q < 4; q++) {   /* 16 (scale, zero) pairs: scale in each 32-bit lane's low half */
+            __m512i pair = _mm512_loadu_si512(sz + q * 32);
+            __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+            __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32((int)0xffff0000u)));
+            __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), scale, zero);
+            y[q] = _mm512_fmadd_ps(offset, xsum, _mm512_fmadd_ps(scale, a[q], y[q]));
+        }
+    }
+    for (int q = 0; q < 4; q++) _mm512_storeu_ps(d + 16 * q, y[q]);
+}
+
+/* The sums of rows n0..n0+cnt-1 (one block) with x (xf float32, xb the same rounded to bfloat16) */
+static void block_sums(const matrix_t *m, const float *xf, const bf16 *xb, int64_t n0, int64_t cnt, float *d) {
+    int64_t K = m->k;
+    switch (m->kind) {
+    case KIND_F32:
+        for (int64_t i = 0; i < cnt; i++) d[i] = dot_f32((const float *)m->w + (n0 + i) * K, xf, K);
+        break;
+    case KIND_BF16:
+        for (int64_t i = 0; i < cnt; i++) d[i] = dot_bf16((const bf16 *)m->w + (n0 + i) * K, xb, K);
+        break;
+    case KIND_I8:
+        for (int64_t i = 0; i < cnt; i++)
+            d[i] = from_bf16(m->scale[n0 + i]) * dot_i8((const int8_t *)m->w + (n0 + i) * K, xf, K);
+        break;
+    default:
+        tile_i4(m, xf, n0 / BLOCK, d);
+    }
 }
 
 /* acc[0..N) += x[r] * W[r, :] for R rows of a [K, N] matrix (R a constant where inlined) */
@@ -162,30 +225,254 @@ static inline __attribute__((always_inline)) void axpy_rows(float *acc, const fl
     }
 }
 
-/* float32 W stored [K, N]: each thread sums x[k] * W[k, :] over a contiguous run of rows k into a partial y of its
-   own (streaming its part of the matrix front to back), then the partials are added: no transposed copy needed. */
-int gemv_f32_t(const float *W, const float *x, const float *b, float *y, int64_t N, int64_t K, int nt) {
-    int64_t Np = (N + 15) / 16 * 16;
-    float *parts = aligned_alloc(64, (size_t)Np * (size_t)(nt > 0 ? nt : 1) * sizeof *parts);
-    if (!parts) return -1;
-#pragma omp parallel num_threads(nt)
-    {
-        int t = omp_get_thread_num(), T = omp_get_num_threads();
-        int64_t k0 = K * t / T, k1 = K * (t + 1) / T;
-        float *acc = parts + Np * t;
-        memset(acc, 0, (size_t)Np * sizeof *acc);
-        for (int64_t k = k0; k < k1; k += ROWS) {
-            if (k1 - k >= ROWS) axpy_rows(acc, W + k * N, x + k, N, ROWS);
-            else for (int64_t r = k; r < k1; r++) axpy_rows(acc, W + r * N, x + r, N, 1);
-        }
+static int64_t padded_n(int64_t n) { return (n + 15) / 16 * 16; }
+
+/* float32 W stored [K, N]: each thread sums x[k] * W[k, :] over a contiguous run of rows k into a partial result of
+   its own in `parts` (N rounded up to 16 floats per thread, 64-byte aligned), streaming its part of the matrix front
+   to back; then the partials are added: no transposed copy needed. */
+static void matvec_t(const matrix_t *m, const float *x, out_t o, float *parts) {
+    int t = omp_get_thread_num(), T = omp_get_num_threads();
+    int64_t N = m->n, K = m->k, Np = padded_n(N), k0 = K * t / T, k1 = K * (t + 1) / T;
+    const float *W = m->w;
+    float *acc = parts + Np * t;
+    memset(acc, 0, (size_t)Np * sizeof *acc);
+    for (int64_t k = k0; k < k1; k += ROWS) {
+        if (k1 - k >= ROWS) axpy_rows(acc, W + k * N, x + k, N, ROWS);
+        else for (int64_t r = k; r < k1; r++) axpy_rows(acc, W + r * N, x + r, N, 1);
+    }
 #pragma omp barrier
 #pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            float s = 0.0f;
-            for (int u = 0; u < T; u++) s += parts[Np * u + n];
-            y[n] = s + (b ? b[n] : 0.0f);
+    for (int64_t n = 0; n < N; n++) {
+        float s = 0.0f;
+        for (int u = 0; u < T; u++) s += parts[Np * u + n];
+        finish(m, o, n, s);
+    }
+}
+
+/* out <- W x + b as `o` says, by every thread of the enclosing parallel region (which all call it; it ends with a
+   barrier). xf and xb: x in float32 and in bfloat16, each zero-padded to a multiple of 64 elements (the loops read
+   whole vectors); xb is read only by KIND_BF16. parts: KIND_F32_T's partial sums (see matvec_t). */
+static void matvec(const matrix_t *m, const float *xf, const bf16 *xb, out_t o, float *parts) {
+    if (m->kind == KIND_F32_T) {
+        matvec_t(m, xf, o, parts);
+        return;
+    }
+    int64_t blocks = (m->n + BLOCK - 1) / BLOCK;
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {   /* each thread a contiguous run of blocks, one row after another */
+        float d[BLOCK];
+        int64_t n0 = b * BLOCK, cnt = m->n - n0 < BLOCK ? m->n - n0 : BLOCK;
+        block_sums(m, xf, xb, n0, cnt, d);
+        for (int64_t i = 0; i < cnt; i++) finish(m, o, n0 + i, d[i]);
+    }
+}
+
+/* -- the one-row products gpt2hub/native.py calls ------------------------------------------------------------- */
+
+static int product(const matrix_t *m, const float *xf, const bf16 *xb, out_t o, int nt) {
+    float *parts = NULL;
+    if (m->kind == KIND_F32_T && !(parts = aligned_alloc(64, (size_t)padded_n(m->n) * (size_t)(nt > 0 ? nt : 1) * 4)))
+        return -1;
+#pragma omp parallel num_threads(nt)
+    matvec(m, xf, xb, o, parts);
+    free(parts);
+    return 0;
+}
+
+int gemv_bf16(const bf16 *W, const bf16 *x, const bf16 *b, bf16 *y, int64_t N, int64_t K, int nt) {
+    matrix_t m = {KIND_BF16, 0, 1, N, K, N, W, NULL, b};
+    bf16 *xs = padded(x, K, sizeof *xs);
+    if (!xs) return -1;
+    int r = product(&m, NULL, xs, (out_t){OUT_SET, NULL, y}, nt);
+    free(xs);
+    return r;
+}
+
+static int gemv_float(int64_t kind, const float *W, const float *x, const float *b, float *y, int64_t N, int64_t K,
+                      int nt) {
+    matrix_t m = {kind, 0, 0, N, K, N, W, NULL, b};
+    float *xs = padded(x, K, sizeof *xs);
+    if (!xs) return -1;
+    int r = product(&m, xs, NULL, (out_t){OUT_SET, y, NULL}, nt);
+    free(xs);
+    return r;
+}
+
+int gemv_f32(const float *W, const float *x, const float *b, float *y, int64_t N, int64_t K, int nt) {
+    return gemv_float(KIND_F32, W, x, b, y, N, K, nt);
+}
+
+int gemv_f32_t(const float *W, const float *x, const float *b, float *y, int64_t N, int64_t K, int nt) {
+    return gemv_float(KIND_F32_T, W, x, b, y, N, K, nt);
+}
+
+int gemv_i8(const int8_t *W, const bf16 *scale, const bf16 *x, const bf16 *b, bf16 *y, int64_t N, int64_t K,
+            int nt) {
+    matrix_t m = {KIND_I8, 0, 1, N, K, N, W, scale, b};
+    float *xs = widened(x, K);
+    if (!xs) return -1;
+    int r = product(&m, xs, NULL, (out_t){OUT_SET, NULL, y}, nt);
+    free(xs);
+    return r;
+}
+
+/* -- a whole decoding step: one token through GPT-2, in one parallel region ----------------------------------- */
+
+/* One block's weights (gpt2hub/native.py's Layer mirrors it). qkv: up to three products whose outputs lie side by
+   side (queries, keys, values: one matrix for a fused [3C, C] weight, the others n = 0). ln*: float32 layer-norm
+   scale and shift. kv: this block's KV cache [2, heads, max_len, head_dim] (keys, then values), float32 or
+   bfloat16 as the model's cache_bf16 says. */
+typedef struct {
+    matrix_t qkv[3], out, fc, proj;
+    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
+    double eps1, eps2;
+    void *kv;
+} layer_t;
+
+/* The model (gpt2hub/native.py's Model mirrors it): C channels, H heads, V logits, L blocks, caches of max_len
+   positions; embeddings float32 or bfloat16 (emb_bf16) [V, C] and [context, C]; the final norm; the head. */
+typedef struct {
+    int64_t C, H, V, L, max_len, emb_bf16, cache_bf16;
+    const void *tok_emb, *pos_emb;
+    const float *lnf_w, *lnf_b;
+    double epsf;
+    matrix_t head;
+    const layer_t *layers;
+} model_t;
+
+static inline float value(const void *p, int64_t i, int64_t is_bf16) {
+    return is_bf16 ? from_bf16(((const bf16 *)p)[i]) : ((const float *)p)[i];
+}
+
+/* y = layer_norm(x) (biased variance, as PyTorch), in float32 and bfloat16 */
+static void layer_norm(const float *x, const float *w, const float *b, double eps, int64_t C, float *y, bf16 *yb) {
+    double mean = 0.0, var = 0.0;
+    for (int64_t c = 0; c < C; c++) mean += x[c];
+    mean /= (double)C;
+    for (int64_t c = 0; c < C; c++) var += (x[c] - mean) * (x[c] - mean);
+    float inv = (float)(1.0 / sqrt(var / (double)C + eps)), mu = (float)mean;
+    for (int64_t c = 0; c < C; c++) {
+        y[c] = (x[c] - mu) * inv * w[c] + b[c];
+        yb[c] = to_bf16(y[c]);
+    }
+}
+
+/* 16 cached values of one position from d on (masked to `left`), as float32 */
+static inline __m512 cached16(const void *row, int64_t d, int64_t left, int64_t is_bf16) {
+    if (!is_bf16) return _mm512_maskz_loadu_ps(mask16(left), (const float *)row + d);
+    __m256i h = _mm256_maskz_loadu_epi16(mask16(left), (const bf16 *)row + d);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* Head h of one block at position pos: its key and value (in qkv) written to the cache, then softmax(q K^T /
+   sqrt(head_dim)) V over positions 0..pos into out[h * head_dim ...]. sc: pos + 1 floats of scratch. */
+static void attend(const model_t *m, void *kv, const float *qkv, int64_t h, int64_t pos, float *out, bf16 *outb,
+                   float *sc) {
+    int64_t C = m->C, D = C / m->H, cb = m->cache_bf16, esz = cb ? 2 : 4;
+    char *keys = (char *)kv + (size_t)(h * m->max_len * D) * esz;
+    char *vals = (char *)kv + (size_t)((m->H + h) * m->max_len * D) * esz;
+    for (int64_t d = 0; d < D; d++) {   /* LayerCache.update's write */
+        float k = qkv[C + h * D + d], v = qkv[2 * C + h * D + d];
+        if (cb) {
+            ((bf16 *)keys)[pos * D + d] = to_bf16(k);
+            ((bf16 *)vals)[pos * D + d] = to_bf16(v);
+        } else {
+            ((float *)keys)[pos * D + d] = k;
+            ((float *)vals)[pos * D + d] = v;
         }
     }
-    free(parts);
+    const float *q = qkv + h * D;
+    float scale = 1.0f / sqrtf((float)D), top = -INFINITY, total = 0.0f;
+    for (int64_t t = 0; t <= pos; t++) {
+        __m512 a = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16)
+            a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask16(D - d), q + d), cached16(keys + t * D * esz, d, D - d, cb), a);
+        sc[t] = _mm512_reduce_add_ps(a) * scale;
+        top = sc[t] > top ? sc[t] : top;
+    }
+    for (int64_t t = 0; t <= pos; t++) total += sc[t] = expf(sc[t] - top);
+    for (int64_t d = 0; d < D; d += 16) {
+        __m512 a = _mm512_setzero_ps();
+        for (int64_t t = 0; t <= pos; t++)
+            a = _mm512_fmadd_ps(_mm512_set1_ps(sc[t]), cached16(vals + t * D * esz, d, D - d, cb), a);
+        float part[16];
+        _mm512_storeu_ps(part, _mm512_div_ps(a, _mm512_set1_ps(total)));
+        for (int64_t i = 0; i < 16 && d + i < D; i++) {
+            out[h * D + d + i] = part[i];
+            outb[h * D + d + i] = to_bf16(part[i]);
+        }
+    }
+}
+
+/* The buffers of one step, each zero-padded to a multiple of 64 floats (the products read whole vectors) */
+typedef struct {
+    float *x, *h, *qkv, *att, *f, *parts, *sc;
+    bf16 *hb, *attb, *fb;
+    void *block;
+} work_t;
+
+static int64_t pad64(int64_t n) { return (n + 63) / 64 * 64; }
+
+static int64_t widest_t(const model_t *m) {   /* the widest [K, N] product's N, for its partial sums */
+    int64_t n = m->head.kind == KIND_F32_T ? m->head.n : 0;
+    for (int64_t l = 0; l < m->L; l++) {
+        const layer_t *y = m->layers + l;
+        const matrix_t *all[] = {&y->qkv[0], &y->qkv[1], &y->qkv[2], &y->out, &y->fc, &y->proj};
+        for (int i = 0; i < 6; i++)
+            if (all[i]->kind == KIND_F32_T && all[i]->n > n) n = all[i]->n;
+    }
+    return n;
+}
+
+static int work_alloc(const model_t *m, int nt, work_t *w) {
+    int64_t C = pad64(m->C), F = pad64(4 * m->C), Q = pad64(3 * m->C), P = padded_n(widest_t(m)) * nt;
+    int64_t S = pad64(m->max_len) * nt;
+    size_t floats = (size_t)(2 * C + Q + C + F + P + S), halves = (size_t)(2 * C + F);
+    char *p = aligned_alloc(64, (floats * 4 + halves * 2 + 63) / 64 * 64);
+    if (!p) return -1;
+    memset(p, 0, floats * 4 + halves * 2);
+    w->block = p;
+    w->x = (float *)p; w->h = w->x + C; w->qkv = w->h + C; w->att = w->qkv + Q; w->f = w->att + C;
+    w->parts = w->f + F; w->sc = w->parts + P;
+    w->hb = (bf16 *)(w->sc + S); w->attb = w->hb + C; w->fb = w->attb + C;
+    return 0;
+}
+
+static void block_step(const model_t *m, const layer_t *y, int64_t pos, work_t *w) {
+    int64_t off = 0;
+#pragma omp single
+    layer_norm(w->x, y->ln1_w, y->ln1_b, y->eps1, m->C, w->h, w->hb);
+    for (int i = 0; i < 3; i++) {
+        if (y->qkv[i].n) matvec(&y->qkv[i], w->h, w->hb, (out_t){OUT_SET, w->qkv + off, NULL}, w->parts);
+        off += y->qkv[i].n;
+    }
+    int t = omp_get_thread_num();
+#pragma omp for schedule(static)
+    for (int64_t h = 0; h < m->H; h++) attend(m, y->kv, w->qkv, h, pos, w->att, w->attb, w->sc + pad64(m->max_len) * t);
+    matvec(&y->out, w->att, w->attb, (out_t){OUT_ADD, w->x, NULL}, w->parts);
+#pragma omp single
+    layer_norm(w->x, y->ln2_w, y->ln2_b, y->eps2, m->C, w->h, w->hb);
+    matvec(&y->fc, w->h, w->hb, (out_t){OUT_GELU, w->f, w->fb}, w->parts);
+    matvec(&y->proj, w->f, w->fb, (out_t){OUT_ADD, w->x, NULL}, w->parts);
+}
+
+/* Logits (float32 [V]) of `token` at position `pos`, its keys and values written to the caches, which hold
+   positions 0..pos-1 already (pos < max_len). Activations are float32 throughout; products with bfloat16 weights
+   read them rounded to bfloat16. 0, or -1 when the step's buffers could not be allocated (nothing written). */
+int decode_step(const model_t *m, int64_t token, int64_t pos, float *logits, int nt) {
+    work_t w;
+    if (nt < 1) nt = 1;
+    if (work_alloc(m, nt, &w)) return -1;
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp single
+        for (int64_t c = 0; c < m->C; c++)
+            w.x[c] = value(m->tok_emb, token * m->C + c, m->emb_bf16) + value(m->pos_emb, pos * m->C + c, m->emb_bf16);
+        for (int64_t l = 0; l < m->L; l++) block_step(m, m->layers + l, pos, &w);
+#pragma omp single
+        layer_norm(w.x, m->lnf_w, m->lnf_b, m->epsf, m->C, w.h, w.hb);
+        matvec(&m->head, w.h, w.hb, (out_t){OUT_SET, logits, NULL}, w.parts);
+    }
+    free(w.block);
     return 0;
 }

@@ -21,6 +21,7 @@ from typing import Any, Literal, TypeGuard, overload
 import torch
 import torch.nn as nn
 
+from . import native_step
 from .errors import quoted
 from .model import GPTModel, KVCache
 
@@ -461,6 +462,9 @@ class _Cached:
         self.cache = KVCache(model.cfg, b, min(target.ctx, t + cfg.new_tokens), model.attention_dtype, param.device)
         self.padding = None if prompt.pad is None else prompt.window(t - self.filled, self.cache.max_len)
         self.decoder = None
+        # batch-1 decoding on a CPU: the whole step in one call where gpt2hub/_native.c reads every part of the model
+        self.native = (native_step.plan(model, self.cache) if decode == "eager" and b == 1 and prompt.pad is None
+                       and param.device.type == "cpu" else None)
         if decode != "eager":
             try:
                 self.decoder = _StaticDecoder(model, self.cache, b, decode == "cuda_graph", self.padding)
@@ -483,6 +487,10 @@ class _Cached:
             return self.window(seq)
         pos, x = self.filled, seq.buf[:, seq.n - 1:seq.n]
         self.filled += 1
+        if self.native is not None:
+            logits = self.native(int(x), pos)
+            if logits is not None:
+                return logits
         return self._run(x, pos) if self.decoder is None else self.decoder(x, pos)
 
 

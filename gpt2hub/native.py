@@ -39,15 +39,45 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["AVAILABLE", "BF16", "ENABLED", "cpu_flags", "int8_row", "linear_row", "runs", "status"]
+__all__ = ["AVAILABLE", "BF16", "ENABLED", "KINDS", "STEP", "Layer", "Matrix", "Model", "cpu_flags", "decode_step",
+           "int8_row", "linear_row", "plain", "runs", "status", "steps"]
 
 log = logging.getLogger("gpt2hub")
 # the CPU features every kernel needs; the bfloat16 one also needs avx512_bf16
 NEEDS = frozenset({"avx512f", "avx512bw", "avx512vl", "fma"})
 ENABLED = True  # set False to run oneDNN (gpt2hub.kernels) for one-row products too
-_p = ctypes.c_void_p
-_ROW = [_p, _p, _p, _p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-_SIGNATURES = {"gemv_bf16": _ROW, "gemv_f32": _ROW, "gemv_f32_t": _ROW, "gemv_i8": [_p, *_ROW]}
+STEP = True  # set False to decode through the model's modules (each product still on these kernels) instead of
+# decode_step (gpt2hub.native_step)
+_p, _i64, _f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+# the layouts a Matrix's weights may have (_native.c's KIND_*)
+KINDS = {"float32": 0, "float32 [in, out]": 1, "bfloat16": 2, "int8": 3, "int4": 4}
+
+
+class Matrix(ctypes.Structure):
+    """_native.c's matrix_t: one weight matrix [n, k] as stored (`KINDS`), its scales and bias (see _native.c)."""
+
+    _fields_ = [("kind", _i64), ("group", _i64), ("bias_bf16", _i64), ("n", _i64), ("k", _i64), ("rows", _i64),
+                ("w", _p), ("scale", _p), ("bias", _p)]
+
+
+class Layer(ctypes.Structure):
+    """_native.c's layer_t: one transformer block's matrices, float32 layer norms and KV cache."""
+
+    _fields_ = [("qkv", Matrix * 3), ("out", Matrix), ("fc", Matrix), ("proj", Matrix), ("ln1_w", _p), ("ln1_b", _p),
+                ("ln2_w", _p), ("ln2_b", _p), ("eps1", _f64), ("eps2", _f64), ("kv", _p)]
+
+
+class Model(ctypes.Structure):
+    """_native.c's model_t: sizes, embeddings, final norm, head and the blocks (`layers`, L of them)."""
+
+    _fields_ = [("C", _i64), ("H", _i64), ("V", _i64), ("L", _i64), ("max_len", _i64), ("emb_bf16", _i64),
+                ("cache_bf16", _i64), ("tok_emb", _p), ("pos_emb", _p), ("lnf_w", _p), ("lnf_b", _p), ("epsf", _f64),
+                ("head", Matrix), ("layers", ctypes.POINTER(Layer))]
+
+
+_ROW = [_p, _p, _p, _p, _i64, _i64, ctypes.c_int]
+_SIGNATURES = {"gemv_bf16": _ROW, "gemv_f32": _ROW, "gemv_f32_t": _ROW, "gemv_i8": [_p, *_ROW],
+               "decode_step": [ctypes.POINTER(Model), _i64, _i64, _p, ctypes.c_int]}
 
 
 def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
@@ -101,11 +131,17 @@ AVAILABLE = _lib is not None
 BF16 = AVAILABLE and "avx512_bf16" in cpu_flags()  # whether the bfloat16 kernel runs here too
 _told = False
 _runs = 0
+_steps = 0
 
 
 def runs() -> int:
     """How many products these kernels have computed in this process."""
     return _runs
+
+
+def steps() -> int:
+    """How many whole decoding steps (decode_step) have run in this process."""
+    return _steps
 
 
 def status() -> str:
@@ -154,6 +190,13 @@ _PLAIN = frozenset({_plain_keys(False), _plain_keys(True)})
 def _cpu(t: torch.Tensor) -> bool:
     """Whether the kernels can read `t`'s values as one block of CPU memory."""
     return _raw_keys(t) in _PLAIN and t.is_contiguous()
+
+
+def plain(t: torch.Tensor, transposed: bool = False) -> bool:
+    """Whether `t`'s values are one block of CPU memory, in order (`transposed`: `t.t()`'s are) that these kernels
+    can read from its data_ptr: a plain dense CPU tensor (not meta, sparse, a negative or conjugate view, a fake or
+    other Python tensor), contiguous."""
+    return _raw_keys(t) in _PLAIN and (t.t().is_contiguous() if transposed else t.is_contiguous())
 
 
 def _no_mode() -> bool:
@@ -213,3 +256,19 @@ def int8_row(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: to
     failed = lib.gemv_i8(codes.data_ptr(), scale.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(),
                          y.data_ptr(), n, codes.shape[1], torch.get_num_threads())
     return None if failed else _ran(y)
+
+
+def decode_step(model: Model, token: int, pos: int, logits: torch.Tensor) -> bool:
+    """Run `model` (a Model whose pointers the caller keeps alive and has checked: gpt2hub.native_step) for `token`
+    at position `pos` into `logits` (float32 [V], contiguous), with torch.get_num_threads() threads; False where the
+    kernels are off or could not allocate their buffers (nothing was written)."""
+    global _steps
+    lib = _lib
+    if not (ENABLED and STEP) or lib is None or not _no_mode():
+        return False
+    if not _told:
+        _tell()
+    if lib.decode_step(ctypes.byref(model), token, pos, logits.data_ptr(), torch.get_num_threads()):
+        return False
+    _steps += 1
+    return True

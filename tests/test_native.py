@@ -212,16 +212,26 @@ def _model(dtype: torch.dtype, layout: str | None = None) -> GPTModel:
     return GPTModel.from_state_dict(cfg, openai_state_dict(lambda n: weights[f"model/{n}"], cfg, dtype, **args)).eval()
 
 
+def _one_row_decoding(monkeypatch, model: GPTModel, step: bool) -> None:
+    """30 tokens from a one-token prompt (every product one row), with or without native_step's whole steps: each
+    of the model's forward passes makes the fused QKV, out_proj and two feed-forward products per block and the head
+    on these kernels; the whole steps make them inside decode_step."""
+    monkeypatch.setattr(native, "STEP", step)
+    runs, steps = native.runs(), native.steps()
+    generate(model, torch.tensor([[5]]), 30)
+    passes = 1 if step else 30  # (the prompt always runs through the modules)
+    assert native.runs() - runs == passes * (4 * HP["n_layer"] + 1)
+    assert native.steps() - steps == 30 - passes
+
+
 @needs_kernels
-def test_float32_decoding_of_mapped_weights_needs_no_copies(monkeypatch):
+@pytest.mark.parametrize("step", [False, True], ids=["modules", "whole step"])
+def test_float32_decoding_of_mapped_weights_needs_no_copies(monkeypatch, step):
     monkeypatch.setitem(kernels.USES_BEFORE_PACK, F32, 2)
     kernels.forget_packs()
     model = _model(F32)  # OpenAI's [in, out] matrices, as gpt2hub maps them
     assert not model.trf_blocks[0].ff.layers[0].weight.is_contiguous()
-    runs = native.runs()
-    generate(model, torch.tensor([[5]]), 30)  # a one-token prompt: every product is one row
-    # each of the 30 forward passes: the fused QKV, out_proj and two feed-forward products per block, and the head
-    assert native.runs() - runs == 30 * (4 * HP["n_layer"] + 1)
+    _one_row_decoding(monkeypatch, model, step)
     assert packed_bytes() == 0
 
 
@@ -234,20 +244,19 @@ def test_bfloat16_on_a_cpu_without_avx512_bf16_is_left_to_onednn(monkeypatch):
 
 
 @needs_bf16
-def test_bfloat16_decoding_needs_no_packs(monkeypatch):
+@pytest.mark.parametrize("step", [False, True], ids=["modules", "whole step"])
+def test_bfloat16_decoding_needs_no_packs(monkeypatch, step):
     kernels.forget_packs()
-    model = _model(BF16)
-    runs = native.runs()
-    generate(model, torch.tensor([[5]]), 30)  # a one-token prompt: every product is one row
-    assert native.runs() - runs == 30 * (4 * HP["n_layer"] + 1)
+    _one_row_decoding(monkeypatch, _model(BF16), step)
     assert packed_bytes() == 0
 
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [F32, BF16])
-def test_greedy_tokens_and_logits_match_the_plain_path(dtype):
+def test_greedy_tokens_and_logits_match_the_plain_path(dtype, monkeypatch):
     if dtype == BF16 and not native.BF16:
         pytest.skip("gpt2hub.native's bfloat16 kernel needs AVX512-BF16")
+    monkeypatch.setattr(native, "STEP", False)  # the modules' products (whole steps: tests/test_native_step.py)
     model = _model(dtype)
     idx = torch.randint(0, HP["n_vocab"], (1, 7), generator=torch.Generator().manual_seed(1))
     runs = native.runs()
