@@ -116,12 +116,13 @@ DOT_ROW(dot_i8, int8_t, float, 32, I8_FULL, i8_step)
 
 /* -- one matrix-vector product, called by every thread of a parallel region ------------------------------------ */
 
-enum { KIND_F32 = 0, KIND_F32_T = 1, KIND_BF16 = 2, KIND_I8 = 3, KIND_I4 = 4 };
+enum { KIND_F32 = 0, KIND_F32_T = 1, KIND_BF16 = 2, KIND_I8 = 3, KIND_I4 = 4, KIND_I8_VNNI = 5 };
 enum { OUT_SET = 0, OUT_ADD = 1, OUT_GELU = 2 };
 #define BLOCK 64              /* rows per block of work (int4: one stored tile) */
 
 /* One weight matrix W [n, k] as stored (see the top of this file; gpt2hub/native.py's Matrix mirrors it):
-   KIND_F32, KIND_BF16 [n, k]; KIND_F32_T [k, n]; KIND_I8 codes [rows, k] with scale[rows] (bfloat16);
+   KIND_F32, KIND_BF16 [n, k]; KIND_F32_T [k, n]; KIND_I8 codes [rows, k] with scale[rows] (bfloat16), and
+   KIND_I8_VNNI the same multiplied with AVX512-VNNI by x quantized to 16 bits (quantize16);
    KIND_I4 codes in gpt2hub.quant's tile order ([rows / 64, k, 32] bytes, rows 64t+j and 64t+32+j in byte j's low
    and high nibble, rows 64t+16+j and 64t+48+j in byte 16+j's) with scale[(g * rows + r) * 2] and the zero after it
    for group g (of `group` inputs) of row r: W[r, i] = (code - 8) * scale + zero. bias: n values (float32, or
@@ -132,6 +133,17 @@ typedef struct {
     const bf16 *scale;
     const void *bias;
 } matrix_t;
+
+/* x as the products read it: float32, rounded to bfloat16 (KIND_BF16), and room for it quantized to 16 bits
+   (KIND_I8_VNNI; NULL where no such product runs); all zero-padded to a multiple of 64 elements. parts: the
+   partial sums of KIND_F32_T (see matvec_t). */
+typedef struct {
+    const float *f;
+    const bf16 *b;
+    int16_t *q;
+    float *qs;
+    float *parts;
+} vec_t;
 
 /* Where a product's rows go: y[r] = v (OUT_SET), y[r] += v (OUT_ADD: a residual) or y[r] = gelu(v) (OUT_GELU), v
    being the row's sum plus its bias; and, where yb is not NULL, yb[r] = y[r] rounded to bfloat16 (the input of a
@@ -190,22 +202,64 @@ static void tile_i4(const matrix_t *m, const float *x, int64_t t, float *d) {
     for (int q = 0; q < 4; q++) _mm512_storeu_ps(d + 16 * q, y[q]);
 }
 
-/* The sums of rows n0..n0+cnt-1 (one block) with x (xf float32, xb the same rounded to bfloat16) */
-static void block_sums(const matrix_t *m, const float *xf, const bf16 *xb, int64_t n0, int64_t cnt, float *d) {
+/* x (K floats, zero-padded to a multiple of 64) quantized to 16 bits per block of 64: q = round(x / s) with
+   s = max|x| / 32767 over the block (qs[block] = s): an error of at most max|x| / 65534 in each block, far below
+   bfloat16's rounding of each value (2^-9 of it), for integer products with int8 weights. */
+static void quantize16(const float *x, int64_t K, int16_t *q, float *qs) {
+    for (int64_t k = 0, b = 0; k < K; k += 64, b++) {
+        __m512 v[4], top = _mm512_setzero_ps();
+        for (int j = 0; j < 4; j++) top = _mm512_max_ps(top, _mm512_abs_ps(v[j] = _mm512_loadu_ps(x + k + 16 * j)));
+        float most = _mm512_reduce_max_ps(top);
+        qs[b] = most / 32767.0f;
+        __m512 inv = _mm512_set1_ps(most > 0.0f ? 32767.0f / most : 0.0f);
+        for (int j = 0; j < 4; j++)
+            _mm256_storeu_si256((__m256i *)(q + k + 16 * j),
+                                _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(v[j], inv))));
+    }
+}
+
+/* int8 row w . x with x quantized by quantize16: per block of 64, two AVX512-VNNI dot products of 16-bit pairs
+   summed exactly in int32, then scaled by the block's s (float32) */
+static __attribute__((target("avx512vnni"))) float dot_i8_vnni(const int8_t *w, const int16_t *q, const float *qs,
+                                                               int64_t K) {
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t k = 0, b = 0; k < K; k += 64, b++) {
+        __m256i lo, hi;
+        _mm_prefetch((const char *)(w + k) + AHEAD_BYTES, _MM_HINT_T0);
+        if (K - k >= 64) {
+            lo = _mm256_loadu_si256((const __m256i *)(w + k));
+            hi = _mm256_loadu_si256((const __m256i *)(w + k + 32));
+        } else {
+            lo = _mm256_maskz_loadu_epi8(mask32(K - k), w + k);
+            hi = K - k > 32 ? _mm256_maskz_loadu_epi8(mask32(K - k - 32), w + k + 32) : _mm256_setzero_si256();
+        }
+        __m512i a = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_cvtepi8_epi16(lo), _mm512_loadu_si512(q + k));
+        a = _mm512_dpwssd_epi32(a, _mm512_cvtepi8_epi16(hi), _mm512_loadu_si512(q + k + 32));
+        acc[b & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(qs[b]), acc[b & 1]);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+}
+
+/* The sums of rows n0..n0+cnt-1 (one block) with x */
+static void block_sums(const matrix_t *m, const vec_t *x, int64_t n0, int64_t cnt, float *d) {
     int64_t K = m->k;
+    const int8_t *codes = m->w;
     switch (m->kind) {
     case KIND_F32:
-        for (int64_t i = 0; i < cnt; i++) d[i] = dot_f32((const float *)m->w + (n0 + i) * K, xf, K);
+        for (int64_t i = 0; i < cnt; i++) d[i] = dot_f32((const float *)m->w + (n0 + i) * K, x->f, K);
         break;
     case KIND_BF16:
-        for (int64_t i = 0; i < cnt; i++) d[i] = dot_bf16((const bf16 *)m->w + (n0 + i) * K, xb, K);
+        for (int64_t i = 0; i < cnt; i++) d[i] = dot_bf16((const bf16 *)m->w + (n0 + i) * K, x->b, K);
         break;
     case KIND_I8:
+        for (int64_t i = 0; i < cnt; i++) d[i] = from_bf16(m->scale[n0 + i]) * dot_i8(codes + (n0 + i) * K, x->f, K);
+        break;
+    case KIND_I8_VNNI:
         for (int64_t i = 0; i < cnt; i++)
-            d[i] = from_bf16(m->scale[n0 + i]) * dot_i8((const int8_t *)m->w + (n0 + i) * K, xf, K);
+            d[i] = from_bf16(m->scale[n0 + i]) * dot_i8_vnni(codes + (n0 + i) * K, x->q, x->qs, K);
         break;
     default:
-        tile_i4(m, xf, n0 / BLOCK, d);
+        tile_i4(m, x->f, n0 / BLOCK, d);
     }
 }
 
@@ -250,19 +304,22 @@ static void matvec_t(const matrix_t *m, const float *x, out_t o, float *parts) {
 }
 
 /* out <- W x + b as `o` says, by every thread of the enclosing parallel region (which all call it; it ends with a
-   barrier). xf and xb: x in float32 and in bfloat16, each zero-padded to a multiple of 64 elements (the loops read
-   whole vectors); xb is read only by KIND_BF16. parts: KIND_F32_T's partial sums (see matvec_t). */
-static void matvec(const matrix_t *m, const float *xf, const bf16 *xb, out_t o, float *parts) {
+   barrier). */
+static void matvec(const matrix_t *m, const vec_t *x, out_t o) {
     if (m->kind == KIND_F32_T) {
-        matvec_t(m, xf, o, parts);
+        matvec_t(m, x->f, o, x->parts);
         return;
+    }
+    if (m->kind == KIND_I8_VNNI) {
+#pragma omp single
+        quantize16(x->f, m->k, x->q, x->qs);
     }
     int64_t blocks = (m->n + BLOCK - 1) / BLOCK;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; b++) {   /* each thread a contiguous run of blocks, one row after another */
         float d[BLOCK];
         int64_t n0 = b * BLOCK, cnt = m->n - n0 < BLOCK ? m->n - n0 : BLOCK;
-        block_sums(m, xf, xb, n0, cnt, d);
+        block_sums(m, x, n0, cnt, d);
         for (int64_t i = 0; i < cnt; i++) finish(m, o, n0 + i, d[i]);
     }
 }
@@ -270,12 +327,12 @@ static void matvec(const matrix_t *m, const float *xf, const bf16 *xb, out_t o, 
 /* -- the one-row products gpt2hub/native.py calls ------------------------------------------------------------- */
 
 static int product(const matrix_t *m, const float *xf, const bf16 *xb, out_t o, int nt) {
-    float *parts = NULL;
-    if (m->kind == KIND_F32_T && !(parts = aligned_alloc(64, (size_t)padded_n(m->n) * (size_t)(nt > 0 ? nt : 1) * 4)))
+    vec_t x = {xf, xb, NULL, NULL, NULL};
+    if (m->kind == KIND_F32_T && !(x.parts = aligned_alloc(64, (size_t)padded_n(m->n) * (size_t)(nt > 0 ? nt : 1) * 4)))
         return -1;
 #pragma omp parallel num_threads(nt)
-    matvec(m, xf, xb, o, parts);
-    free(parts);
+    matvec(m, &x, o);
+    free(x.parts);
     return 0;
 }
 
@@ -404,10 +461,12 @@ static void attend(const model_t *m, void *kv, const float *qkv, int64_t h, int6
     }
 }
 
-/* The buffers of one step, each zero-padded to a multiple of 64 floats (the products read whole vectors) */
+/* The buffers of one step, each zero-padded to a multiple of 64 elements (the products read whole vectors): the
+   residual stream x and the three inputs of products (h: a layer norm's output, att: attention's, f: GELU's), which
+   share the room for 16-bit x and the partial sums */
 typedef struct {
-    float *x, *h, *qkv, *att, *f, *parts, *sc;
-    bf16 *hb, *attb, *fb;
+    float *x, *qkv, *sc;
+    vec_t h, att, f;
     void *block;
 } work_t;
 
@@ -426,34 +485,38 @@ static int64_t widest_t(const model_t *m) {   /* the widest [K, N] product's N, 
 
 static int work_alloc(const model_t *m, int nt, work_t *w) {
     int64_t C = pad64(m->C), F = pad64(4 * m->C), Q = pad64(3 * m->C), P = padded_n(widest_t(m)) * nt;
-    int64_t S = pad64(m->max_len) * nt;
-    size_t floats = (size_t)(2 * C + Q + C + F + P + S), halves = (size_t)(2 * C + F);
+    int64_t S = pad64(m->max_len) * nt, B = pad64(F / 64);
+    /* floats: x, h, qkv, att, f, parts, scores, block scales; then 16-bit: h, att, f in bfloat16, x in 16 bits */
+    size_t floats = (size_t)(2 * C + Q + C + F + P + S + B), halves = (size_t)(2 * C + F + F);
     char *p = aligned_alloc(64, (floats * 4 + halves * 2 + 63) / 64 * 64);
     if (!p) return -1;
     memset(p, 0, floats * 4 + halves * 2);
-    w->block = p;
-    w->x = (float *)p; w->h = w->x + C; w->qkv = w->h + C; w->att = w->qkv + Q; w->f = w->att + C;
-    w->parts = w->f + F; w->sc = w->parts + P;
-    w->hb = (bf16 *)(w->sc + S); w->attb = w->hb + C; w->fb = w->attb + C;
+    float *h = (float *)p + C, *att = h + C + Q, *f = att + C, *parts = f + F, *qs = parts + P + S;
+    bf16 *hb = (bf16 *)(qs + B), *attb = hb + C, *fb = attb + C;
+    int16_t *q = (int16_t *)(fb + F);
+    *w = (work_t){(float *)p, h + C, parts + P, {h, hb, q, qs, parts}, {att, attb, q, qs, parts},
+                  {f, fb, q, qs, parts}, p};
     return 0;
 }
 
 static void block_step(const model_t *m, const layer_t *y, int64_t pos, work_t *w) {
     int64_t off = 0;
+    float *h = (float *)w->h.f, *att = (float *)w->att.f;
 #pragma omp single
-    layer_norm(w->x, y->ln1_w, y->ln1_b, y->eps1, m->C, w->h, w->hb);
+    layer_norm(w->x, y->ln1_w, y->ln1_b, y->eps1, m->C, h, (bf16 *)w->h.b);
     for (int i = 0; i < 3; i++) {
-        if (y->qkv[i].n) matvec(&y->qkv[i], w->h, w->hb, (out_t){OUT_SET, w->qkv + off, NULL}, w->parts);
+        if (y->qkv[i].n) matvec(&y->qkv[i], &w->h, (out_t){OUT_SET, w->qkv + off, NULL});
         off += y->qkv[i].n;
     }
     int t = omp_get_thread_num();
 #pragma omp for schedule(static)
-    for (int64_t h = 0; h < m->H; h++) attend(m, y->kv, w->qkv, h, pos, w->att, w->attb, w->sc + pad64(m->max_len) * t);
-    matvec(&y->out, w->att, w->attb, (out_t){OUT_ADD, w->x, NULL}, w->parts);
+    for (int64_t j = 0; j < m->H; j++)
+        attend(m, y->kv, w->qkv, j, pos, att, (bf16 *)w->att.b, w->sc + pad64(m->max_len) * t);
+    matvec(&y->out, &w->att, (out_t){OUT_ADD, w->x, NULL});
 #pragma omp single
-    layer_norm(w->x, y->ln2_w, y->ln2_b, y->eps2, m->C, w->h, w->hb);
-    matvec(&y->fc, w->h, w->hb, (out_t){OUT_GELU, w->f, w->fb}, w->parts);
-    matvec(&y->proj, w->f, w->fb, (out_t){OUT_ADD, w->x, NULL}, w->parts);
+    layer_norm(w->x, y->ln2_w, y->ln2_b, y->eps2, m->C, h, (bf16 *)w->h.b);
+    matvec(&y->fc, &w->h, (out_t){OUT_GELU, (float *)w->f.f, (bf16 *)w->f.b});
+    matvec(&y->proj, &w->f, (out_t){OUT_ADD, w->x, NULL});
 }
 
 /* Logits (float32 [V]) of `token` at position `pos`, its keys and values written to the caches, which hold
@@ -470,8 +533,8 @@ int decode_step(const model_t *m, int64_t token, int64_t pos, float *logits, int
             w.x[c] = value(m->tok_emb, token * m->C + c, m->emb_bf16) + value(m->pos_emb, pos * m->C + c, m->emb_bf16);
         for (int64_t l = 0; l < m->L; l++) block_step(m, m->layers + l, pos, &w);
 #pragma omp single
-        layer_norm(w.x, m->lnf_w, m->lnf_b, m->epsf, m->C, w.h, w.hb);
-        matvec(&m->head, w.h, w.hb, (out_t){OUT_SET, logits, NULL}, w.parts);
+        layer_norm(w.x, m->lnf_w, m->lnf_b, m->epsf, m->C, (float *)w.h.f, (bf16 *)w.h.b);
+        matvec(&m->head, &w.h, (out_t){OUT_SET, logits, NULL});
     }
     free(w.block);
     return 0;

@@ -1,6 +1,8 @@
 """gpt2hub's own CPU kernels for one input row: batch-1 decoding's products, at the memory's speed.
 
-Decoding one token reads every weight once, so its speed is how fast the linear layers stream their weights. The
+Decoding one token reads every weight once, so its speed is how fast the linear layers stream their weights, and
+how little else a step does: `decode_step` runs a whole batch-1 step of a GPTModel in one call (gpt2hub.native_step
+builds its `Model` from the modules and says where it cannot). The
 loops in `_native.c` read each matrix as ggml does: each thread a contiguous run of rows, one row after another,
 four sums in flight along it, prefetching what comes next. Decoding gpt2-small and -medium on a 2-core EPYC, against
 what PyTorch runs otherwise (oneDNN on [out, in] copies or packed weights, `_weight_int8pack_mm`): float32 1.33x and
@@ -39,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["AVAILABLE", "BF16", "ENABLED", "KINDS", "STEP", "Layer", "Matrix", "Model", "cpu_flags", "decode_step",
+__all__ = ["AVAILABLE", "BF16", "ENABLED", "KINDS", "STEP", "VNNI", "Layer", "Matrix", "Model", "cpu_flags", "decode_step",
            "int8_row", "linear_row", "plain", "runs", "status", "steps"]
 
 log = logging.getLogger("gpt2hub")
@@ -50,7 +52,7 @@ STEP = True  # set False to decode through the model's modules (each product sti
 # decode_step (gpt2hub.native_step)
 _p, _i64, _f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
 # the layouts a Matrix's weights may have (_native.c's KIND_*)
-KINDS = {"float32": 0, "float32 [in, out]": 1, "bfloat16": 2, "int8": 3, "int4": 4}
+KINDS = {"float32": 0, "float32 [in, out]": 1, "bfloat16": 2, "int8": 3, "int4": 4, "int8 vnni": 5}
 
 
 class Matrix(ctypes.Structure):
@@ -129,6 +131,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
 _lib, _why_not = _load()
 AVAILABLE = _lib is not None
 BF16 = AVAILABLE and "avx512_bf16" in cpu_flags()  # whether the bfloat16 kernel runs here too
+# whether decode_step multiplies int8 weights with AVX512-VNNI (by inputs quantized to 16 bits per block of 64)
+VNNI = AVAILABLE and "avx512_vnni" in cpu_flags()
 _told = False
 _runs = 0
 _steps = 0
@@ -151,7 +155,10 @@ def status() -> str:
     if not AVAILABLE:
         return f"one-row products run on oneDNN: gpt2hub's kernels are off ({_why_not})"
     kinds = "float32, bfloat16 and int8" if BF16 else "float32 and int8 (no avx512_bf16: bfloat16 runs on oneDNN)"
-    return f"one-row {kinds} products run on gpt2hub's AVX512 kernels, {torch.get_num_threads()} threads"
+    steps = ("whole steps (gpt2hub.native_step" + (", int8 with AVX512-VNNI)" if VNNI else ")") if STEP else
+             "the modules (gpt2hub.native.STEP is False)")
+    return (f"one-row {kinds} products run on gpt2hub's AVX512 kernels, {torch.get_num_threads()} threads; "
+            f"batch-1 decoding on a CPU takes {steps}")
 
 
 def _tell() -> None:

@@ -32,7 +32,7 @@ from . import native
 from .model import GELU, FeedForward, GPTModel, KVCache, LayerNorm, Linear, MultiHeadAttention, TransformerBlock
 from .quant import Int4Linear, Int8Linear
 
-__all__ = ["DecodeStep", "plan"]
+__all__ = ["DecodeStep", "Unsupported", "plan", "why_not"]
 
 log = logging.getLogger("gpt2hub")
 F32, BF16 = torch.float32, torch.bfloat16
@@ -102,7 +102,8 @@ class DecodeStep:
         bias = None if layer.bias is None else _tensor(layer.bias, f"{name}.bias", (n_out,), BF16)
         codes = _tensor(layer.qweight, f"{name}.qweight")
         if isinstance(layer, Int8Linear):
-            rows, group, kind, scale = codes.shape[0], 0, "int8", _tensor(layer.scale, f"{name}.scale", None, BF16)
+            rows, group, scale = codes.shape[0], 0, _tensor(layer.scale, f"{name}.scale", None, BF16)
+            kind = "int8 vnni" if native.VNNI else "int8"
             ok = codes.dtype == torch.int8 and codes.shape == (rows, n_in) and scale.shape == (rows,)
         else:
             rows, group, kind = codes.shape[0], layer.group_size, "int4"

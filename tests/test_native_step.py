@@ -282,3 +282,24 @@ def test_logged_once_at_info(caplog, monkeypatch):
         generate(model, torch.tensor([[1, 2]]), 3)
     said = [r.getMessage() for r in caplog.records if "native_step" in r.getMessage()]
     assert said == ["gpt2hub.native_step: one call per decoding step"]
+
+
+def test_int8_products_with_vnni_as_with_float32_inputs(monkeypatch):
+    if not native.VNNI:
+        pytest.skip("this CPU lacks AVX512-VNNI")
+    model, tokens, got = _model("int8", HP_QUANT), _tokens(), {}
+    for vnni in (True, False):
+        monkeypatch.setattr(native, "VNNI", vnni)
+        step = native_step.plan(model, KVCache(model.cfg, 1, 4, model.attention_dtype, "cpu"))
+        assert step is not None and step.layers[0].fc.kind == native.KINDS["int8 vnni" if vnni else "int8"]
+        got[vnni], _ = _logits(model, tokens, True)
+    # inputs quantized to 16 bits per block of 64: within 2^-15 of each block's largest, far below bfloat16's rounding
+    scale = max(e.abs().max().item() for e in got[False])
+    assert max((a - b).abs().max().item() for a, b in zip(got[True], got[False], strict=True)) <= 1e-3 * scale
+    assert max((a - b).abs().max().item() for a, b in zip(got[True], got[False], strict=True)) > 0
+
+
+def test_status_names_the_decoding_path(monkeypatch):
+    assert "batch-1 decoding on a CPU takes whole steps" in native.status()
+    monkeypatch.setattr(native, "STEP", False)
+    assert "takes the modules (gpt2hub.native.STEP is False)" in native.status()
