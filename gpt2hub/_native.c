@@ -154,17 +154,44 @@ typedef struct {
     bf16 *yb;
 } out_t;
 
-static inline float gelu_tanh(float v) {   /* GPT-2's GELU, PyTorch's approximate="tanh" */
-    const float beta = 0.7978845608028654f, kappa = 0.044715f;
-    return 0.5f * v * (1.0f + tanhf(beta * (v + kappa * v * v * v)));
+/* e^x for 16 floats: 2^n e^r with n = round(x / ln 2) and |r| <= ln(2) / 2, e^r by its Taylor polynomial of degree
+   7 (truncation below 1e-8 relative); x clamped to [-104, 89] where e^x is 0 or inf in float32 (NaN stays NaN). */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-104.0f), _mm512_min_ps(_mm512_set1_ps(89.0f), x));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);   /* ln 2 in two parts (Cephes') */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
+    __m512 e = _mm512_set1_ps(1.0f / 5040.0f);
+    const float c[] = {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f};
+    for (int i = 0; i < 7; i++) e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(c[i]));
+    return _mm512_scalef_ps(e, n);
 }
 
-static inline void finish(const matrix_t *m, out_t o, int64_t r, float s) {
-    if (m->bias) s += m->bias_bf16 ? from_bf16(((const bf16 *)m->bias)[r]) : ((const float *)m->bias)[r];
-    if (o.mode == OUT_ADD) s += o.y[r];
-    else if (o.mode == OUT_GELU) s = gelu_tanh(s);
-    if (o.y) o.y[r] = s;
-    if (o.yb) o.yb[r] = to_bf16(s);
+/* GPT-2's GELU (PyTorch's approximate="tanh") of v[0..n) in place, tanh(u) as 1 - 2 / (e^2u + 1) */
+static void gelu_tanh(float *v, int64_t n) {
+    const __m512 beta = _mm512_set1_ps(0.7978845608028654f), kappa = _mm512_set1_ps(0.044715f);
+    const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f), half = _mm512_set1_ps(0.5f);
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = mask16(n - i);
+        __m512 x = _mm512_maskz_loadu_ps(m, v + i);
+        __m512 u = _mm512_mul_ps(beta, _mm512_fmadd_ps(_mm512_mul_ps(kappa, x), _mm512_mul_ps(x, x), x));
+        __m512 t = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(exp16(_mm512_add_ps(u, u)), one)));
+        _mm512_mask_storeu_ps(v + i, m, _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, t)));
+    }
+}
+
+/* Rows n0..n0+cnt-1 of a product, their sums in s (cnt <= BLOCK, changed): plus the bias, then as `o` says */
+static void finish(const matrix_t *m, out_t o, int64_t n0, int64_t cnt, float *s) {
+    for (int64_t i = 0; i < cnt; i++) {
+        if (m->bias) s[i] += m->bias_bf16 ? from_bf16(((const bf16 *)m->bias)[n0 + i]) : ((const float *)m->bias)[n0 + i];
+        if (o.mode == OUT_ADD) s[i] += o.y[n0 + i];
+    }
+    if (o.mode == OUT_GELU) gelu_tanh(s, cnt);
+    for (int64_t i = 0; i < cnt; i++) {
+        if (o.y) o.y[n0 + i] = s[i];
+        if (o.yb) o.yb[n0 + i] = to_bf16(s[i]);
+    }
 }
 
 static inline __m512 nibbles(__m128i bytes) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)); }
@@ -296,10 +323,14 @@ static void matvec_t(const matrix_t *m, const float *x, out_t o, float *parts) {
     }
 #pragma omp barrier
 #pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        float s = 0.0f;
-        for (int u = 0; u < T; u++) s += parts[Np * u + n];
-        finish(m, o, n, s);
+    for (int64_t n0 = 0; n0 < N; n0 += BLOCK) {
+        float s[BLOCK];
+        int64_t cnt = N - n0 < BLOCK ? N - n0 : BLOCK;
+        for (int64_t i = 0; i < cnt; i++) {
+            s[i] = 0.0f;
+            for (int u = 0; u < T; u++) s[i] += parts[Np * u + n0 + i];
+        }
+        finish(m, o, n0, cnt, s);
     }
 }
 
@@ -320,7 +351,7 @@ static void matvec(const matrix_t *m, const vec_t *x, out_t o) {
         float d[BLOCK];
         int64_t n0 = b * BLOCK, cnt = m->n - n0 < BLOCK ? m->n - n0 : BLOCK;
         block_sums(m, x, n0, cnt, d);
-        for (int64_t i = 0; i < cnt; i++) finish(m, o, n0 + i, d[i]);
+        finish(m, o, n0, cnt, d);
     }
 }
 
@@ -447,7 +478,12 @@ static void attend(const model_t *m, void *kv, const float *qkv, int64_t h, int6
         sc[t] = _mm512_reduce_add_ps(a) * scale;
         top = sc[t] > top ? sc[t] : top;
     }
-    for (int64_t t = 0; t <= pos; t++) total += sc[t] = expf(sc[t] - top);
+    for (int64_t t = 0; t <= pos; t += 16) {   /* softmax's exponentials, 16 at a time */
+        __mmask16 mk = mask16(pos + 1 - t);
+        __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sc + t), _mm512_set1_ps(top)));
+        _mm512_mask_storeu_ps(sc + t, mk, e);
+        total += _mm512_mask_reduce_add_ps(mk, e);
+    }
     for (int64_t d = 0; d < D; d += 16) {
         __m512 a = _mm512_setzero_ps();
         for (int64_t t = 0; t <= pos; t++)
