@@ -1,8 +1,11 @@
 """gpt2hub.native_step against models it must not stand in for, and shapes at its edges: each model whose modules
 compute something else than decode_step (a module left in training mode, code replaced on a module or its class, an
 embedding that renormalizes its rows, the book's LoRA layers) decodes on its modules, with their tokens; tensors the
-C step would read past the end of, or read in another dtype than the modules, are never handed to it."""
+C step would read past the end of, or read in another dtype than the modules, are never handed to it. And int8
+models whose width is not a multiple of 16, whose prompts PyTorch's int8 kernel summed wrongly (or crashed on)."""
 
+import subprocess
+import sys
 import types
 
 import pytest
@@ -208,3 +211,30 @@ def test_a_cache_of_another_shape_is_not_written():
     cache = KVCache(model.cfg, 1, 8, torch.float32, "cpu")
     cache.kv = torch.zeros(2, 1, 1, 3, 8, 8)
     assert native_step.plan(model, cache) is None
+
+
+_INT8_CHILD = """
+import torch
+from gpt2hub import GPTModel, quant
+cfg = {{"vocab_size": 70, "context_length": 24, "emb_dim": {width}, "n_heads": {heads}, "n_layers": 1,
+       "qkv_bias": True}}
+torch.manual_seed(0)
+sd = GPTModel(cfg, init="gpt2").state_dict()
+model = quant.quantized_model(cfg, quant.quantize_state_dict(sd, "int8"), "int8")
+ids = torch.tensor([[5, 17, 3]])
+with torch.inference_mode():
+    got = model(ids).double()
+    quant.KERNELS = False  # dequantized weights, F.linear
+    plain = model(ids).double()
+print(float((got - plain).abs().max() / plain.abs().max()))
+"""
+
+
+@pytest.mark.parametrize("width,heads", [(20, 4), (24, 3), (56, 4), (64, 4)])
+def test_int8_models_of_any_width_prefill_as_dequantized(width, heads):
+    # found comparing the step with the modules: PyTorch 2.13's _weight_int8pack_mm, which the int8 modules run on
+    # several rows (the prompt), sums rows whose width is not a multiple of 16 wrongly, and crashes on 20
+    run = subprocess.run([sys.executable, "-c", _INT8_CHILD.format(width=width, heads=heads)], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert float(run.stdout.strip().splitlines()[-1]) < 0.02, run.stdout
