@@ -119,15 +119,18 @@ class MultiHeadAttention(nn.Module):
         self.W_qkv: nn.Module | None = None
         self.out_proj = Linear(d_out, d_out)
         self.dropout = nn.Dropout(dropout)
-        self._fused: tuple[tuple[int, ...], Any] = ((), None)  # fused_qkv() and the addresses it was made for
+        self._fused: tuple[tuple[Any, ...], Any] = ((), None)  # fused_qkv() and the layers and addresses it was made for
         # the dtype attention computes in when it is not the activations' (see GPTModel.attention_dtype)
         self.attention_dtype: torch.dtype | None = None
 
     def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """W_query, W_key and W_value as one [3 * d_out, d_in] weight (and bias) when they lie side by side in memory:
         the three column blocks of one [d_in, 3 * d_out] matrix (OpenAI's c_attn, mapped from its checkpoint), or the
-        three row blocks of one [3 * d_out, d_in] matrix (c_attn converted to nn.Linear's layout); else None."""
+        three row blocks of one [3 * d_out, d_in] matrix (c_attn converted to nn.Linear's layout); else None, also
+        where one of them is not a plain linear layer (a LoRA wrapper, with or without a `weight`, computes more)."""
         layers, d = (self.W_query, self.W_key, self.W_value), self.d_out
+        if not all(type(m) in (Linear, nn.Linear) for m in layers):
+            return None
         first = self.W_query.weight
         d_in = first.shape[1] if first.dim() == 2 else 0
         if _consecutive([m.weight for m in layers], (1, 3 * d), d):
@@ -143,12 +146,13 @@ class MultiHeadAttention(nn.Module):
         return w, self.W_query.bias.as_strided((3 * d,), (1,))
 
     def _fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """fused_qkv(), made again only when a weight or bias has moved: the views kept here hold the memory they
-        read, so no other tensor can come to lie at the addresses compared."""
+        """fused_qkv(), made again only when a layer is replaced or a weight or bias has moved: the views kept here
+        hold the memory they read, so no other tensor can come to lie at the addresses compared."""
         if compiling():  # (addresses cannot be traced; compiled code decides once, as benchmarks/compile_decode.py does)
             return self.fused_qkv()
         layers = (self.W_query, self.W_key, self.W_value)
-        key = tuple(t.data_ptr() if t is not None else 0 for m in layers for t in (m.weight, m.bias))
+        key = tuple(x for m in layers for x in (type(m), *(t.data_ptr() if isinstance(t, torch.Tensor) else 0
+                                                           for t in (getattr(m, "weight", None), getattr(m, "bias", None)))))
         if self._fused[0] != key:
             self._fused = (key, self.fused_qkv())
         return self._fused[1]

@@ -15,8 +15,12 @@ float32 than its modules' (which round every activation to bfloat16), and a floa
 modules' only in the order of sums (tests/test_native_step.py holds both to float64 and to each other).
 
 It runs only where every part of the model is exactly what it reads: gpt2hub's own GPTModel, blocks, attention,
-norms, GELU and linear layers (no subclass, no replaced module such as a LoRA layer, no hook), in eval mode, on the
-CPU, one row, no padding; everywhere else the modules run. `plan(model, cache)` says which, and `why_not` why.
+norms, GELU and linear layers and PyTorch's nn.Embedding (no subclass, no replaced module such as a LoRA layer, no
+method replaced on a module or patched on its class since import, no hook, no max_norm), each weight in the
+embeddings' dtype or quantized, the model and every block in eval mode, on the CPU, one row, no padding; everywhere
+else the modules run. `plan(model, cache)` says which, and `why_not` why. A step is made for one generate call and
+reads the weights the model held then (writes to them in place are seen; a module or tensor replaced during a
+stream is not; bfloat16 norms are read from float32 copies made then).
 """
 
 from __future__ import annotations
@@ -54,20 +58,21 @@ class DecodeStep:
 
     def __init__(self, model: GPTModel, cache: KVCache):
         self.keep: list[torch.Tensor] = []
-        self.vocab, self.context = model.tok_emb.weight.shape[0], model.pos_emb.weight.shape[0]
+        emb, pos = (_lookup(model.tok_emb, "tok_emb"), _lookup(model.pos_emb, "pos_emb"))
+        if emb.dtype not in (F32, BF16) or pos.dtype != emb.dtype:
+            raise Unsupported(f"embeddings of {emb.dtype} and {pos.dtype}")
+        # the modules' products take the embeddings' dtype (F.linear refuses another): so does every weight read here
+        self.dtype, c = emb.dtype, emb.shape[1]
+        self.vocab, self.context = emb.shape[0], pos.shape[0]
         self.max_len = cache.max_len
         caches = _layer_caches(model, cache)
         blocks = [_exact(b, TransformerBlock, f"trf_blocks.{i}") for i, b in enumerate(model.trf_blocks)]
-        self.layers = (native.Layer * len(caches))(*(self._layer(b, kv, f"trf_blocks.{i}")
-                                                      for i, (b, kv) in enumerate(zip(blocks, caches, strict=True))))
-        emb, pos = (_tensor(model.tok_emb.weight, "tok_emb.weight"), _tensor(model.pos_emb.weight, "pos_emb.weight"))
-        if emb.dtype not in (F32, BF16) or pos.dtype != emb.dtype:
-            raise Unsupported(f"embeddings of {emb.dtype} and {pos.dtype}")
-        lnf_w, lnf_b, epsf = self._norm(model.final_norm, "final_norm")
-        c = emb.shape[1]
         heads = {_exact(b.att, MultiHeadAttention, "att").num_heads for b in blocks} or {1}
         if pos.shape[1] != c or any(_exact(b.att, MultiHeadAttention, "att").d_out != c for b in blocks):
             raise Unsupported("the embeddings and blocks are of different widths")
+        self.layers = (native.Layer * len(caches))(*(self._layer(b, kv, f"trf_blocks.{i}")
+                                                      for i, (b, kv) in enumerate(zip(blocks, caches, strict=True))))
+        lnf_w, lnf_b, epsf = self._norm(model.final_norm, "final_norm", c)
         self.model = native.Model(C=c, H=heads.pop(),
                                   V=self.vocab, L=len(model.trf_blocks), max_len=self.max_len,
                                   emb_bf16=int(emb.dtype == BF16), cache_bf16=int(cache.kv.dtype == BF16),
@@ -84,10 +89,10 @@ class DecodeStep:
         logits = torch.empty(1, self.vocab, dtype=F32, device="cpu")
         return logits if native.decode_step(self.model, token, pos, logits) else None
 
-    def _norm(self, module: Any, name: str) -> tuple[int, int, float]:
-        """(scale, shift) as float32 copies the step keeps, and eps."""
+    def _norm(self, module: Any, name: str, c: int) -> tuple[int, int, float]:
+        """(scale, shift) [c] as float32 copies the step keeps, and eps."""
         norm = _exact(module, LayerNorm, name)
-        w, b = (_tensor(t, f"{name}.{n}").float().contiguous() for t, n in ((norm.scale, "scale"), (norm.shift, "shift")))
+        w, b = (_tensor(t, f"{name}.{n}", (c,)).float().contiguous() for t, n in ((norm.scale, "scale"), (norm.shift, "shift")))
         self.keep += [w, b]
         return w.data_ptr(), b.data_ptr(), float(norm.eps)
 
@@ -118,7 +123,7 @@ class DecodeStep:
 
     def _dense(self, w: torch.Tensor, b: torch.Tensor | None, name: str, n_in: int, n_out: int) -> native.Matrix:
         """The Matrix of a float32 or bfloat16 weight [n_out, n_in] (float32 may be a transposed view: [in, out])."""
-        w = _tensor(w, f"{name}.weight", (n_out, n_in), transposed=None)
+        w = _tensor(w, f"{name}.weight", (n_out, n_in), self.dtype, transposed=None)
         if w.dtype == F32:
             kind = "float32" if native.plain(w) else "float32 [in, out]"
         elif w.dtype == BF16 and native.BF16 and native.plain(w):
@@ -135,8 +140,10 @@ class DecodeStep:
         """Queries, keys and values as one product (W_qkv, or W_query..W_value side by side) or three."""
         if att.W_qkv is not None:
             return [self._matrix(att.W_qkv, f"{name}.W_qkv", c, 3 * c)]
-        fused = att.fused_qkv()
-        if fused is not None and not any(_hooked(m) or type(m) is not Linear for m in (att.W_query, att.W_key, att.W_value)):
+        # (the types first: fused_qkv reads a `weight` that a wrapper, such as the book's LoRA layer, may not have)
+        plain = not any(_hooked(m) or type(m) is not Linear for m in (att.W_query, att.W_key, att.W_value))
+        fused = att.fused_qkv() if plain else None
+        if fused is not None:
             return [self._dense(*fused, f"{name}.W_qkv (fused)", c, 3 * c)]
         return [self._matrix(getattr(att, n), f"{name}.{n}", c, c) for n in ("W_query", "W_key", "W_value")]
 
@@ -149,13 +156,21 @@ class DecodeStep:
                 or kv.shape[3] != att.head_dim or type(ff.layers) is not nn.Sequential or len(ff.layers) != 3):
             raise Unsupported(f"{name}'s attention or feed-forward is not GPTModel's")
         _exact(ff.layers[1], GELU, f"{name}.ff.layers.1")
-        ln1_w, ln1_b, eps1 = self._norm(block.norm1, f"{name}.norm1")
-        ln2_w, ln2_b, eps2 = self._norm(block.norm2, f"{name}.norm2")
+        ln1_w, ln1_b, eps1 = self._norm(block.norm1, f"{name}.norm1", c)
+        ln2_w, ln2_b, eps2 = self._norm(block.norm2, f"{name}.norm2", c)
         qkv = self._qkv(att, f"{name}.att", c) + [native.Matrix()] * 2
         return native.Layer(qkv=(native.Matrix * 3)(*qkv[:3]), out=self._matrix(att.out_proj, f"{name}.att.out_proj", c, c),
                             fc=self._matrix(ff.layers[0], f"{name}.ff.layers.0", c, 4 * c),
                             proj=self._matrix(ff.layers[2], f"{name}.ff.layers.2", 4 * c, c), ln1_w=ln1_w, ln1_b=ln1_b,
                             ln2_w=ln2_w, ln2_b=ln2_b, eps1=eps1, eps2=eps2, kv=kv.data_ptr())
+
+
+def _lookup(module: Any, name: str) -> torch.Tensor:
+    """The weight of an embedding that only looks rows up (an nn.Embedding with max_norm renormalizes them)."""
+    emb = _exact(module, nn.Embedding, name)
+    if emb.max_norm is not None:
+        raise Unsupported(f"{name} renormalizes the rows it reads (max_norm={emb.max_norm})")
+    return _tensor(emb.weight, f"{name}.weight", (emb.num_embeddings, emb.embedding_dim))
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -189,7 +204,8 @@ def _tensor(t: Any, name: str, shape: tuple[int, ...] | None = None, dtype: torc
 def _layer_caches(model: GPTModel, cache: KVCache) -> list[torch.Tensor]:
     """Each block's [2, heads, max_len, head_dim] share of a batch-1 cache."""
     kv = cache.kv
-    if kv.dim() != 6 or kv.shape[0] != len(model.trf_blocks) or kv.shape[2] != 1 or kv.dtype not in (F32, BF16):
+    if (kv.dim() != 6 or kv.shape[0] != len(model.trf_blocks) or kv.shape[1] != 2 or kv.shape[2] != 1
+            or kv.dtype not in (F32, BF16)):
         raise Unsupported(f"the KV cache is {kv.dtype} {tuple(kv.shape)} (batch 1, float32 or bfloat16 is read)")
     _tensor(kv, "the KV cache")
     return [layer[:, 0] for layer in kv]
@@ -210,19 +226,47 @@ def plan(model: nn.Module, cache: KVCache) -> DecodeStep | None:
 
 
 def why_not(model: nn.Module, cache: KVCache) -> str | None:
-    """Why decode_step cannot run `model` as a whole (None: the model's kind, mode and device allow it; its parts
-    are checked when the step is made)."""
+    """Why decode_step cannot run `model` as a whole (None: the model's kind, mode, device and code allow it; its
+    parts are checked when the step is made)."""
+    modules = list(model.modules())  # (listed once: each walk through a model's modules costs 0.1-0.2 ms)
     checks: list[tuple[Callable[[], bool], str]] = [
         (lambda: native.ENABLED and native.STEP and native.AVAILABLE, native.status() if not native.AVAILABLE else
          "gpt2hub.native.ENABLED or STEP is False"),
         (lambda: bool(torch.backends.mkldnn.enabled), "torch.backends.mkldnn.enabled is False"),
         (lambda: type(model) is GPTModel, f"the model is a {type(model).__name__}, not gpt2hub's GPTModel"),
-        (lambda: not model.training, "the model is in training mode (dropout)"),
-        (lambda: not _global_hooks() and not any(_hooked(m) for m in model.modules()), "hooks are registered"),
+        # (dropout runs where the model, a block or an attention is in training mode: model.eval() and then a block's
+        # train() leaves the others as they were)
+        (lambda: not any(m.training for m in modules if isinstance(m, _DROPOUT)),
+         "the model or one of its blocks is in training mode (dropout)"),
+        (lambda: not _global_hooks() and not any(_hooked(m) for m in modules), "hooks are registered"),
         (lambda: model.tok_emb.weight.device.type == "cpu", "the model is not on the CPU"),  # type: ignore[union-attr]
         (lambda: cache.kv.shape[2] == 1, "more than one row"),
     ]
-    return next((why for ok, why in checks if not ok()), None)
+    return next((why for ok, why in checks if not ok()), None) or _replaced(model, modules)
+
+
+# the code decode_step stands for: these classes' methods as defined when gpt2hub was imported (a class patched since
+# then, or a method set on one module, computes something else)
+_CODE = {cls: {name: getattr(cls, name) for name in names} for cls, names in [
+    (GPTModel, ("forward",)), (TransformerBlock, ("forward",)), (MultiHeadAttention, ("forward", "project")),
+    (FeedForward, ("forward",)), (nn.Sequential, ("forward",)), (LayerNorm, ("forward",)), (GELU, ("forward",)),
+    (nn.Embedding, ("forward",)), (Linear, ("forward",)), (Int8Linear, ("forward", "_row", "_kernel")),
+    (Int4Linear, ("forward", "_kernel"))]}
+
+
+def _replaced(model: nn.Module, modules: list[nn.Module]) -> str | None:
+    """Where code has replaced a method decode_step stands for since import, on its class or on one module."""
+    for kind, methods in _CODE.items():
+        if any(getattr(kind, method) is not code for method, code in methods.items()):
+            return f"{kind.__name__}'s code has been replaced since gpt2hub was imported"
+    for m in modules:
+        if shadowing := _CODE.get(type(m), {}).keys() & m.__dict__.keys():
+            name = next(n for n, x in model.named_modules() if x is m) or "the model"
+            return f"{name}.{min(shadowing)} is set on the module, not its class's"
+    return None
+
+
+_DROPOUT = (GPTModel, TransformerBlock, MultiHeadAttention)  # whose forward applies dropout in training mode
 
 
 def _global_hooks() -> bool:

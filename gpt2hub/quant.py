@@ -305,6 +305,10 @@ class Int8Linear(QuantLinear):
         return self.qweight[:n].to(dtype) * self.scale[:n].to(dtype)[:, None]
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_features % 16:
+            # PyTorch 2.13's kernel gives wrong sums for other widths (rows of 20, 24, 40, 56 or 72 inputs), and for 20
+            # reads out of bounds (SIGSEGV): the plain path then (one row still runs on gpt2hub.native's kernel)
+            return F.linear(x, self._plain_weight(x.dtype))
         return torch.ops.aten._weight_int8pack_mm(x, self._aligned("qweight"), self._aligned("scale"))
 
     def _row(self, x: torch.Tensor) -> torch.Tensor | None:
