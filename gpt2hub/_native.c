@@ -33,7 +33,9 @@ typedef uint16_t bf16;
    the EPYC (into L1 2 KiB ahead was the first version; none at all was slower still for [out, in]) */
 #define AHEAD_BYTES 4096
 #define PREFETCH(p) _mm_prefetch((p), _MM_HINT_T1)
+#ifndef AHEAD_T
 #define AHEAD_T 256           /* (floats: 1 KiB) */
+#endif
 
 static inline float from_bf16(bf16 h) {
     uint32_t u = (uint32_t)h << 16;

@@ -462,9 +462,10 @@ class _Cached:
         self.cache = KVCache(model.cfg, b, min(target.ctx, t + cfg.new_tokens), model.attention_dtype, param.device)
         self.padding = None if prompt.pad is None else prompt.window(t - self.filled, self.cache.max_len)
         self.decoder = None
-        # batch-1 decoding on a CPU: the whole step in one call where gpt2hub/_native.c reads every part of the model
-        self.native = (native_step.plan(model, self.cache) if decode == "eager" and b == 1 and prompt.pad is None
-                       and param.device.type == "cpu" else None)
+        # batch-1 decoding on a CPU: the whole step in one call where gpt2hub/_native.c reads every part of the model,
+        # planned at the first step (a call for one token never needs it)
+        self.native: native_step.DecodeStep | None = None
+        self.plan_native = decode == "eager" and b == 1 and prompt.pad is None and param.device.type == "cpu"
         if decode != "eager":
             try:
                 self.decoder = _StaticDecoder(model, self.cache, b, decode == "cuda_graph", self.padding)
@@ -487,6 +488,8 @@ class _Cached:
             return self.window(seq)
         pos, x = self.filled, seq.buf[:, seq.n - 1:seq.n]
         self.filled += 1
+        if self.plan_native:
+            self.native, self.plan_native = native_step.plan(self.model, self.cache), False
         if self.native is not None:
             logits = self.native(int(x), pos)
             if logits is not None:

@@ -303,3 +303,14 @@ def test_status_names_the_decoding_path(monkeypatch):
     assert "batch-1 decoding on a CPU takes whole steps" in native.status()
     monkeypatch.setattr(native, "STEP", False)
     assert "takes the modules (gpt2hub.native.STEP is False)" in native.status()
+
+
+def test_planned_once_per_call_and_not_for_one_token(monkeypatch):
+    made = []
+    real = native_step.plan
+    monkeypatch.setattr(native_step, "plan", lambda model, cache: made.append(1) or real(model, cache))
+    model = _model("float32")
+    generate(model, torch.tensor([[1, 2]]), 1)  # the prompt's token only: no step to plan
+    assert made == []
+    generate(model, torch.tensor([[1, 2]]), 6)
+    assert made == [1]
