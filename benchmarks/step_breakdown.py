@@ -3,14 +3,16 @@
 For each precision of gpt2-small (random weights, built as decode_step.py builds them), in one process, alternating
 --rounds times:
 
-- "whole step": greedy decoding, ms per token after the first (as decode_step.py times it);
+- "whole step": greedy decoding through the model's modules (`gpt2hub.native.STEP = False`), ms per token after the
+  first (as decode_step.py times it);
 - "without the linears' work": the same with every linear product (gpt2hub.model.linear and the quantized layers)
   replaced by a preallocated output of the right shape: the ops between the products and the Python around them;
 - "products back to back": the 49 products of one decoding step (recorded with their inputs, packs and copies as
   the model made them) replayed one after the other, with nothing between them.
 
 whole step - (without the linears' work) - (products back to back) is what running inside the model costs the
-products beyond their own time.
+products beyond their own time. Beside them, "native_step": the same decoding in whole C steps (gpt2hub.native_step,
+what generation runs), whose time over the products back to back is what the C step adds to them.
 
     python benchmarks/step_breakdown.py --out benchmarks/results/cpu-epyc-2core
 """
@@ -29,7 +31,7 @@ from _report import describe, machine, save, table
 from decode_step import _model
 
 import gpt2hub.model as model_module
-from gpt2hub import generate, quant
+from gpt2hub import generate, native, quant
 
 
 def _per_token(model: Any, idx: torch.Tensor, tokens: int) -> float:
@@ -95,7 +97,8 @@ def measure(precision: str, rounds: int, tokens: int) -> dict[str, Any]:
     model = _model("gpt2-small", precision).eval()
     idx = torch.randint(0, model.tok_emb.num_embeddings, (1, 16), generator=torch.Generator().manual_seed(0))
     # "step": the whole step; "rest": without the linears' work; "products": the 49 products back to back
-    times: dict[str, list[float]] = {"step": [], "rest": [], "products": []}
+    times: dict[str, list[float]] = {"step": [], "rest": [], "products": [], "native_step": []}
+    native.STEP = False
     with torch.no_grad():
         generate(model, idx, 20)  # packs and copies made
         replay = _recorded_step(model, idx)
@@ -111,6 +114,10 @@ def measure(precision: str, rounds: int, tokens: int) -> dict[str, Any]:
             for _ in range(10):
                 replay()
             times["products"].append((time.perf_counter() - t0) / 10 * 1e3)
+            native.STEP = True
+            times["native_step"].append(_per_token(model, idx, tokens))
+            native.STEP = False
+    native.STEP = True
     return {"precision": precision, **{k: statistics.median(v) for k, v in times.items()}, "runs_ms": times}
 
 
@@ -127,10 +134,11 @@ def main() -> None:
     info = machine()
     lines = [f"Where a batch-1 decoding step of gpt2-small goes (random weights), {describe(info)}; ms per token, "
              f"medians of {args.rounds} alternating rounds of {args.new_tokens} tokens", ""]
-    lines += table(["precision", "whole step", "without the linears' work", "products back to back",
-                    "what the model adds to the products"],
+    lines += table(["precision", "whole step (modules)", "without the linears' work", "products back to back",
+                    "what the model adds to the products", "native_step", "native_step - products"],
                    [(r["precision"], f"{r['step']:.2f}", f"{r['rest']:.2f}", f"{r['products']:.2f}",
-                     f"{r['step'] - r['rest'] - r['products']:.2f}") for r in rows])
+                     f"{r['step'] - r['rest'] - r['products']:.2f}", f"{r['native_step']:.2f}",
+                     f"{r['native_step'] - r['products']:.2f}") for r in rows])
     save(lines, args.out, "step_breakdown", {"machine": info, "rows": rows})
 
 

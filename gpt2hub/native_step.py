@@ -7,12 +7,16 @@ benchmarks/results/cpu-epyc-2core). `decode_step` runs the whole step (embedding
 products, attention with the cache write, GELU and residuals, the final norm and the head) in one OpenMP region, as
 ggml's graph does, on the same kernels as gpt2hub.native's one-row products, reading the weights as the model holds
 them: float32 [out, in] or mapped [in, out], bfloat16, and gpt2hub.quant's int8 and int4 layers (the int4 codes in
-their documented tile order).
+their documented tile order; int8 with AVX512-VNNI where the CPU has it, on inputs quantized to 16 bits per block of
+64). Against the modules on the same kernels, 3 alternating rounds on a 2-core EPYC (native_step_decode.md): 1.40x to
+2.09x the tokens/s for gpt2-small and -medium at every precision; beside ggml's examples/gpt-2 on the same weights,
+ggml_compare.md.
 
 Activations stay float32 through the step (as ggml keeps them); products with bfloat16 weights read them rounded to
-bfloat16, and keys and values are stored in the cache's dtype. So a bfloat16 model's logits here are closer to
-float32 than its modules' (which round every activation to bfloat16), and a float32 model's differ from its
-modules' only in the order of sums (tests/test_native_step.py holds both to float64 and to each other).
+bfloat16, and keys and values are stored in the cache's dtype. So bfloat16, int8 and int4 models' logits here are
+closer to float64's than their modules' (which round every activation to bfloat16; native_accuracy.md), and a
+float32 model's differ from its modules' only in the order of sums (tests/test_native_step.py holds both to float64
+and to each other).
 
 It runs only where every part of the model is exactly what it reads: gpt2hub's own GPTModel, blocks, attention,
 norms, GELU and linear layers and PyTorch's nn.Embedding (no subclass, no replaced module such as a LoRA layer, no
