@@ -47,6 +47,7 @@ there, the speed of F.linear). Each layer kind logs once (logger "gpt2hub", INFO
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Mapping
 
@@ -58,9 +59,9 @@ from . import native
 from .kernels import compiling, native_bf16
 from .model import GPTModel, state_dict_shapes
 
-__all__ = ["DEFAULT_GROUP_SIZE", "FAST_CPU", "GROUP_SIZES", "HEADS", "HEADS_DEFAULT", "INT4_TILES", "KERNELS",
-           "SCHEMES", "Int4Linear", "Int8Linear", "QuantLinear", "pack_int4", "quantize_state_dict", "quantized_model",
-           "stored_layout", "unpack_int4"]
+__all__ = ["DEFAULT_GROUP_SIZE", "FAST_CPU", "GROUP_SIZES", "HEADS", "HEADS_DEFAULT", "KERNELS", "SCHEMES",
+           "Int4Linear", "Int8Linear", "QuantLinear", "int4_kernel_reads_tiles", "pack_int4", "quantize_state_dict",
+           "quantized_model", "stored_layout", "unpack_int4"]
 
 log = logging.getLogger("gpt2hub")
 SCHEMES = ("int8", "int4")
@@ -176,8 +177,10 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _int4_kernel_reads_tiles() -> bool:
-    """Whether this PyTorch has the CPU int4 kernel and packs weights in the stored tile order."""
+@functools.cache
+def int4_kernel_reads_tiles() -> bool:
+    """Whether this PyTorch has the CPU int4 kernel and packs weights in the stored tile order (probed once, at the
+    first int4 product: 7 ms that an int8 or bfloat16 load should not pay at import)."""
     if not (FAST_CPU and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")):
         return False
     codes = torch.randint(0, 16, (2 * TILE, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32,
@@ -187,7 +190,6 @@ def _int4_kernel_reads_tiles() -> bool:
     return False
 
 
-INT4_TILES = _int4_kernel_reads_tiles()  # checked once, at import
 
 
 # -- the modules -------------------------------------------------------------------------------------------------------
@@ -342,7 +344,7 @@ class Int4Linear(QuantLinear):
         return torch.addcmul(zero[..., None], codes.to(dtype) - 8, scale[..., None]).reshape(self.out_features, -1)
 
     def _usable(self) -> bool:
-        return INT4_TILES
+        return int4_kernel_reads_tiles()
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self._aligned("qweight"), self.group_size,

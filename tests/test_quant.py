@@ -34,7 +34,7 @@ SCHEMES = [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128)]
 @pytest.fixture(params=["kernel", "plain"])
 def path(request, monkeypatch):
     """Both ways a quantized layer multiplies: PyTorch's int8/int4 kernels, and dequantize + F.linear."""
-    if request.param == "kernel" and not (quant.KERNELS and quant.INT4_TILES):
+    if request.param == "kernel" and not (quant.KERNELS and quant.int4_kernel_reads_tiles()):
         pytest.skip("this CPU or PyTorch has no fast path for the int8/int4 kernels: only the plain path runs here")
     monkeypatch.setattr(quant, "KERNELS", request.param == "kernel")
     return request.param
