@@ -47,7 +47,6 @@ there, the speed of F.linear). Each layer kind logs once (logger "gpt2hub", INFO
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from collections.abc import Callable, Mapping
 
@@ -177,10 +176,19 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-@functools.cache
+_int4_tiles: list[bool] = []  # int4_kernel_reads_tiles' answer, once known
+
+
 def int4_kernel_reads_tiles() -> bool:
-    """Whether this PyTorch has the CPU int4 kernel and packs weights in the stored tile order (probed once, at the
-    first int4 product: 7 ms that an int8 or bfloat16 load should not pay at import)."""
+    """Whether this PyTorch has the CPU int4 kernel and packs weights in the stored tile order (probed once, when the
+    first Int4Linear is made: 7 ms that an int8 or bfloat16 load should not pay at import; kept in a plain list,
+    which torch.compile's tracing reads, where it would run a functools.cache'd probe again)."""
+    if not _int4_tiles:
+        _int4_tiles.append(_probe_int4_tiles())
+    return _int4_tiles[0]
+
+
+def _probe_int4_tiles() -> bool:
     if not (FAST_CPU and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")):
         return False
     codes = torch.randint(0, 16, (2 * TILE, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32,
@@ -334,6 +342,7 @@ class Int4Linear(QuantLinear):
         self.group_size, rows = group_size, _round_up(out_features, TILE)
         self.register_buffer("qweight", torch.empty(rows, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scale_zero", torch.empty(in_features // group_size, rows, 2, dtype=BF16))
+        int4_kernel_reads_tiles()  # (now, not at the first product: that may be inside torch.compile's tracing)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}"
