@@ -8,9 +8,9 @@ products, attention with the cache write, GELU and residuals, the final norm and
 ggml's graph does, on the same kernels as gpt2hub.native's one-row products, reading the weights as the model holds
 them: float32 [out, in] or mapped [in, out], bfloat16, and gpt2hub.quant's int8 and int4 layers (the int4 codes in
 their documented tile order; int8 with AVX512-VNNI where the CPU has it, on inputs quantized to 16 bits per block of
-64). Against the modules on the same kernels, 3 alternating rounds on a 2-core EPYC (native_step_decode.md): 1.40x to
-2.09x the tokens/s for gpt2-small and -medium at every precision; beside ggml's examples/gpt-2 on the same weights,
-ggml_compare.md.
+64). Against the commit before (the modules on gpt2hub.native's one-row kernels), 5 alternating rounds on a 2-core
+EPYC (native_step_decode.md): 1.37x to 1.96x the tokens/s for gpt2-small and -medium at every precision; beside
+ggml's examples/gpt-2 on the same weights, 1.13x to 1.63x (ggml_compare.md).
 
 Activations stay float32 through the step (as ggml keeps them); products with bfloat16 weights read them rounded to
 bfloat16, and keys and values are stored in the cache's dtype. So bfloat16, int8 and int4 models' logits here are
