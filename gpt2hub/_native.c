@@ -363,51 +363,41 @@ static void matvec(const matrix_t *m, const vec_t *x, out_t o) {
 
 /* -- the one-row products gpt2hub/native.py calls ------------------------------------------------------------- */
 
-static int product(const matrix_t *m, const float *xf, const bf16 *xb, out_t o, int nt) {
-    vec_t x = {xf, xb, NULL, NULL, NULL};
-    if (m->kind == KIND_F32_T && !(x.parts = aligned_alloc(64, (size_t)padded_n(m->n) * (size_t)(nt > 0 ? nt : 1) * 4)))
-        return -1;
+/* One product for gpt2hub/native.py: x (K values: bfloat16 for KIND_BF16 and KIND_I8, else float32) copied
+   zero-padded in the form the kind reads (int8's bfloat16 inputs widened to float32) */
+static int product(const matrix_t *m, const void *x, out_t o, int nt) {
+    vec_t v = {NULL, NULL, NULL, NULL, NULL};
+    void *xs = m->kind == KIND_BF16 ? padded(x, m->k, sizeof(bf16))
+             : m->kind == KIND_I8   ? (void *)widened(x, m->k)
+                                    : padded(x, m->k, sizeof(float));
+    if (m->kind == KIND_BF16) v.b = xs;
+    else v.f = xs;
+    if (xs && m->kind == KIND_F32_T) v.parts = aligned_alloc(64, (size_t)padded_n(m->n) * (size_t)(nt > 0 ? nt : 1) * 4);
+    if (xs && (m->kind != KIND_F32_T || v.parts)) {
 #pragma omp parallel num_threads(nt)
-    matvec(m, &x, o);
-    free(x.parts);
-    return 0;
+        matvec(m, &v, o);
+    }
+    int failed = !xs || (m->kind == KIND_F32_T && !v.parts);
+    free(v.parts);
+    free(xs);
+    return failed ? -1 : 0;
 }
 
 int gemv_bf16(const bf16 *W, const bf16 *x, const bf16 *b, bf16 *y, int64_t N, int64_t K, int nt) {
-    matrix_t m = {KIND_BF16, 0, 1, N, K, N, W, NULL, b};
-    bf16 *xs = padded(x, K, sizeof *xs);
-    if (!xs) return -1;
-    int r = product(&m, NULL, xs, (out_t){OUT_SET, NULL, y}, nt);
-    free(xs);
-    return r;
-}
-
-static int gemv_float(int64_t kind, const float *W, const float *x, const float *b, float *y, int64_t N, int64_t K,
-                      int nt) {
-    matrix_t m = {kind, 0, 0, N, K, N, W, NULL, b};
-    float *xs = padded(x, K, sizeof *xs);
-    if (!xs) return -1;
-    int r = product(&m, xs, NULL, (out_t){OUT_SET, y, NULL}, nt);
-    free(xs);
-    return r;
+    return product(&(matrix_t){KIND_BF16, 0, 1, N, K, N, W, NULL, b}, x, (out_t){OUT_SET, NULL, y}, nt);
 }
 
 int gemv_f32(const float *W, const float *x, const float *b, float *y, int64_t N, int64_t K, int nt) {
-    return gemv_float(KIND_F32, W, x, b, y, N, K, nt);
+    return product(&(matrix_t){KIND_F32, 0, 0, N, K, N, W, NULL, b}, x, (out_t){OUT_SET, y, NULL}, nt);
 }
 
 int gemv_f32_t(const float *W, const float *x, const float *b, float *y, int64_t N, int64_t K, int nt) {
-    return gemv_float(KIND_F32_T, W, x, b, y, N, K, nt);
+    return product(&(matrix_t){KIND_F32_T, 0, 0, N, K, N, W, NULL, b}, x, (out_t){OUT_SET, y, NULL}, nt);
 }
 
 int gemv_i8(const int8_t *W, const bf16 *scale, const bf16 *x, const bf16 *b, bf16 *y, int64_t N, int64_t K,
             int nt) {
-    matrix_t m = {KIND_I8, 0, 1, N, K, N, W, scale, b};
-    float *xs = widened(x, K);
-    if (!xs) return -1;
-    int r = product(&m, xs, NULL, (out_t){OUT_SET, NULL, y}, nt);
-    free(xs);
-    return r;
+    return product(&(matrix_t){KIND_I8, 0, 1, N, K, N, W, scale, b}, x, (out_t){OUT_SET, NULL, y}, nt);
 }
 
 /* -- a whole decoding step: one token through GPT-2, in one parallel region ----------------------------------- */
