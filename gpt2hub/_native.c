@@ -1,4 +1,5 @@
-/* gpt2hub's matrix-vector kernels: y = W x + b for ONE input row (batch-1 decoding): float32, bfloat16 and int8.
+/* gpt2hub's matrix-vector kernels: y = W x + b for ONE input row (batch-1 decoding): float32, bfloat16, int8 (with
+   AVX512-VNNI where the CPU has it) and int4; and decode_step (at the end), a whole GPT-2 decoding step on them.
 
    Decoding one token reads every weight once, so its speed is how fast the weights stream from memory. Here each
    thread streams a contiguous run of rows, one row after another with four sums in flight along it, prefetching
@@ -33,9 +34,7 @@ typedef uint16_t bf16;
    the EPYC (into L1 2 KiB ahead was the first version; none at all was slower still for [out, in]) */
 #define AHEAD_BYTES 4096
 #define PREFETCH(p) _mm_prefetch((p), _MM_HINT_T1)
-#ifndef AHEAD_T
 #define AHEAD_T 256           /* (floats: 1 KiB) */
-#endif
 
 static inline float from_bf16(bf16 h) {
     uint32_t u = (uint32_t)h << 16;
@@ -51,10 +50,12 @@ static inline bf16 to_bf16(float f) {
     return (bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+static int64_t pad64(int64_t n) { return (n + 63) / 64 * 64; }
+
 /* A copy of x (K elements of `size` bytes), zero-padded to a multiple of 64 elements, so the loops below read whole
    vectors of x; NULL: no memory. */
 static void *padded(const void *x, int64_t K, size_t size) {
-    int64_t Kp = (K + 63) / 64 * 64;
+    int64_t Kp = pad64(K);
     char *p = aligned_alloc(64, (size_t)Kp * size);
     if (p) {
         memcpy(p, x, (size_t)K * size);
@@ -65,7 +66,7 @@ static void *padded(const void *x, int64_t K, size_t size) {
 
 /* bfloat16 x as float32, zero-padded as padded() pads; NULL: no memory */
 static float *widened(const bf16 *x, int64_t K) {
-    int64_t Kp = (K + 63) / 64 * 64;
+    int64_t Kp = pad64(K);
     float *p = aligned_alloc(64, (size_t)Kp * sizeof *p);
     if (p) {
         for (int64_t k = 0; k < Kp; k++) p[k] = k < K ? from_bf16(x[k]) : 0.0f;
@@ -87,7 +88,7 @@ static inline __mmask16 mask16(int64_t left) { return left >= 16 ? 0xffff : left
         int64_t k = 0;                                                                                            \
         for (; k + 4 * STEP <= K; k += 4 * STEP) {                                                                \
             for (size_t line = 0; line < 4 * STEP * sizeof(T); line += 64)                                        \
-                PREFETCH((const char *)(w + k) + AHEAD_BYTES + line);                         \
+                PREFETCH((const char *)(w + k) + AHEAD_BYTES + line);                                             \
             a0 = FULL(a0, w + k, x + k);                                                                          \
             a1 = FULL(a1, w + k + STEP, x + k + STEP);                                                            \
             a2 = FULL(a2, w + k + 2 * STEP, x + k + 2 * STEP);                                                    \
@@ -501,8 +502,6 @@ typedef struct {
     vec_t h, att, f;
     void *block;
 } work_t;
-
-static int64_t pad64(int64_t n) { return (n + 63) / 64 * 64; }
 
 static int64_t widest_t(const model_t *m) {   /* the widest [K, N] product's N, for its partial sums */
     int64_t n = m->head.kind == KIND_F32_T ? m->head.n : 0;

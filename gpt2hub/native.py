@@ -86,12 +86,12 @@ def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
     """The feature flags of this CPU as /proc/cpuinfo lists them (`cpuinfo`: its text; this machine's when None,
     read once per process; empty where there is none)."""
     if cpuinfo is None:
-        return _this_cpu()
+        return _thisplain()
     return frozenset(f for line in cpuinfo.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split())
 
 
 @functools.cache
-def _this_cpu() -> frozenset[str]:
+def _thisplain() -> frozenset[str]:
     """This machine's flags (gpt2hub.native, gpt2hub.kernels and the bench's machine record all ask at import)."""
     try:
         return cpu_flags(Path("/proc/cpuinfo").read_text())
@@ -149,7 +149,7 @@ def steps() -> int:
 
 
 def status() -> str:
-    """One line: which kernels run one-row products here, and why."""
+    """One line: which kernels run one-row products here, and why, and which path batch-1 decoding takes."""
     if not ENABLED:
         return "gpt2hub.native.ENABLED is False: one-row products run on oneDNN"
     if not AVAILABLE:
@@ -194,11 +194,6 @@ def _plain_keys(inference: bool) -> int:
 _PLAIN = frozenset({_plain_keys(False), _plain_keys(True)})
 
 
-def _cpu(t: torch.Tensor) -> bool:
-    """Whether the kernels can read `t`'s values as one block of CPU memory."""
-    return _raw_keys(t) in _PLAIN and t.is_contiguous()
-
-
 def plain(t: torch.Tensor, transposed: bool = False) -> bool:
     """Whether `t`'s values are one block of CPU memory, in order (`transposed`: `t.t()`'s are) that these kernels
     can read from its data_ptr: a plain dense CPU tensor (not meta, sparse, a negative or conjugate view, a fake or
@@ -213,7 +208,7 @@ def _no_mode() -> bool:
 
 
 def _bias_ok(bias: torch.Tensor | None, n: int, dtype: torch.dtype) -> bool:
-    return bias is None or (bias.dtype == dtype and bias.shape == (n,) and _cpu(bias))
+    return bias is None or (bias.dtype == dtype and bias.shape == (n,) and plain(bias))
 
 
 def linear_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -224,7 +219,7 @@ def linear_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     lib = _lib
     dtype = x.dtype
     if (not ENABLED or lib is None or weight.dim() != 2 or x.numel() != weight.shape[1] or not x.numel()
-            or not x.dim() or x.shape[-1] != weight.shape[1] or not _cpu(x) or not _no_mode()):
+            or not x.dim() or x.shape[-1] != weight.shape[1] or not plain(x) or not _no_mode()):
         # (no inputs: x.numel() says nothing of the rows; x [2, in / 2] or [in, 1]: F.linear's error, not a product)
         return None
     if not _told:
@@ -251,11 +246,11 @@ def int8_row(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: to
     contiguous, bfloat16 scales [>= n]), in bfloat16; None where these kernels do not run it."""
     lib = _lib
     if (not ENABLED or lib is None or x.dtype != torch.bfloat16 or codes.dim() != 2 or x.numel() != codes.shape[1]
-            or not x.numel() or not x.dim() or x.shape[-1] != codes.shape[1] or not _cpu(x) or not _no_mode()):
+            or not x.numel() or not x.dim() or x.shape[-1] != codes.shape[1] or not plain(x) or not _no_mode()):
         return None
     if not _told:
         _tell()
-    if not (_cpu(codes) and codes.dtype == torch.int8 and codes.shape[0] >= n and _cpu(scale)
+    if not (plain(codes) and codes.dtype == torch.int8 and codes.shape[0] >= n and plain(scale)
             and scale.dtype == torch.bfloat16 and scale.dim() == 1 and scale.shape[0] >= n
             and _bias_ok(bias, n, torch.bfloat16)):
         return None

@@ -71,11 +71,12 @@ class DecodeStep:
         self.max_len = cache.max_len
         caches = _layer_caches(model, cache)
         blocks = [_exact(b, TransformerBlock, f"trf_blocks.{i}") for i, b in enumerate(model.trf_blocks)]
-        heads = {_exact(b.att, MultiHeadAttention, "att").num_heads for b in blocks} or {1}
-        if pos.shape[1] != c or any(_exact(b.att, MultiHeadAttention, "att").d_out != c for b in blocks):
+        atts = [_exact(b.att, MultiHeadAttention, f"trf_blocks.{i}.att") for i, b in enumerate(blocks)]
+        heads = {att.num_heads for att in atts} or {1}
+        if pos.shape[1] != c or any(att.d_out != c for att in atts):
             raise Unsupported("the embeddings and blocks are of different widths")
-        self.layers = (native.Layer * len(caches))(*(self._layer(b, kv, f"trf_blocks.{i}")
-                                                      for i, (b, kv) in enumerate(zip(blocks, caches, strict=True))))
+        self.layers = (native.Layer * len(caches))(*(self._layer(b, att, kv, f"trf_blocks.{i}") for i, (b, att, kv)
+                                                      in enumerate(zip(blocks, atts, caches, strict=True))))
         lnf_w, lnf_b, epsf = self._norm(model.final_norm, "final_norm", c)
         self.model = native.Model(C=c, H=heads.pop(),
                                   V=self.vocab, L=len(model.trf_blocks), max_len=self.max_len,
@@ -144,16 +145,16 @@ class DecodeStep:
         """Queries, keys and values as one product (W_qkv, or W_query..W_value side by side) or three."""
         if att.W_qkv is not None:
             return [self._matrix(att.W_qkv, f"{name}.W_qkv", c, 3 * c)]
-        # (the types first: fused_qkv reads a `weight` that a wrapper, such as the book's LoRA layer, may not have)
-        plain = not any(_hooked(m) or type(m) is not Linear for m in (att.W_query, att.W_key, att.W_value))
-        fused = att.fused_qkv() if plain else None
+        # (fused_qkv also takes nn.Linear layers, whose forward is not one this step stands for; hooks: why_not)
+        ours = all(type(m) is Linear for m in (att.W_query, att.W_key, att.W_value))
+        fused = att.fused_qkv() if ours else None
         if fused is not None:
             return [self._dense(*fused, f"{name}.W_qkv (fused)", c, 3 * c)]
         return [self._matrix(getattr(att, n), f"{name}.{n}", c, c) for n in ("W_query", "W_key", "W_value")]
 
-    def _layer(self, block: TransformerBlock, kv: torch.Tensor, name: str) -> native.Layer:
-        """The Layer of one TransformerBlock whose cache is `kv` [2, heads, max_len, head_dim]."""
-        att = _exact(block.att, MultiHeadAttention, f"{name}.att")
+    def _layer(self, block: TransformerBlock, att: MultiHeadAttention, kv: torch.Tensor, name: str) -> native.Layer:
+        """The Layer of one TransformerBlock (its attention `att` checked) whose cache is `kv` [2, heads, max_len,
+        head_dim]."""
         ff = _exact(block.ff, FeedForward, f"{name}.ff")
         c = att.d_out
         if (att.attention_dtype not in (None, kv.dtype) or att.num_heads * att.head_dim != c or kv.shape[1] != att.num_heads

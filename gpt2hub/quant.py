@@ -198,8 +198,6 @@ def _probe_int4_tiles() -> bool:
     return False
 
 
-
-
 # -- the modules -------------------------------------------------------------------------------------------------------
 _told: set[tuple[str, bool]] = set()  # the paths already said in the log
 
